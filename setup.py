@@ -1,0 +1,45 @@
+"""ipadapter-jax: IP-Adapter (Ye et al., 2023) in JAX/Flax, interoperable with diffusers' PyTorch IP-Adapter."""
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    # diffusers 0.39.0 is the last release that ships Flax models (0.40 removed them). Our UNet subclasses
+    # diffusers' Flax UNet classes and relies on their exact module layout, so the pin is exact.
+    "diffusers==0.39.0",
+    # transformers v5 removed the Flax models (FlaxCLIPVisionModel, FlaxCLIPTextModel); 4.57 is the last line
+    # with them and works with the jax/flax below.
+    "transformers>=4.57,<5",
+    # jax/flax: the versions diffusers 0.39's and transformers 4.57's Flax code was verified with here
+    # (flax.linen API; jax.tree.map). Newer minor releases may drop linen pieces those libraries use.
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    # orbax 0.12: CheckpointManager + args.Composite API used by training.
+    "orbax-checkpoint>=0.12,<0.13",
+    # TFDS without TensorFlow (array_record files) + grain for input pipelines.
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "importlib_resources",  # TFDS needs it when TensorFlow is absent.
+    "ml_collections>=1.0",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "pillow>=10",
+    "tqdm>=4.66",
+]
+
+extras_require = {
+    # torch only reads `.bin` checkpoints and runs diffusers' PyTorch models in the parity tests. 2.13.0 is the
+    # CPU build available on our development/CI machines; any 2.x that diffusers 0.39 supports works.
+    "torch": ["torch>=2.4"],
+    "test": ["pytest>=8", "torch>=2.4"],
+}
+
+setup(
+    name="ipadapter-jax",
+    version="0.1.0",
+    description="IP-Adapter (image prompt adapter for text-to-image diffusion) in JAX/Flax",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ipadapter_jax*", "conversion*", "training*"]),
+    install_requires=install_requires,
+    extras_require=extras_require,
+)
