@@ -123,17 +123,11 @@ def torch_state_to_flax(
         converted[path] = array.astype(dtype) if dtype is not None else array
 
     missing = ["/".join(p) for p in expected if p not in converted and p not in mismatched]
-    problems = []
-    if mismatched:
-        problems.append("shape mismatch: " + "; ".join(mismatched.values()))
-    if missing:
-        problems.append(f"missing ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(
-            f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else "")
+    if mismatched or missing or unexpected:
+        raise ConversionError(
+            f"{source} does not fit the target model: "
+            + describe_problems(list(mismatched.values()), missing, unexpected)
         )
-    if problems:
-        raise ConversionError(f"{source} does not fit the target model: " + " | ".join(problems))
     return traverse_util.unflatten_dict(converted)
 
 
@@ -151,6 +145,22 @@ def flax_to_torch_state(params: Any, *, rename: Callable[[str], str] | None = No
         key = f"{module}.{leaf}"
         out[rename(key) if rename else key] = np.ascontiguousarray(array)
     return out
+
+
+def describe_problems(mismatched: list[str], missing: list[str], unexpected: list[str], limit: int = 20) -> str:
+    """One line listing shape mismatches, missing and unexpected keys (the first `limit` of each)."""
+
+    def clip(items: list[str], sep: str) -> str:
+        return sep.join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch: " + clip(mismatched, "; "))
+    if missing:
+        problems.append(f"missing ({len(missing)}): " + clip(missing, ", "))
+    if unexpected:
+        problems.append(f"unexpected ({len(unexpected)}): " + clip(unexpected, ", "))
+    return " | ".join(problems)
 
 
 def _split_index(part: str) -> str:

@@ -1,0 +1,71 @@
+"""Tiny SD1.5- and SDXL-shaped UNets and random official-layout adapters, shared by the tests.
+
+The PyTorch model is the reference: tests build it with diffusers, convert its weights into our Flax model
+and compare outputs. Official adapter state dicts are generated from the *PyTorch* UNet's attention
+processor order (as diffusers' loader numbers them), independently of our own layer enumeration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Shared by diffusers' PyTorch and Flax UNets (Flax's GroupNorm is fixed at 32 groups: channels % 32 == 0).
+SD15_TINY = dict(
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+    attention_head_dim=4,  # diffusers' Flax and PyTorch UNets both read this as the number of heads
+    cross_attention_dim=32,
+)
+
+SDXL_TINY = dict(
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=(2, 4, 4),
+    transformer_layers_per_block=(1, 2, 2),
+    use_linear_projection=True,
+    cross_attention_dim=64,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text (32) + 6 micro-conditions x 8
+)
+
+SDXL_TEXT_EMBEDS_DIM = 32
+CONFIGS = {"sd15": SD15_TINY, "sdxl": SDXL_TINY}
+
+
+def torch_unet(config: dict, seed: int = 0):
+    """diffusers' PyTorch `UNet2DConditionModel` with random weights (eval mode, fp32)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
+def random_official_adapter(unet, clip_dim: int = 48, num_tokens: int = 4, seed: int = 1) -> dict:
+    """A random base ("ip-adapter_sd15"-style) adapter in the official layout, numbered as diffusers'
+    loader numbers attention processors: the i-th entry of `unet.attn_processors` has id i."""
+    rng = np.random.default_rng(seed)
+    cross = unet.config.cross_attention_dim
+    ip_adapter = {}
+    modules = dict(unet.named_modules())
+    for layer_id, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            inner = modules[name[: -len(".processor")]].to_k.out_features
+            for kind in ("to_k_ip", "to_v_ip"):
+                ip_adapter[f"{layer_id}.{kind}.weight"] = (rng.standard_normal((inner, cross)) * cross**-0.5).astype(
+                    np.float32
+                )
+    image_proj = {
+        "proj.weight": (rng.standard_normal((num_tokens * cross, clip_dim)) * clip_dim**-0.5).astype(np.float32),
+        "proj.bias": (rng.standard_normal(num_tokens * cross) * 0.1).astype(np.float32),
+        "norm.weight": (1 + rng.standard_normal(cross) * 0.1).astype(np.float32),
+        "norm.bias": (rng.standard_normal(cross) * 0.1).astype(np.float32),
+    }
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}

@@ -1,0 +1,1 @@
+"""Training-side code of ipadapter-jax: input pipeline (TFDS builder, grain loader, embedding cache)."""
