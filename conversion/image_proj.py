@@ -167,7 +167,7 @@ def official_to_flax(
         if key not in state
     ]
     problems = [
-        f"{label}: " + ", ".join(items)
+        f"{label}: " + ", ".join(items[:20]) + (f" ... ({len(items)} in all)" if len(items) > 20 else "")
         for label, items in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected))
         if items
     ]

@@ -124,6 +124,13 @@ def _utf8(value: str) -> bool:
         return False
 
 
+def _printable(value: Any) -> Any:
+    """`value` for the JSON report: undecodable bytes of a string shown as \\xNN escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def screen_entries(entries: Sequence[Entry]) -> None:
     """Sets `problem` on entries that are bad without looking at the image (caption, shape, duplicates).
 
@@ -158,7 +165,7 @@ def check_image(entry: Entry, image_root: str, max_aspect_ratio: float) -> Check
     except FileNotFoundError:
         return Checked(entry, reason="missing_file", detail=path)
     except OSError as e:
-        return Checked(entry, reason="unreadable_image", detail=f"{type(e).__name__}: {e}")
+        return Checked(entry, reason="unreadable_image", detail=f"{path}: {type(e).__name__}: {e}")
     if not data:
         return Checked(entry, reason="empty_file", detail=path)
     try:
@@ -167,12 +174,12 @@ def check_image(entry: Entry, image_root: str, max_aspect_ratio: float) -> Check
             mode, fmt = image.mode, image.format
             rgb = preprocess.to_rgb(image)
     except ValueError as e:
-        return Checked(entry, reason="unsupported_mode", detail=str(e))
+        return Checked(entry, reason="unsupported_mode", detail=f"{path}: {e}")
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        return Checked(entry, reason="unreadable_image", detail=f"{type(e).__name__}: {e}")
+        return Checked(entry, reason="unreadable_image", detail=f"{path}: {type(e).__name__}: {e}")
     width, height = rgb.size
     if max(width, height) > max_aspect_ratio * min(width, height):
-        return Checked(entry, reason="extreme_aspect_ratio", detail=f"{width}x{height}")
+        return Checked(entry, reason="extreme_aspect_ratio", detail=f"{path}: {width}x{height}")
     if mode == "RGB" and fmt in _KEPT_FORMATS:
         return Checked(entry, image=data, width=width, height=height)
     png = io.BytesIO()
@@ -199,8 +206,8 @@ class BuildReport:
             self.skipped.append(
                 {
                     "index": entry.index,
-                    "image_file": entry.image_file if isinstance(entry.image_file, str) else None,
-                    "text": entry.text if isinstance(entry.text, str) and _utf8(entry.text) else None,
+                    "image_file": _printable(entry.image_file),
+                    "text": _printable(entry.text),
                     "reason": checked.reason,
                     "detail": checked.detail,
                 }
@@ -369,3 +376,11 @@ def build_dataset(
         if name.startswith(".building-"):
             shutil.rmtree(os.path.join(out_dir, name))
     return final_dir, report.to_json()
+
+
+def raw_source(path: str | os.PathLike, split: str = "train") -> Any:
+    """Random-access source over a built dataset (`dataset_dir(out_dir)`): `len()`, `[i]` -> record dict
+    with `image` as encoded bytes (decoded later by the loader's preprocessing, not by TFDS), `text` and
+    `image_file` as UTF-8 bytes, `width`, `height`, `index` as numpy ints. Picklable (grain workers)."""
+    builder = tfds.builder_from_directory(os.fspath(path))
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})

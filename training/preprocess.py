@@ -165,11 +165,16 @@ class Preprocessor:
         return example
 
     def null_example(self) -> dict[str, np.ndarray]:
-        """The inputs that a dropped condition stands for: ids of the empty text "" and all-zero images
-        (zeros after CLIP normalisation, as the reference feeds the Plus encoder for a dropped image)."""
+        """What a dropped condition stands for: ids of the empty text "" and all-zero images (zeros after CLIP
+        normalisation, as the reference feeds the Plus encoder for a dropped image); the SDXL sizes of an
+        uncropped image at the target resolution. Same keys and shapes as `__call__`."""
+        size = np.array([self.resolution, self.resolution], np.int32)
         example = {
             "pixel_values": np.zeros((self.resolution, self.resolution, 3), np.float32),
             "clip_pixel_values": np.zeros((self.clip_size, self.clip_size, 3), np.float32),
+            "original_size": size,
+            "crop_top_left": np.zeros(2, np.int32),
+            "target_size": size,
         }
         for i, tokenizer in enumerate(self.tokenizers):
             example[token_key(i)] = tokenize(tokenizer, "", self.max_length)
