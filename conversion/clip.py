@@ -91,8 +91,8 @@ def load_clip_image_encoder(
     """Loads a `save_pretrained` `CLIPVisionModelWithProjection` folder.
 
     Args:
-      folder: holds `config.json` (a CLIP vision config, or a full CLIP config whose vision part is used) and
-        the safetensors weights.
+      folder: holds `config.json` (a `CLIPVisionConfig`) and the safetensors weights, as
+        `CLIPVisionModelWithProjection.save_pretrained` writes them (IP-Adapter's `models/image_encoder`).
       dtype: the encoder's computation dtype.
       param_dtype: the numpy dtype the params are cast to (checkpoints are often float16).
     Returns:

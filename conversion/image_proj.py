@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from conversion.torch_layout import ConversionError, flax_leaf_to_torch, torch_leaf_to_flax
+from conversion.torch_layout import ConversionError, describe_problems, flax_leaf_to_torch, torch_leaf_to_flax
 from ipadapter_jax.image_proj import ImageProjModel, MLPProjModel, Resampler, Variant
 from ipadapter_jax.random_init import abstract_params
 
@@ -40,6 +40,7 @@ CLIP_TOKENS = 257
 
 # Children of the Resampler's `layers_{i}_1` FeedForward -> official indices in its nn.Sequential.
 _FEED_FORWARD_INDEX = {"norm": "0", "fc1": "1", "fc2": "3"}
+# Leaf names as `torch_layout.flax_leaf_to_torch` gives them (Dense kernel, LayerNorm scale), without an array.
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight"}
 _MODULES = {"base": ImageProjModel, "plus": Resampler, "full": MLPProjModel}
 
@@ -166,13 +167,9 @@ def official_to_flax(
         for key, path in path_of.items()
         if key not in state
     ]
-    problems = [
-        f"{label}: " + ", ".join(items[:20]) + (f" ... ({len(items)} in all)" if len(items) > 20 else "")
-        for label, items in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected))
-        if items
-    ]
-    if problems:
-        raise ConversionError(f"{source} does not fit {type(module).__name__}: " + " | ".join(problems))
+    if mismatched or missing or unexpected:
+        problems = describe_problems(mismatched, missing, unexpected)
+        raise ConversionError(f"{source} does not fit {type(module).__name__}: {problems}")
     return traverse_util.unflatten_dict(converted)
 
 

@@ -30,9 +30,9 @@ class ConversionError(ValueError):
 
 
 def torch_key_to_flax_module_path(key: str) -> FlaxPath:
-    """`'down_blocks.0.attentions.1.proj_in'` -> `('down_blocks_0', 'attentions_1', 'proj_in')`."""
+    """`'down_blocks.0.attentions.1.proj_in'` -> `('down_blocks_0', 'attentions_1', 'proj_in')`; '' -> ()."""
     path: list[str] = []
-    for part in key.split("."):
+    for part in key.split(".") if key else ():
         if part.isdigit() and path:
             path[-1] = f"{path[-1]}_{part}"
         else:

@@ -60,9 +60,10 @@ class CLIPImageEncoder(nn.Module):
 
     def __call__(self, pixel_values: jax.Array) -> CLIPImageFeatures:
         """pixel_values: (B, H, W, 3) NHWC, CLIP-normalised (H = W = config.image_size)."""
-        if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.config.num_channels:
+        size, channels = self.config.image_size, self.config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (size, size, channels):
             raise ValueError(
-                f"CLIPImageEncoder takes NHWC pixel values (B, H, W, {self.config.num_channels}); got shape "
+                f"CLIPImageEncoder takes NHWC pixel values (B, {size}, {size}, {channels}); got shape "
                 f"{tuple(pixel_values.shape)} (NCHW input must be transposed: x.transpose(0, 2, 3, 1))"
             )
         outputs = self.vision_model(pixel_values, output_hidden_states=True)
