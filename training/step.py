@@ -1,0 +1,221 @@
+"""The IP-Adapter training step: diffusion loss on the frozen UNet, gradients for the adapter only.
+
+One step, for a batch of encoded examples (see `EncodedBatch` below):
+  1. condition dropping (decided per example by the data pipeline): image embeddings -> the null image
+     embedding, text tokens -> the encoding of the empty prompt;
+  2. noise and timesteps t ~ U{0..T-1} from the step's RNG; noisy latents by the base's DDPM schedule;
+  3. image tokens = image_proj(image embeddings); UNet noise (or v) prediction with the adapter's K'/V';
+  4. MSE against the target (optionally min-SNR weighted), AdamW update of the adapter params.
+
+EncodedBatch (a dict of arrays, leading axis B = global batch):
+  latents       (B, 4, h, w) f32   VAE latents already multiplied by the VAE scaling factor
+  text_embeds   (B, T, cross)      text encoder hidden states (SDXL: both encoders concatenated)
+  image_embeds  (B, D) or (B, S, E) CLIP image embedding (base) or penultimate hidden states (Plus/Full)
+  drop_image    (B,) bool          replace the image embedding by the null image embedding
+  drop_text     (B,) bool          replace the text tokens by the empty-prompt encoding
+  SDXL only: text_pooled (B, P), time_ids (B, 6)
+
+Frozen (never differentiated, never in the optimizer):
+  unet          UNet params without K'/V'
+  null_text     (1, T, cross) encoding of ""
+  null_image    (1, D) or (1, S, E): zeros (base) or the encoder's output on zero pixels (Plus/Full)
+  alphas_cumprod (num_train_timesteps,) of the base's noise schedule
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ipadapter_jax.adapter import merge_unet_params
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed)."""
+
+    step: jax.Array  # () int32
+    adapter: Any  # {"image_proj": ..., "ip_layers": ...}
+    opt_state: Any
+    rng: jax.Array  # base key; step i uses fold_in(rng, i)
+    ema: Any = None  # EMA of `adapter`, or None when disabled
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    prediction_type: str = "epsilon"  # or "v_prediction" (SD2-768-style bases)
+    noise_offset: float = 0.0  # 0 = off; e.g. 0.05 adds per-channel offset noise
+    snr_gamma: float = 0.0  # 0 = plain MSE (reference); e.g. 5.0 = min-SNR weighting
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModels:
+    """The (stateless) Flax modules the step applies; params travel separately."""
+
+    unet: nn.Module  # IPUNet2DConditionModel
+    image_proj: nn.Module  # ImageProjModel / Resampler / MLPProjModel
+
+
+def learning_rate_schedule(learning_rate: float = 1e-4, warmup_steps: int = 0) -> optax.Schedule:
+    """Constant LR (the reference recipe), optionally after a linear warmup from 0 over `warmup_steps`."""
+    if not warmup_steps:
+        return optax.constant_schedule(learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
+        [warmup_steps],
+    )
+
+
+def make_optimizer(
+    schedule: optax.Schedule,
+    weight_decay: float = 1e-2,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip_norm: float = 0.0,
+    grad_accum_steps: int = 1,
+) -> optax.GradientTransformation:
+    """AdamW (torch.optim.AdamW semantics: decoupled decay on every param) following `schedule`.
+
+    Options: global-norm clipping, gradient accumulation over `grad_accum_steps` micro-steps.
+    """
+    chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    optimizer = optax.chain(*chain)
+    if grad_accum_steps > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=grad_accum_steps)
+    return optimizer
+
+
+def sample_noise_and_timesteps(
+    rng: jax.Array, latents_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Gaussian noise of `latents_shape` and timesteps (B,) int32 uniform in [0, num_train_timesteps)."""
+    noise_key, offset_key, t_key = jax.random.split(rng, 3)
+    noise = jax.random.normal(noise_key, latents_shape, jnp.float32)
+    if noise_offset:
+        batch, channels = latents_shape[:2]
+        noise = noise + noise_offset * jax.random.normal(offset_key, (batch, channels, 1, 1), jnp.float32)
+    timesteps = jax.random.randint(t_key, (latents_shape[0],), 0, num_train_timesteps)
+    return noise, timesteps
+
+
+def apply_condition_drop(batch: dict, frozen: dict) -> tuple[jax.Array, jax.Array]:
+    """-> (text_embeds, image_embeds) with dropped conditions replaced by the null encodings."""
+
+    def where(drop: jax.Array, null: jax.Array, value: jax.Array) -> jax.Array:
+        drop = drop.reshape((-1,) + (1,) * (value.ndim - 1))
+        return jnp.where(drop, null.astype(value.dtype), value)
+
+    text = where(batch["drop_text"], frozen["null_text"], batch["text_embeds"])
+    image = where(batch["drop_image"], frozen["null_image"], batch["image_embeds"])
+    return text, image
+
+
+def diffusion_loss(
+    adapter: Any,
+    frozen: dict,
+    batch: dict,
+    rng: jax.Array,
+    models: StepModels,
+    loss_config: LossConfig,
+) -> tuple[jax.Array, dict]:
+    """Mean (optionally min-SNR weighted) squared error of the UNet's prediction; returns (loss, metrics)."""
+    latents = batch["latents"]
+    alphas_cumprod = frozen["alphas_cumprod"]
+    noise, timesteps = sample_noise_and_timesteps(
+        rng, latents.shape, alphas_cumprod.shape[0], loss_config.noise_offset
+    )
+    alpha = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
+    noisy = jnp.sqrt(alpha) * latents + jnp.sqrt(1.0 - alpha) * noise
+    if loss_config.prediction_type == "epsilon":
+        target = noise
+    elif loss_config.prediction_type == "v_prediction":
+        target = jnp.sqrt(alpha) * noise - jnp.sqrt(1.0 - alpha) * latents
+    else:
+        raise ValueError(f"unknown prediction_type {loss_config.prediction_type!r}")
+
+    text, image_embeds = apply_condition_drop(batch, frozen)
+    image_tokens = models.image_proj.apply({"params": adapter["image_proj"]}, image_embeds)
+    added = None
+    if "time_ids" in batch:
+        added = {"text_embeds": batch["text_pooled"], "time_ids": batch["time_ids"]}
+    pred = models.unet.apply(
+        {"params": merge_unet_params(frozen["unet"], adapter["ip_layers"])},
+        noisy,
+        timesteps,
+        text,
+        added_cond_kwargs=added,
+        image_tokens=image_tokens,
+    ).sample
+    per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+    if loss_config.snr_gamma:
+        snr = alpha[:, 0, 0, 0] / (1.0 - alpha[:, 0, 0, 0])
+        # min-SNR-gamma (Hang et al., 2023) in its epsilon and v-prediction forms.
+        denominator = snr + 1.0 if loss_config.prediction_type == "v_prediction" else snr
+        weight = jnp.minimum(snr, loss_config.snr_gamma) / denominator
+        per_example = per_example * weight
+    loss = jnp.mean(per_example)
+    return loss, {"loss": loss}
+
+
+def make_train_step(
+    models: StepModels,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_config: LossConfig = LossConfig(),
+    ema_decay: float = 0.0,
+    grad_accum_steps: int = 1,
+):
+    """-> train_step(state, frozen, batch) -> (state, metrics). Pure; jit and shard it in the caller.
+
+    A step whose loss or gradients are not finite leaves `state` unchanged and reports `finite == 0`; the
+    training loop decides whether to stop or go on. `schedule` and `grad_accum_steps` only feed the reported
+    learning rate (the optimizer already contains them).
+    """
+
+    def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(diffusion_loss, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.adapter, frozen, batch, rng, models, loss_config)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapter)
+        adapter = optax.apply_updates(state.adapter, updates)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+        ema = state.ema
+        if ema_decay:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, adapter)
+        new_state = TrainState(step=state.step + 1, adapter=adapter, opt_state=opt_state, rng=state.rng, ema=ema)
+        # On a non-finite step keep the old state; the step counter does not advance either.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = dict(
+            metrics,
+            finite=finite.astype(jnp.int32),
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(state.adapter),
+            learning_rate=schedule(state.step // grad_accum_steps),
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def init_train_state(
+    adapter: Any, optimizer: optax.GradientTransformation, seed: int, ema_decay: float = 0.0
+) -> TrainState:
+    """Step 0 state for `adapter` (host or device arrays)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        adapter=adapter,
+        opt_state=optimizer.init(adapter),
+        rng=jax.random.PRNGKey(seed),
+        ema=jax.tree.map(jnp.asarray, adapter) if ema_decay else None,
+    )
+
