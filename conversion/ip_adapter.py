@@ -17,8 +17,42 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from conversion import image_proj as image_proj_keys
 from conversion.torch_layout import ConversionError, describe_problems
 from ipadapter_jax.adapter import IP_KERNELS, ip_layer_paths
+
+SECTIONS = ("image_proj", "ip_adapter")
+
+
+def adapter_to_official(adapter: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Our adapter {"image_proj", "ip_layers"} -> {"image_proj": {...}, "ip_adapter": {...}} (numpy, PyTorch layout)."""
+    return {
+        "image_proj": image_proj_keys.flax_to_official(adapter["image_proj"]),
+        "ip_adapter": ip_layers_to_official(adapter["ip_layers"]),
+    }
+
+
+def adapter_from_official(
+    state: Mapping[str, Mapping[str, Any]], unet_params: Any, *, source: str = "ip-adapter"
+) -> tuple[image_proj_keys.ImageProjSpec, Any, dict]:
+    """Official two-section state -> (image projection spec, its Flax module, our adapter pytree).
+
+    `unet_params`: the target IP-UNet's (concrete or abstract) params, which fix layer ids and shapes; the
+    image projection's token width must equal the UNet's cross-attention width.
+    """
+    missing = [name for name in SECTIONS if name not in state]
+    if missing:
+        raise ConversionError(f"{source}: missing section(s) {missing}; found {sorted(state)}")
+    spec, module, image_proj = image_proj_keys.load_image_proj(state["image_proj"], source=f"{source} [image_proj]")
+    ip_layers = ip_layers_from_official(state["ip_adapter"], unet_params, source=f"{source} [ip_adapter]")
+    cross = next(iter(traverse_util.flatten_dict(ip_layers).values())).shape[0]
+    token_dim = spec.hparams.get("cross_attention_dim", spec.hparams.get("output_dim"))
+    if token_dim != cross:
+        raise ConversionError(
+            f"{source}: the image projection makes {token_dim}-d tokens but this UNet's cross-attention "
+            f"takes {cross}-d (adapter for a different base model?)"
+        )
+    return spec, module, {"image_proj": image_proj, "ip_layers": ip_layers}
 
 
 def official_layer_ids(unet_params: Any) -> dict[tuple[str, ...], int]:

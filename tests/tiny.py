@@ -48,9 +48,19 @@ def torch_unet(config: dict, seed: int = 0):
     return UNet2DConditionModel(**config).eval()
 
 
-def random_official_adapter(unet, clip_dim: int = 48, num_tokens: int = 4, seed: int = 1) -> dict:
-    """A random base ("ip-adapter_sd15"-style) adapter in the official layout, numbered as diffusers'
-    loader numbers attention processors: the i-th entry of `unet.attn_processors` has id i."""
+# Plus (Resampler) adapters of the tiny tests read (B, [num_images,] PLUS_TOKENS, PLUS_HIDDEN) features.
+PLUS_TOKENS, PLUS_HIDDEN = 5, 40
+
+
+def random_official_adapter(
+    unet, clip_dim: int = 48, num_tokens: int = 4, seed: int = 1, variant: str = "base"
+) -> dict:
+    """A random adapter in the official layout: base ("ip-adapter_sd15"-style, `clip_dim` image embeddings)
+    or Plus (a 4-layer Resampler with `num_tokens` queries over PLUS_HIDDEN-d features).
+
+    The `ip_adapter` section is numbered as diffusers' loader numbers attention processors (the i-th entry of
+    `unet.attn_processors` has id i), independently of our own layer enumeration.
+    """
     rng = np.random.default_rng(seed)
     cross = unet.config.cross_attention_dim
     ip_adapter = {}
@@ -62,10 +72,28 @@ def random_official_adapter(unet, clip_dim: int = 48, num_tokens: int = 4, seed:
                 ip_adapter[f"{layer_id}.{kind}.weight"] = (rng.standard_normal((inner, cross)) * cross**-0.5).astype(
                     np.float32
                 )
-    image_proj = {
-        "proj.weight": (rng.standard_normal((num_tokens * cross, clip_dim)) * clip_dim**-0.5).astype(np.float32),
-        "proj.bias": (rng.standard_normal(num_tokens * cross) * 0.1).astype(np.float32),
-        "norm.weight": (1 + rng.standard_normal(cross) * 0.1).astype(np.float32),
-        "norm.bias": (rng.standard_normal(cross) * 0.1).astype(np.float32),
-    }
+    if variant == "base":
+        image_proj = {
+            "proj.weight": (rng.standard_normal((num_tokens * cross, clip_dim)) * clip_dim**-0.5).astype(np.float32),
+            "proj.bias": (rng.standard_normal(num_tokens * cross) * 0.1).astype(np.float32),
+            "norm.weight": (1 + rng.standard_normal(cross) * 0.1).astype(np.float32),
+            "norm.bias": (rng.standard_normal(cross) * 0.1).astype(np.float32),
+        }
+    else:
+        image_proj = _random_resampler_state(cross, num_tokens, seed)
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def _random_resampler_state(output_dim: int, num_queries: int, seed: int) -> dict:
+    """Official-layout Resampler weights (random)."""
+    from conversion.image_proj import flax_to_official, param_shapes
+    from ipadapter_jax.image_proj import Resampler
+    from ipadapter_jax.random_init import numpy_init
+
+    # depth 4: diffusers' loader builds every Plus projection with 4 layers.
+    module = Resampler(dim=32, depth=4, heads=2, num_queries=num_queries, embedding_dim=PLUS_HIDDEN, output_dim=output_dim)
+    params = numpy_init(param_shapes(module), seed=seed)
+    state = flax_to_official(params)
+    rng = np.random.default_rng(seed + 1)
+    # numpy_init leaves norms at identity and biases at 0; move every 1-d param so none is trivial.
+    return {k: (v + rng.standard_normal(v.shape) * 0.1).astype(np.float32) if v.ndim == 1 else v for k, v in state.items()}

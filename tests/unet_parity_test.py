@@ -12,6 +12,7 @@ the tanh-approximate GELU where PyTorch uses the exact erf GELU (patching the Py
 
 from __future__ import annotations
 
+import copy
 import types
 
 import jax
@@ -21,7 +22,7 @@ import pytest
 import torch
 from diffusers.loaders.ip_adapter import IPAdapterMixin
 
-from conversion.ip_adapter import ip_layers_from_official, ip_layers_to_official, official_layer_ids
+from conversion.ip_adapter import adapter_from_official, ip_layers_from_official, ip_layers_to_official, official_layer_ids
 from conversion.torch_layout import torch_key_to_flax_module_path, torch_state_to_flax
 from ipadapter_jax.adapter import merge_unet_params, split_unet_params
 from ipadapter_jax.random_init import abstract_params
@@ -39,12 +40,18 @@ class Case:
     def __init__(self, name: str):
         config = tiny.CONFIGS[name]
         self.name, self.config = name, config
-        self.torch_unet = tiny.torch_unet(config)
-        base_state = {k: v.numpy() for k, v in self.torch_unet.state_dict().items()}
-        self.official = tiny.random_official_adapter(self.torch_unet, clip_dim=CLIP_DIM, num_tokens=NUM_TOKENS)
-        self.torch_unet._load_ip_adapter_weights(
-            [{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in self.official.items()}]
-        )
+        pristine = tiny.torch_unet(config)
+        base_state = {k: v.numpy() for k, v in pristine.state_dict().items()}
+        # One PyTorch UNet per adapter variant, each loaded by diffusers' own loader.
+        self.officials, self.torch_unets = {}, {}
+        for variant in ("base", "plus"):
+            official = tiny.random_official_adapter(pristine, clip_dim=CLIP_DIM, num_tokens=NUM_TOKENS, variant=variant)
+            torch_unet = copy.deepcopy(pristine)
+            torch_unet._load_ip_adapter_weights(
+                [{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}]
+            )
+            self.officials[variant], self.torch_unets[variant] = official, torch_unet
+        self.official, self.torch_unet = self.officials["base"], self.torch_unets["base"]
 
         rng = np.random.default_rng(0)
         cross = config["cross_attention_dim"]
@@ -67,10 +74,11 @@ class Case:
             added_cond_kwargs=None if self.added is None else {k: jnp.zeros((1,) + v.shape[1:]) for k, v in self.added.items()},
             image_tokens=jnp.zeros((1, NUM_TOKENS, cross)),
         )
+        self.abstract = abstract
         frozen_abstract, _ = split_unet_params(abstract)
-        frozen = torch_state_to_flax(base_state, frozen_abstract, source=f"torch {name} UNet")
+        self.frozen = torch_state_to_flax(base_state, frozen_abstract, source=f"torch {name} UNet")
         self.ip_layers = ip_layers_from_official(self.official["ip_adapter"], abstract)
-        self.params = merge_unet_params(frozen, self.ip_layers)
+        self.params = merge_unet_params(self.frozen, self.ip_layers)
 
         def predict(params, ip_scale, sample, timesteps, text, image_tokens, added):
             variables = {"params": params, "ip_scale": ip_scale}
@@ -80,18 +88,20 @@ class Case:
 
         self.predict = jax.jit(predict)
 
-    def image_embeds(self, num_images: int, seed: int = 5) -> np.ndarray:
-        """(B, num_images, CLIP_DIM) CLIP image embeddings."""
-        return np.random.default_rng(seed).standard_normal((BATCH, num_images, CLIP_DIM)).astype(np.float32)
+    def image_embeds(self, num_images: int, seed: int = 5, variant: str = "base") -> np.ndarray:
+        """base: (B, num_images, CLIP_DIM) embeddings; plus: (B, num_images, PLUS_TOKENS, PLUS_HIDDEN)."""
+        per_image = (CLIP_DIM,) if variant == "base" else (tiny.PLUS_TOKENS, tiny.PLUS_HIDDEN)
+        return np.random.default_rng(seed).standard_normal((BATCH, num_images) + per_image).astype(np.float32)
 
-    def torch_predict(self, image_embeds: np.ndarray, scale) -> np.ndarray:
+    def torch_predict(self, image_embeds: np.ndarray, scale, variant: str = "base") -> np.ndarray:
+        torch_unet = self.torch_unets[variant]
         # diffusers' pipeline method, applied to a stand-in object that only has the UNet.
-        IPAdapterMixin.set_ip_adapter_scale(types.SimpleNamespace(unet=self.torch_unet), scale)
+        IPAdapterMixin.set_ip_adapter_scale(types.SimpleNamespace(unet=torch_unet), scale)
         added = {"image_embeds": [torch.from_numpy(image_embeds)]}
         if self.added is not None:
             added.update({k: torch.from_numpy(v) for k, v in self.added.items()})
         with torch.no_grad():
-            out = self.torch_unet(
+            out = torch_unet(
                 torch.from_numpy(self.sample),
                 torch.from_numpy(self.timesteps).long(),
                 torch.from_numpy(self.text),
@@ -149,6 +159,20 @@ def test_noise_prediction_matches_diffusers(case: Case, scale_name: str, num_ima
     embeds = case.image_embeds(num_images)
     expected = case.torch_predict(embeds, scale)
     actual = case.flax_predict(case.torch_image_tokens(embeds), scale)
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_projection_and_unet_end_to_end_match_diffusers(case: Case, variant: str):
+    """Our image projection + UNet, loaded from the official state by our mapping, vs diffusers' whole path
+    (MultiIPAdapterImageProjection + IPAdapterAttnProcessor2_0), two images per prompt."""
+    embeds = case.image_embeds(2, variant=variant)
+    expected = case.torch_predict(embeds, 0.6, variant)
+    spec, image_proj, adapter = adapter_from_official(case.officials[variant], case.abstract)
+    assert spec.variant == variant and spec.num_tokens == NUM_TOKENS
+    tokens = image_proj.apply({"params": adapter["image_proj"]}, jnp.asarray(embeds))
+    assert tokens.shape == (BATCH, 2 * NUM_TOKENS, case.config["cross_attention_dim"])
+    actual = case.flax_predict(tokens, 0.6, merge_unet_params(case.frozen, adapter["ip_layers"]))
     assert_close(actual, expected)
 
 
