@@ -36,6 +36,7 @@ from training.step import (
     make_optimizer,
     make_train_step,
     sample_noise_and_timesteps,
+    split_step_key,
 )
 
 SCHEDULER = dict(
@@ -59,8 +60,11 @@ def setup():
     official = tiny.random_official_adapter(torch_unet, clip_dim=CLIP_DIM)
 
     rng = np.random.default_rng(0)
+    latents = rng.standard_normal((BATCH, 4, 16, 16)).astype(np.float32)
     batch = {
-        "latents": rng.standard_normal((BATCH, 4, 16, 16)).astype(np.float32),
+        # A posterior with no spread (and scaling factor 1 below) makes the latents exactly these.
+        "latent_mean": latents,
+        "latent_std": np.zeros_like(latents),
         "text_embeds": rng.standard_normal((BATCH, TEXT_TOKENS, cross)).astype(np.float32),
         "image_embeds": rng.standard_normal((BATCH, CLIP_DIM)).astype(np.float32),
         "drop_image": DROP_IMAGE,
@@ -77,9 +81,10 @@ def setup():
     )
     frozen = {
         "unet": torch_state_to_flax(base_state, split_unet_params(abstract)[0], source="torch UNet"),
-        "null_text": null_text,
-        "null_image": np.zeros((1, CLIP_DIM), np.float32),
+        "null_text_embeds": null_text,
+        "null_image_embeds": np.zeros((1, CLIP_DIM), np.float32),
         "alphas_cumprod": FlaxDDPMScheduler.from_config(SCHEDULER).create_state().common.alphas_cumprod,
+        "vae_scaling_factor": np.float32(1.0),
     }
     adapter = {
         "image_proj": image_proj_params,
@@ -92,9 +97,8 @@ def setup():
     new_state, metrics = step(state, frozen, batch)
 
     # --- PyTorch reference step, on the same noise and timesteps
-    noise, timesteps = sample_noise_and_timesteps(
-        jax.random.fold_in(jax.random.PRNGKey(SEED), 0), batch["latents"].shape, 1000
-    )
+    _, noise_key = split_step_key(jax.random.fold_in(jax.random.PRNGKey(SEED), 0))
+    noise, timesteps = sample_noise_and_timesteps(noise_key, latents.shape, 1000)
     torch_unet._load_ip_adapter_weights(
         [{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}]
     )
@@ -104,8 +108,8 @@ def setup():
     for p in trained:
         p.requires_grad_(True)
     torch_opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
-    t_noise, t_steps = torch.from_numpy(np.asarray(noise)), torch.from_numpy(np.asarray(timesteps)).long()
-    noisy = DDPMScheduler(**SCHEDULER).add_noise(torch.from_numpy(batch["latents"]), t_noise, t_steps)
+    t_noise, t_steps = torch.tensor(np.asarray(noise)), torch.tensor(np.asarray(timesteps)).long()
+    noisy = DDPMScheduler(**SCHEDULER).add_noise(torch.from_numpy(latents), t_noise, t_steps)
     image = torch.from_numpy(np.where(DROP_IMAGE[:, None], 0.0, batch["image_embeds"]).astype(np.float32))
     text = torch.from_numpy(np.where(DROP_TEXT[:, None, None], null_text, batch["text_embeds"]).astype(np.float32))
     pred = torch_unet(noisy, t_steps, text, added_cond_kwargs={"image_embeds": [image[:, None]]}).sample

@@ -1,14 +1,16 @@
 """The IP-Adapter training step: diffusion loss on the frozen UNet, gradients for the adapter only.
 
-One step, for a batch of encoded examples (see `EncodedBatch` below):
-  1. condition dropping (decided per example by the data pipeline): image embeddings -> the null image
+One step, for a batch of encoded examples (see `EncodedBatch` below; raw batches are first encoded by the
+frozen encoders inside the same compiled step, `training.encode`):
+  1. latents sampled from the cached VAE posterior, times the VAE scaling factor;
+  2. condition dropping (decided per example by the data pipeline): image embeddings -> the null image
      embedding, text tokens -> the encoding of the empty prompt;
-  2. noise and timesteps t ~ U{0..T-1} from the step's RNG; noisy latents by the base's DDPM schedule;
-  3. image tokens = image_proj(image embeddings); UNet noise (or v) prediction with the adapter's K'/V';
-  4. MSE against the target (optionally min-SNR weighted), AdamW update of the adapter params.
+  3. noise and timesteps t ~ U{0..T-1} from the step's RNG; noisy latents by the base's DDPM schedule;
+  4. image tokens = image_proj(image embeddings); UNet noise (or v) prediction with the adapter's K'/V';
+  5. MSE against the target (optionally min-SNR weighted), AdamW update of the adapter params.
 
 EncodedBatch (a dict of arrays, leading axis B = global batch):
-  latents       (B, 4, h, w) f32   VAE latents already multiplied by the VAE scaling factor
+  latent_mean, latent_std (B, 4, h, w) f32  the VAE posterior of the target image (unscaled)
   text_embeds   (B, T, cross)      text encoder hidden states (SDXL: both encoders concatenated)
   image_embeds  (B, D) or (B, S, E) CLIP image embedding (base) or penultimate hidden states (Plus/Full)
   drop_image    (B,) bool          replace the image embedding by the null image embedding
@@ -17,9 +19,11 @@ EncodedBatch (a dict of arrays, leading axis B = global batch):
 
 Frozen (never differentiated, never in the optimizer):
   unet          UNet params without K'/V'
-  null_text     (1, T, cross) encoding of ""
-  null_image    (1, D) or (1, S, E): zeros (base) or the encoder's output on zero pixels (Plus/Full)
+  null_text_embeds (1, T, cross) encoding of "" (SDXL also null_text_pooled (1, P))
+  null_image_embeds (1, D) or (1, S, E): zeros (base) or the encoder's output on zero pixels (Plus/Full)
   alphas_cumprod (num_train_timesteps,) of the base's noise schedule
+  vae_scaling_factor ()             0.18215 for SD1.5, 0.13025 for SDXL
+  encoders      params of `training.encode.Encoders` (only for raw batches)
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from ipadapter_jax.adapter import merge_unet_params
+from training.encode import Encoders, encode_batch
 
 
 @flax.struct.dataclass
@@ -60,6 +65,7 @@ class StepModels:
 
     unet: nn.Module  # IPUNet2DConditionModel
     image_proj: nn.Module  # ImageProjModel / Resampler / MLPProjModel
+    remat: bool = False  # recompute UNet activations in the backward pass (memory for compute)
 
 
 def learning_rate_schedule(learning_rate: float = 1e-4, warmup_steps: int = 0) -> optax.Schedule:
@@ -96,7 +102,10 @@ def make_optimizer(
 def sample_noise_and_timesteps(
     rng: jax.Array, latents_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
-    """Gaussian noise of `latents_shape` and timesteps (B,) int32 uniform in [0, num_train_timesteps)."""
+    """Gaussian noise of `latents_shape` and timesteps (B,) int32 uniform in [0, num_train_timesteps).
+
+    `rng` is the step's key after `split_step_key`.
+    """
     noise_key, offset_key, t_key = jax.random.split(rng, 3)
     noise = jax.random.normal(noise_key, latents_shape, jnp.float32)
     if noise_offset:
@@ -106,16 +115,28 @@ def sample_noise_and_timesteps(
     return noise, timesteps
 
 
-def apply_condition_drop(batch: dict, frozen: dict) -> tuple[jax.Array, jax.Array]:
-    """-> (text_embeds, image_embeds) with dropped conditions replaced by the null encodings."""
+def split_step_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A step's key -> (key of the latent sample, key of the diffusion noise and timesteps)."""
+    latent_key, noise_key = jax.random.split(rng)
+    return latent_key, noise_key
+
+
+def apply_condition_drop(batch: dict, frozen: dict) -> dict:
+    """The batch with dropped conditions replaced by the null encodings (`frozen["null_<field>"]`, (1, ...)).
+
+    drop_text replaces `text_embeds` (and SDXL's `text_pooled`); drop_image replaces `image_embeds`.
+    """
 
     def where(drop: jax.Array, null: jax.Array, value: jax.Array) -> jax.Array:
         drop = drop.reshape((-1,) + (1,) * (value.ndim - 1))
         return jnp.where(drop, null.astype(value.dtype), value)
 
-    text = where(batch["drop_text"], frozen["null_text"], batch["text_embeds"])
-    image = where(batch["drop_image"], frozen["null_image"], batch["image_embeds"])
-    return text, image
+    out = dict(batch)
+    for field in ("text_embeds", "text_pooled"):
+        if field in batch:
+            out[field] = where(batch["drop_text"], frozen[f"null_{field}"], batch[field])
+    out["image_embeds"] = where(batch["drop_image"], frozen["null_image_embeds"], batch["image_embeds"])
+    return out
 
 
 def diffusion_loss(
@@ -127,10 +148,12 @@ def diffusion_loss(
     loss_config: LossConfig,
 ) -> tuple[jax.Array, dict]:
     """Mean (optionally min-SNR weighted) squared error of the UNet's prediction; returns (loss, metrics)."""
-    latents = batch["latents"]
+    latent_key, noise_key = split_step_key(rng)
+    posterior_noise = jax.random.normal(latent_key, batch["latent_mean"].shape, jnp.float32)
+    latents = frozen["vae_scaling_factor"] * (batch["latent_mean"] + batch["latent_std"] * posterior_noise)
     alphas_cumprod = frozen["alphas_cumprod"]
     noise, timesteps = sample_noise_and_timesteps(
-        rng, latents.shape, alphas_cumprod.shape[0], loss_config.noise_offset
+        noise_key, latents.shape, alphas_cumprod.shape[0], loss_config.noise_offset
     )
     alpha = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
     noisy = jnp.sqrt(alpha) * latents + jnp.sqrt(1.0 - alpha) * noise
@@ -141,19 +164,22 @@ def diffusion_loss(
     else:
         raise ValueError(f"unknown prediction_type {loss_config.prediction_type!r}")
 
-    text, image_embeds = apply_condition_drop(batch, frozen)
-    image_tokens = models.image_proj.apply({"params": adapter["image_proj"]}, image_embeds)
+    batch = apply_condition_drop(batch, frozen)
+    image_tokens = models.image_proj.apply({"params": adapter["image_proj"]}, batch["image_embeds"])
     added = None
     if "time_ids" in batch:
         added = {"text_embeds": batch["text_pooled"], "time_ids": batch["time_ids"]}
-    pred = models.unet.apply(
-        {"params": merge_unet_params(frozen["unet"], adapter["ip_layers"])},
-        noisy,
-        timesteps,
-        text,
-        added_cond_kwargs=added,
-        image_tokens=image_tokens,
-    ).sample
+
+    def predict(ip_layers: Any, noisy: jax.Array, image_tokens: jax.Array) -> jax.Array:
+        variables = {"params": merge_unet_params(frozen["unet"], ip_layers)}
+        return models.unet.apply(
+            variables, noisy, timesteps, batch["text_embeds"], added_cond_kwargs=added, image_tokens=image_tokens
+        ).sample
+
+    if models.remat:
+        # Keep only weight-matmul outputs; everything else is recomputed in the backward pass.
+        predict = jax.checkpoint(predict, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    pred = predict(adapter["ip_layers"], noisy, image_tokens)
     per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
     if loss_config.snr_gamma:
         snr = alpha[:, 0, 0, 0] / (1.0 - alpha[:, 0, 0, 0])
@@ -172,15 +198,20 @@ def make_train_step(
     loss_config: LossConfig = LossConfig(),
     ema_decay: float = 0.0,
     grad_accum_steps: int = 1,
+    encoders: Encoders | None = None,
 ):
     """-> train_step(state, frozen, batch) -> (state, metrics). Pure; jit and shard it in the caller.
 
     A step whose loss or gradients are not finite leaves `state` unchanged and reports `finite == 0`; the
     training loop decides whether to stop or go on. `schedule` and `grad_accum_steps` only feed the reported
-    learning rate (the optimizer already contains them).
+    learning rate (the optimizer already contains them). With `encoders`, batches are raw preprocessed
+    examples, encoded in the step with `frozen["encoders"]`; without, they are EncodedBatches (cached).
     """
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
+        if encoders is not None:
+            flags = {"drop_image": batch["drop_image"], "drop_text": batch["drop_text"]}
+            batch = dict(jax.lax.stop_gradient(encode_batch(encoders, frozen["encoders"], batch)), **flags)
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(diffusion_loss, has_aux=True)
         (loss, metrics), grads = grad_fn(state.adapter, frozen, batch, rng, models, loss_config)
@@ -198,8 +229,8 @@ def make_train_step(
         metrics = dict(
             metrics,
             finite=finite.astype(jnp.int32),
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(state.adapter),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(state.adapter),
             learning_rate=schedule(state.step // grad_accum_steps),
         )
         return new_state, metrics

@@ -1,0 +1,86 @@
+"""Training configs: `get_config("<preset>")` returns an `ml_collections.ConfigDict`.
+
+Presets: `tiny` (tiny local components; tests and the demo), `sd15`, `sd15_plus`, `sdxl`. Defaults are the
+reference recipe (REFERENCE.md s.3): AdamW lr 1e-4, weight decay 1e-2, constant LR, no clipping, no EMA,
+epsilon loss, condition drops 5/5/5%, 512 px, batch 8 per device. Every field can be overridden on the
+command line: `ipadapter-jax train --config training/config.py:sd15 --config.optim.lr=5e-5`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.base = ""  # diffusers model folder (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/, scheduler/)
+    c.model.image_encoder = ""  # CLIPVisionModelWithProjection folder (ViT-H/14 for SD1.5, bigG for SDXL)
+    c.model.variant = "base"  # "base" (4 tokens from image_embeds) | "plus" (Resampler over hidden_states[-2])
+    c.model.num_tokens = 4
+    c.model.init_adapter = ""  # optional official .bin/.safetensors to start from (fine-tuning)
+    c.model.prediction_type = "epsilon"  # "v_prediction" for SD2-768-style bases
+    c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
+    c.model.remat = False  # rematerialise UNet blocks in the backward pass (less memory, ~30% more compute)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # built TFDS dataset dir or embedding cache dir (`ipadapter-jax data build/cache`)
+    c.data.resolution = 512
+    c.data.batch_size_per_device = 8
+    c.data.num_workers = 0  # grain worker processes per host
+    c.data.drop_rates = (0.05, 0.05, 0.05)  # image only, text only, both
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.weight_decay = 1e-2
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.warmup_steps = 0
+    c.optim.grad_clip_norm = 0.0  # 0 = off (reference)
+    c.optim.grad_accum_steps = 1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.noise_offset = 0.0
+    c.loss.snr_gamma = 0.0  # 0 = plain MSE (reference); 5.0 = min-SNR weighting
+
+    c.ema_decay = 0.0  # 0 = no EMA (reference)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.mesh.shard_frozen = False  # FSDP-shard the frozen UNet/encoders too (SDXL on 16 GB chips)
+
+    c.total_steps = 1_000_000
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.export_every = 10_000  # .safetensors in the official layout, loadable by diffusers' load_ip_adapter
+    c.on_nonfinite = "stop"  # "stop": checkpoint the last good state and exit with an error; "skip"
+    c.profile_steps = ()  # (first, last) step range traced with jax.profiler into workdir/profile
+
+    if preset == "tiny":
+        c.model.base = "tiny"
+        c.model.image_encoder = "tiny"
+        c.model.dtype = "float32"
+        c.data.resolution = 64
+        c.data.batch_size_per_device = 4
+        c.total_steps = 200
+        c.log_every = 10
+        c.checkpoint_every = 100
+        c.export_every = 100
+    elif preset == "sd15":
+        pass
+    elif preset == "sd15_plus":
+        c.model.variant = "plus"
+        c.model.num_tokens = 16
+    elif preset == "sdxl":
+        c.data.resolution = 1024
+        c.data.batch_size_per_device = 4
+        c.mesh.shard_frozen = True
+    else:
+        raise ValueError(f"unknown preset {preset!r}: tiny, sd15, sd15_plus or sdxl")
+    return c
