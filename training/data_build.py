@@ -8,8 +8,8 @@ plus the image root folder. One example per kept entry, in annotation order:
               8-bit RGB (`preprocess.to_rgb`) and stored as PNG
   text        the caption (UTF-8)
   image_file  the path as written in the annotations
-  width, height  int32 size of the image
-  index       int64 position of the entry in the annotations (COCO: of the annotation)
+  width, height     int32 size of the image
+  annotation_index  int64 position of the entry in the annotations (COCO: of the annotation)
 
 Bad entries are skipped with a reason (`SKIP_REASONS`) and the build fails only when more than
 `max_skip_fraction` of all entries are skipped. The report (`build_report.json` in `out_dir`, copied into
@@ -103,7 +103,7 @@ def read_annotations(path: str | os.PathLike) -> list[Entry]:
             for i, item in enumerate(data)
         ]
     if isinstance(data, dict) and "images" in data and "annotations" in data:
-        files = {image["id"]: image.get("file_name") for image in data["images"]}
+        files = {image.get("id"): image.get("file_name") for image in data["images"] if isinstance(image, dict)}
         entries = []
         for i, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict):
@@ -169,22 +169,24 @@ def check_image(entry: Entry, image_root: str, max_aspect_ratio: float) -> Check
     if not data:
         return Checked(entry, reason="empty_file", detail=path)
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes everything: catches truncation past the header
-            mode, fmt = image.mode, image.format
-            rgb = preprocess.to_rgb(image)
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decodes everything: catches truncation past the header
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        return Checked(entry, reason="unreadable_image", detail=f"{path}: {type(e).__name__}: {e}")
+    try:
+        rgb = preprocess.to_rgb(image)
     except ValueError as e:
         return Checked(entry, reason="unsupported_mode", detail=f"{path}: {e}")
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        return Checked(entry, reason="unreadable_image", detail=f"{path}: {type(e).__name__}: {e}")
     width, height = rgb.size
     if max(width, height) > max_aspect_ratio * min(width, height):
         return Checked(entry, reason="extreme_aspect_ratio", detail=f"{path}: {width}x{height}")
-    if mode == "RGB" and fmt in _KEPT_FORMATS:
+    if image.mode == "RGB" and image.format in _KEPT_FORMATS:
         return Checked(entry, image=data, width=width, height=height)
     png = io.BytesIO()
     rgb.save(png, "PNG")
-    return Checked(entry, image=png.getvalue(), width=width, height=height, converted_from=f"{fmt} {mode}")
+    return Checked(
+        entry, image=png.getvalue(), width=width, height=height, converted_from=f"{image.format} {image.mode}"
+    )
 
 
 @dataclasses.dataclass
@@ -270,7 +272,7 @@ class IpAdapterCaptions(tfds.core.GeneratorBasedBuilder):
                     "image_file": tfds.features.Text(),
                     "width": np.int32,
                     "height": np.int32,
-                    "index": np.int64,
+                    "annotation_index": np.int64,
                 }
             ),
             disable_shuffling=True,  # keys are annotation indices: records stay in annotation order
@@ -298,7 +300,7 @@ class IpAdapterCaptions(tfds.core.GeneratorBasedBuilder):
                 "image_file": entry.image_file,
                 "width": checked.width,
                 "height": checked.height,
-                "index": entry.index,
+                "annotation_index": entry.index,
             }
 
 
@@ -381,6 +383,7 @@ def build_dataset(
 def raw_source(path: str | os.PathLike, split: str = "train") -> Any:
     """Random-access source over a built dataset (`dataset_dir(out_dir)`): `len()`, `[i]` -> record dict
     with `image` as encoded bytes (decoded later by the loader's preprocessing, not by TFDS), `text` and
-    `image_file` as UTF-8 bytes, `width`, `height`, `index` as numpy ints. Picklable (grain workers)."""
+    `image_file` as UTF-8 bytes, `width`, `height`, `annotation_index` as numpy ints. Picklable (grain
+    workers)."""
     builder = tfds.builder_from_directory(os.fspath(path))
     return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})

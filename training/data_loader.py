@@ -32,6 +32,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from training import data_build, embedding_cache, preprocess
 
@@ -71,6 +72,7 @@ class _Element:
     """Local element j of one process -> example (a picklable function for grain's worker processes)."""
 
     data: Dataset
+    num_records: int
     seed: int
     shuffle: bool
     drop_rates: tuple[float, float, float]
@@ -83,11 +85,10 @@ class _Element:
         return step * self.global_batch + self.process_index * self.local_batch + row
 
     def __call__(self, j: int) -> dict[str, np.ndarray]:
-        num_records = len(self.data.source)
-        epoch, k = divmod(self.position(j), num_records)
+        epoch, k = divmod(self.position(j), self.num_records)
         if self.shuffle:
             k = grain.experimental.index_shuffle(
-                k, max_index=num_records - 1, seed=epoch_seed(self.seed, epoch), rounds=4
+                k, max_index=self.num_records - 1, seed=epoch_seed(self.seed, epoch), rounds=4
             )
         example = self.data.example_fn(self.data.source[k])
         if "index" in example and int(example["index"]) != k:  # a cache written out of order
@@ -113,7 +114,8 @@ class DataIterator:
       num_threads: threads preparing batches (per worker process); PIL decoding releases the GIL.
       prefetch_buffer_size: batches prepared ahead by the threads.
       worker_count: worker processes (grain `mp_prefetch`); 0 keeps everything in this process. The batches
-        are the same for any worker count.
+        are the same for any worker count. Raw data on many-core hosts wants processes: threads share the
+        GIL for the Python between decode and resize calls.
     """
 
     def __init__(
@@ -134,6 +136,8 @@ class DataIterator:
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process index {self.process_index} outside 0..{self.process_count - 1}")
         if global_batch_size % self.process_count:
             raise ValueError(f"global batch {global_batch_size} not divisible by {self.process_count} processes")
         self.num_records = len(data.source)
@@ -144,6 +148,7 @@ class DataIterator:
         self.num_steps = None if num_epochs is None else num_epochs * self.num_records // global_batch_size
         self._element = _Element(
             data,
+            self.num_records,
             seed,
             shuffle,
             tuple(drop_rates),
@@ -157,11 +162,6 @@ class DataIterator:
         self._step = 0
         self._iterator: Any = None
 
-    @property
-    def step(self) -> int:
-        """Global steps yielded so far (including steps before a restored state)."""
-        return self._step
-
     def _start(self) -> Any:
         local = self._element.local_batch
         stop = sys.maxsize if self.num_steps is None else self.num_steps * local
@@ -172,6 +172,10 @@ class DataIterator:
             .to_iter_dataset(self._read_options)
         )
         if self._worker_count:
+            # grain 0.2.18 reads an absl flag when starting workers, which raises in programs that never
+            # parse absl flags (google/grain#1355, fixed after 0.2.18): use the flags' defaults there.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
         return iter(dataset)
 

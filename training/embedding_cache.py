@@ -98,6 +98,69 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate([v, np.repeat(v[-1:], missing, 0)]) if missing else v for k, v in batch.items()}
 
 
+def _encoder(
+    encoders: Mapping[str, tuple[EncodeFn, Any]], keep: Sequence[str], devices: Sequence[jax.Device], batch_size: int
+) -> Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]:
+    """All encoders as one jitted function of a host batch, the batch sharded over `devices`."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    if batch_size % mesh.size:
+        raise ValueError(f"batch_size {batch_size} not divisible by {mesh.size} devices")
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = {name: jax.device_put(p, replicated) for name, (_, p) in encoders.items()}
+
+    def encode_all(params: dict, batch: dict) -> dict:
+        outputs: dict = {}
+        for name, (fn, _) in encoders.items():
+            for key, value in fn(params[name], batch).items():
+                if key in outputs or key in keep or key == "index":
+                    raise ValueError(f"encoder {name!r} output {key!r} is already a field of the cache")
+                outputs[key] = value
+        return outputs
+
+    encode = jax.jit(encode_all, out_shardings=batch_sharding)
+
+    def run(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        inputs = {k: v for k, v in batch.items() if k != "index"}
+        return encode(params, jax.device_put(inputs, batch_sharding))
+
+    return run
+
+
+def _encode_chunk(
+    run: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]],
+    batches: Any,
+    batch_size: int,
+    keep: Sequence[str],
+    path: str,
+    bar: tqdm.tqdm,
+) -> None:
+    """Encodes the host batches of one chunk into `path`, written under a temporary name until complete."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    # group_size:1 makes every record its own chunk, for random access. array_record's default zstd
+    # compression saves ~15% on float data and still decodes >3,000 SD1.5-sized records/s per core.
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+
+    def write(batch: dict[str, np.ndarray], outputs: dict[str, jax.Array]) -> None:
+        outputs = jax.device_get(outputs)
+        for row in range(len(batch["index"])):
+            record = {k: v[row] for k, v in outputs.items()}
+            record.update({k: batch[k][row] for k in (*keep, "index")})
+            writer.write(serialization.msgpack_serialize(record))
+        bar.update(len(batch["index"]))
+
+    # One batch in flight: the devices encode batch k while the host writes batch k-1 and threads prepare k+1.
+    pending = None
+    for batch in batches:
+        outputs = run(_pad(batch, batch_size))
+        if pending is not None:
+            write(*pending)
+        pending = (batch, outputs)
+    write(*pending)
+    writer.close()
+    os.replace(tmp, path)
+
+
 def build_embedding_cache(
     raw_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -139,78 +202,32 @@ def build_embedding_cache(
     source = data_build.raw_source(raw_dir)
     num_records = len(source)
     num_chunks = -(-num_records // chunk_size)
+    files = [chunk_name(c, num_chunks) for c in range(num_chunks)]
     os.makedirs(out_dir, exist_ok=True)
+    run = _encoder(encoders, keep, devices or jax.local_devices(), batch_size)
 
-    mesh = jax.sharding.Mesh(np.array(devices or jax.local_devices()), ("batch",))
-    if batch_size % mesh.size:
-        raise ValueError(f"batch_size {batch_size} not divisible by {mesh.size} devices")
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = {name: jax.device_put(p, replicated) for name, (_, p) in encoders.items()}
-
-    def encode_all(params: dict, batch: dict) -> dict:
-        outputs: dict = {}
-        for name, (fn, _) in encoders.items():
-            for key, value in fn(params[name], batch).items():
-                if key in outputs or key in keep or key == "index":
-                    raise ValueError(f"encoder {name!r} output {key!r} is already a field of the cache")
-                outputs[key] = value
-        return outputs
-
-    encode = jax.jit(encode_all, out_shardings=batch_sharding)
-
-    def run(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        inputs = {k: v for k, v in batch.items() if k != "index"}
-        return encode(params, jax.device_put(inputs, batch_sharding))
-
-    mine = [
-        c
-        for c in range(num_chunks)
-        if c % count == index and not os.path.exists(os.path.join(out_dir, chunk_name(c, num_chunks)))
-    ]
+    mine = [c for c in range(num_chunks) if c % count == index and not os.path.exists(os.path.join(out_dir, files[c]))]
     for name in os.listdir(out_dir):  # partial chunks of an interrupted pass
-        if ".tmp" in name and any(name.startswith(chunk_name(c, num_chunks)) for c in mine):
+        if ".tmp" in name and name.split(".tmp")[0] in {files[c] for c in mine}:
             os.remove(os.path.join(out_dir, name))
     total = sum(min(chunk_size, num_records - c * chunk_size) for c in mine)
     bar = tqdm.tqdm(total=total, desc="embedding cache", unit="ex", disable=not progress or index != 0)
-    row_fn = _RawRow(source, preprocessor)
+    rows = grain.MapDataset.range(num_records).map(_RawRow(source, preprocessor))
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
-
-    def write(writer: Any, batch: dict[str, np.ndarray], outputs: dict[str, jax.Array]) -> None:
-        outputs = jax.device_get(outputs)
-        for row in range(len(batch["index"])):
-            record = {k: v[row] for k, v in outputs.items()}
-            record.update({k: batch[k][row] for k in (*keep, "index")})
-            writer.write(serialization.msgpack_serialize(record))
-        bar.update(len(batch["index"]))
-
-    for chunk in mine:
-        start, stop = chunk * chunk_size, min(num_records, (chunk + 1) * chunk_size)
-        batches = grain.MapDataset.range(start, stop).map(row_fn).batch(batch_size).to_iter_dataset(read_options)
-        final = os.path.join(out_dir, chunk_name(chunk, num_chunks))
-        writer = array_record_module.ArrayRecordWriter(f"{final}.tmp{os.getpid()}", "group_size:1")
-        # One batch in flight: the devices encode batch k while the host writes batch k-1 and threads
-        # prepare batch k+1.
-        pending = None
-        for batch in batches:
-            outputs = run(_pad(batch, batch_size))
-            if pending is not None:
-                write(writer, *pending)
-            pending = (batch, outputs)
-        write(writer, *pending)
-        writer.close()
-        os.replace(f"{final}.tmp{os.getpid()}", final)
+    for c in mine:
+        batches = rows[c * chunk_size : (c + 1) * chunk_size].batch(batch_size).to_iter_dataset(read_options)
+        _encode_chunk(run, batches, batch_size, keep, os.path.join(out_dir, files[c]), bar)
     bar.close()
 
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("embedding_cache")
-    files = [chunk_name(c, num_chunks) for c in range(num_chunks)]
-    complete = all(os.path.exists(os.path.join(out_dir, name)) for name in files)
-    if not complete or (jax.process_count() > 1 and index != 0):
+    if not all(os.path.exists(os.path.join(out_dir, name)) for name in files):
+        return None
+    if jax.process_count() > 1 and index != 0:
         return None
 
-    null = preprocessor.null_example()
-    null_outputs = jax.device_get(run({k: np.repeat(v[None], batch_size, 0) for k, v in null.items()}))
+    null = {k: np.repeat(v[None], batch_size, 0) for k, v in preprocessor.null_example().items()}
+    null_outputs = jax.device_get(run(null))
     with open(os.path.join(out_dir, NULL_EXAMPLE), "wb") as f:
         f.write(serialization.msgpack_serialize({k: v[0] for k, v in null_outputs.items()}))
     first = serialization.msgpack_restore(grain.sources.ArrayRecordDataSource([os.path.join(out_dir, files[0])])[0])

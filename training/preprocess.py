@@ -53,9 +53,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_rgb(data: bytes) -> Image.Image:
     """Decodes PNG/JPEG/... bytes fully into an 8-bit RGB PIL image (raises on corrupt or truncated data)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return to_rgb(image)
+    image = Image.open(io.BytesIO(data))  # in-memory: nothing to close
+    image.load()
+    return to_rgb(image)
 
 
 def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
