@@ -84,7 +84,7 @@ def ip_layers_from_official(section: Mapping[str, Any], unet_params: Any, *, sou
             in_dim, out_dim = flat_target[path + (name, "kernel")].shape
             expected[f"{layer_id}.{name}.weight"] = (path + (name, "kernel"), (out_dim, in_dim))
 
-    missing = sorted(set(expected) - set(section), key=_id_order)
+    missing = [f"'{key}' {expected[key][1]}" for key in sorted(set(expected) - set(section), key=_id_order)]
     unexpected = sorted(set(section) - set(expected), key=_id_order)
     mismatched = []
     converted = {}
@@ -100,7 +100,7 @@ def ip_layers_from_official(section: Mapping[str, Any], unet_params: Any, *, sou
         hint = ""
         if len(mismatched) + len(missing) + len(unexpected) > len(expected) // 2:
             hint = (
-                f" Likely cause: the adapter was trained for a different base model (this UNet has "
+                f". Likely cause: the adapter was trained for a different base model (this UNet has "
                 f"{len(expected) // 2} cross-attention layers, the file {len(_layer_ids(section))})."
             )
         raise ConversionError(
