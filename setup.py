@@ -20,6 +20,8 @@ install_requires = [
     "tensorflow-datasets>=4.9.10",
     "grain>=0.2.18",
     "importlib_resources",  # TFDS needs it when TensorFlow is absent.
+    "array_record>=0.5",  # the embedding cache writes array_record files directly
+    "absl-py",  # training flags (ml_collections config_flags) and grain's worker start-up
     "ml_collections>=1.0",
     "safetensors>=0.4",
     "numpy>=1.26",
@@ -42,4 +44,5 @@ setup(
     packages=find_packages(include=["ipadapter_jax*", "conversion*", "training*"]),
     install_requires=install_requires,
     extras_require=extras_require,
+    entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli:main"]},
 )

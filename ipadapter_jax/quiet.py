@@ -3,14 +3,19 @@
 diffusers 0.39 logs one such warning from every Flax module's `setup` (134 lines per SD1.5 trace) and
 transformers 4.57 one per Flax model. We pin those releases on purpose (the last with Flax), so the lines
 carry no information for our users; every other warning of both libraries must still reach them. A
-`logging.Filter` on the libraries' root loggers and on their handlers drops only records whose message
-matches the deprecation notices. It is installed by `import ipadapter_jax`, before any Flax class is
-imported.
+`logging.Filter` drops only records whose message matches the deprecation notices. A logger's filters see
+every record logged on that very logger, whatever handlers (the library's, the root's, pytest's) later
+receive it, so the filter goes on each logger that emits a notice: one per Flax module file of diffusers
+(created here, before those modules are imported) and transformers' Flax base class. Installed by
+`import ipadapter_jax`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
+import os
 import re
 
 # The two notices, as worded in diffusers 0.39.0 and transformers 4.57.x.
@@ -30,18 +35,23 @@ class FlaxDeprecationFilter(logging.Filter):
 _FILTER = FlaxDeprecationFilter()
 
 
+@functools.cache
+def _emitting_loggers() -> tuple[str, ...]:
+    """Names of the loggers that log the notices: diffusers' `*flax*` modules, transformers' Flax base."""
+    names = ["transformers.modeling_flax_utils"]
+    spec = importlib.util.find_spec("diffusers")  # locates the package without importing it
+    for root in spec.submodule_search_locations if spec else ():
+        for folder, _, files in os.walk(root):
+            for file in files:
+                if "flax" in file and file.endswith(".py"):
+                    module = os.path.relpath(os.path.join(folder, file[:-3]), os.path.dirname(root))
+                    names.append(module.replace(os.sep, "."))
+    return tuple(names)
+
+
 def install() -> None:
-    """Attaches the filter to both libraries' root loggers and their handlers (idempotent)."""
-    for name in ("diffusers", "transformers"):
-        try:
-            library_logging = __import__(f"{name}.utils.logging", fromlist=["get_logger"])
-        except ImportError:  # the library is not installed: nothing to silence
-            continue
-        # Loggers filter only records logged on themselves; records of child loggers (one per diffusers
-        # module) reach the handlers through propagation, so the handlers get the filter too.
-        root = library_logging.get_logger(name)
-        if _FILTER not in root.filters:
-            root.addFilter(_FILTER)
-        for handler in root.handlers + logging.getLogger().handlers:
-            if _FILTER not in handler.filters:
-                handler.addFilter(_FILTER)
+    """Attaches the filter to every logger that emits the notices (idempotent)."""
+    for name in _emitting_loggers():
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)

@@ -25,8 +25,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conversion import cli, flax_adapter_file, unet_config
 from conversion.image_proj import CLIP_TOKENS, ImageProjSpec, build_image_proj, flax_to_official, param_shapes
@@ -104,29 +102,7 @@ class Model:
 
     def torch_pipeline(self):
         """A real diffusers pipeline from tiny random components around a fresh copy of the pristine UNet."""
-        vae = AutoencoderKL(
-            block_out_channels=(32,),
-            down_block_types=("DownEncoderBlock2D",),
-            up_block_types=("UpDecoderBlock2D",),
-            latent_channels=4,
-        )
-        text_config = CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000
-        )
-        common = dict(
-            vae=vae,
-            text_encoder=CLIPTextModel(text_config),
-            tokenizer=None,  # never called: the test feeds the UNet directly
-            unet=copy.deepcopy(self.torch_unet),
-            scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-            image_encoder=None,
-            feature_extractor=None,
-        )
-        if self.name == "sdxl":
-            return StableDiffusionXLPipeline(
-                **common, text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=None
-            )
-        return StableDiffusionPipeline(**common, safety_checker=None, requires_safety_checker=False)
+        return tiny.torch_pipeline(copy.deepcopy(self.torch_unet), sdxl=self.name == "sdxl")
 
     def torch_predict(self, pipe, variant: str, scale: float = SCALE) -> np.ndarray:
         """The pipeline's UNet with its loaded IP-Adapter at `scale`, set through the pipeline."""

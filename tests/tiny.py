@@ -97,3 +97,33 @@ def _random_resampler_state(output_dim: int, num_queries: int, seed: int) -> dic
     rng = np.random.default_rng(seed + 1)
     # numpy_init leaves norms at identity and biases at 0; move every 1-d param so none is trivial.
     return {k: (v + rng.standard_normal(v.shape) * 0.1).astype(np.float32) if v.ndim == 1 else v for k, v in state.items()}
+
+
+def torch_pipeline(torch_unet, sdxl: bool = False):
+    """A real diffusers `StableDiffusion(XL)Pipeline` around `torch_unet`, other parts tiny and random.
+
+    For `pipe.load_ip_adapter(...)` and UNet calls through the pipeline; its tokenizer is None, so the text
+    path is never used.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vae = AutoencoderKL(
+        block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+    )
+    text_config = CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000
+    )
+    common = dict(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=None,
+        unet=torch_unet,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    if sdxl:
+        return StableDiffusionXLPipeline(**common, text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=None)
+    return StableDiffusionPipeline(**common, safety_checker=None, requires_safety_checker=False)

@@ -32,6 +32,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.data.batch_size_per_device = 8
     c.data.num_workers = 0  # grain worker processes per host
     c.data.drop_rates = (0.05, 0.05, 0.05)  # image only, text only, both
+    c.data.eval_path = ""  # optional held-out dataset: its first global batch is scored every eval_every steps
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -53,9 +54,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices not used by fsdp
     c.mesh.fsdp = 1
     c.mesh.shard_frozen = False  # FSDP-shard the frozen UNet/encoders too (SDXL on 16 GB chips)
+    c.mesh.fsdp_min_size = 2**14  # params with fewer elements stay replicated (all-gathers cost more)
 
     c.total_steps = 1_000_000
     c.log_every = 50
+    c.eval_every = 500  # held-out loss (fixed noise and timesteps) when data.eval_path is set
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.export_every = 10_000  # .safetensors in the official layout, loadable by diffusers' load_ip_adapter

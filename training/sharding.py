@@ -26,7 +26,7 @@ Rule = tuple[str, Union[P, str]]
 
 DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
 
-# Small params are not worth the all-gathers: replicated below this many elements.
+# Small params are not worth the all-gathers: by default replicated below this many elements.
 MIN_FSDP_SIZE = 2**14
 
 
@@ -56,8 +56,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-    if fsdp_size == 1 or int(np.prod(shape)) < MIN_FSDP_SIZE:
+def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    if fsdp_size == 1 or int(np.prod(shape)) < min_size:
         return P()
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if shape[axis] % fsdp_size == 0:
@@ -65,10 +65,11 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
     return P()
 
 
-def partition_specs(tree: Any, rules: Sequence[Rule], fsdp_size: int) -> Any:
+def partition_specs(tree: Any, rules: Sequence[Rule], fsdp_size: int, min_fsdp_size: int = MIN_FSDP_SIZE) -> Any:
     """PartitionSpec for every leaf of `tree` (concrete or abstract), by the first matching rule.
 
-    A leaf no rule matches is replicated. Returns a tree of the same structure as `tree`.
+    A leaf no rule matches is replicated; "fsdp" leaves under `min_fsdp_size` elements too. Returns a tree
+    of the same structure as `tree`.
     """
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
 
@@ -77,7 +78,7 @@ def partition_specs(tree: Any, rules: Sequence[Rule], fsdp_size: int) -> Any:
         for pattern, spec in compiled:
             if pattern.search(name):
                 if spec == "fsdp":
-                    return _fsdp_spec(tuple(leaf.shape), fsdp_size)
+                    return _fsdp_spec(tuple(leaf.shape), fsdp_size, min_fsdp_size)
                 if spec == "replicate":
                     return P()
                 return spec
@@ -86,9 +87,9 @@ def partition_specs(tree: Any, rules: Sequence[Rule], fsdp_size: int) -> Any:
     return jax.tree_util.tree_map_with_path(spec_for, tree)
 
 
-def named_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule]) -> Any:
+def named_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule], min_fsdp_size: int = MIN_FSDP_SIZE) -> Any:
     """NamedSharding for every leaf of `tree` on `mesh` by `rules`."""
-    specs = partition_specs(tree, rules, mesh.shape["fsdp"])
+    specs = partition_specs(tree, rules, mesh.shape["fsdp"], min_fsdp_size)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 

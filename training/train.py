@@ -7,7 +7,9 @@
 Reads top to bottom: devices and mesh -> components -> data -> optimizer and step -> placement on the mesh
 -> resume -> compile once -> loop (log, checkpoint, export) -> final checkpoint and export.
 A run restarted with the same workdir resumes from its latest checkpoint: same params, optimizer state and
-data order as if never interrupted. SIGTERM (preemption) saves a checkpoint and exits cleanly.
+data order as if never interrupted. SIGTERM (preemption) saves a checkpoint and exits cleanly. The adapter is
+exported in the official layout every `export_every` steps (workdir/exports/) and at the end
+(workdir/ip-adapter.safetensors).
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
+from jax.experimental import multihost_utils
+
 import ipadapter_jax  # noqa: F401  (log filter before any Flax model import)
+from conversion.ip_adapter_files import save_ip_adapter
 from training import checkpoint, components, data_loader, preprocess, sharding
 from training.encode import encode_batch
 from training.step import (
     LossConfig,
+    diffusion_loss,
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -107,8 +112,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return init_train_state(comps.adapter, optimizer, config.seed, config.ema_decay)
 
     abstract_state = jax.eval_shape(initial_state)
-    state_shardings = sharding.named_shardings(abstract_state, mesh, sharding.fsdp_rules(config.mesh.fsdp > 1))
-    frozen_shardings = sharding.named_shardings(frozen, mesh, sharding.fsdp_rules(config.mesh.shard_frozen))
+    min_size = config.mesh.fsdp_min_size
+    state_rules = sharding.fsdp_rules(config.mesh.fsdp > 1)
+    state_shardings = sharding.named_shardings(abstract_state, mesh, state_rules, min_size)
+    frozen_shardings = sharding.named_shardings(frozen, mesh, sharding.fsdp_rules(config.mesh.shard_frozen), min_size)
     frozen = sharding.place(frozen, frozen_shardings)
 
     # Resume from the latest checkpoint of this workdir, if any.
@@ -122,6 +129,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _log(is_main, f"resumed from step {step} in {workdir}")
     else:
         state = sharding.place(jax.device_get(initial_state()), state_shardings)
+
+    # Held-out loss: the first batch of the eval set (in order, no condition drops), fixed noise/timesteps.
+    evaluate = None
+    if config.data.eval_path:
+        eval_data = data_loader.open_dataset(config.data.eval_path, preprocessor)
+        if eval_data.cached != data.cached:
+            raise ValueError("data.eval_path must be in the same form (raw or embedding cache) as data.path")
+        eval_batches = data_loader.DataIterator(
+            eval_data, global_batch_size=global_batch, seed=config.seed, shuffle=False, drop_rates=(0.0, 0.0, 0.0),
+            sharding=sharding.batch_sharding(mesh),
+        )
+        eval_batch = next(eval_batches)
+        eval_batches.close()
+        evaluate = jax.jit(lambda adapter, frozen, batch: _held_out_loss(comps, loss_config, adapter, frozen, batch))
 
     # Compile once, ahead of time, with explicit shardings; the state's buffers are donated to the update.
     batch = next(batches)
@@ -143,6 +164,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
     first_step = int(state.step)
+
+    def log_eval(step: int) -> None:
+        if evaluate is not None and is_main:
+            loss = float(evaluate(state.adapter, frozen, eval_batch))
+            metrics_file.write(json.dumps({"step": step, "eval_loss": loss}) + "\n")
+            metrics_file.flush()
+
+    if first_step == 0:
+        log_eval(0)
     bar = tqdm.tqdm(total=config.total_steps, initial=first_step, disable=not is_main, desc="train", unit="step")
     pending: list[dict] = []
     last: dict = {}
@@ -179,8 +209,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     ckpt.wait_until_finished()
                     raise FloatingPointError(message + f"; last good state saved at step {step} in {workdir}")
                 _log(is_main, message + " (skipped)")
+        if step % config.eval_every == 0 or done:
+            log_eval(step)
         if step % config.checkpoint_every == 0 or done:
             checkpoint.save(ckpt, step, state, batches.get_state(), force=done)
+        if step % config.export_every == 0 and not done:
+            export_adapter(state.adapter, config, os.path.join(workdir, "exports", f"ip-adapter_{step:08d}.safetensors"))
         if preempted:
             _log(is_main, f"SIGTERM: checkpointed step {step}, exiting")
             break
@@ -188,11 +222,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = next(batches)
 
     ckpt.wait_until_finished()
+    if step >= config.total_steps:
+        final = os.path.join(workdir, "ip-adapter.safetensors")
+        export_adapter(state.adapter, config, final)
+        _log(is_main, f"exported {final}")
     bar.close()
     batches.close()
     if metrics_file:
         metrics_file.close()
     return last
+
+
+def export_adapter(adapter: Any, config: ml_collections.ConfigDict, path: str) -> None:
+    """Writes the adapter as an official `.safetensors` (diffusers' `load_ip_adapter` reads it).
+
+    Every process takes part in gathering FSDP-split params; process 0 writes.
+    """
+    host_adapter = multihost_utils.process_allgather(adapter, tiled=True)
+    if jax.process_index() == 0:
+        metadata = {"base_model": config.model.base, "image_encoder": config.model.image_encoder}
+        save_ip_adapter(host_adapter, path, metadata=metadata)
+
+
+def _held_out_loss(
+    comps: components.Components, loss_config: LossConfig, adapter: Any, frozen: dict, batch: dict
+) -> jax.Array:
+    """The diffusion loss of `batch` with a fixed key (same noise and timesteps at every evaluation)."""
+    if "latent_mean" not in batch:  # raw examples
+        flags = {"drop_image": batch["drop_image"], "drop_text": batch["drop_text"]}
+        batch = dict(encode_batch(comps.encoders, frozen["encoders"], batch), **flags)
+    loss, _ = diffusion_loss(adapter, frozen, batch, jax.random.PRNGKey(0), comps.models, loss_config)
+    return loss
 
 
 def _summarise(fetched: list[dict], step: int, steps: int, elapsed: float, global_batch: int, step_flops: float) -> dict:
