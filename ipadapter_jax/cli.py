@@ -2,6 +2,7 @@
 
     ipadapter-jax convert ...      IP-Adapter files <-> Flax, inspect a file      (conversion/cli.py)
     ipadapter-jax data build ...   build a TFDS dataset from captions + images   (training/data_cli.py)
+    ipadapter-jax cache ...        precompute VAE/CLIP/text encodings              (training/cache_cli.py)
     ipadapter-jax train ...        train an adapter                               (training/train.py)
 
 Each subcommand lives with its code and exposes `main(argv) -> int`; it is imported only when used, so
@@ -16,6 +17,7 @@ import sys
 SUBCOMMANDS = {
     "convert": ("conversion.cli", "convert IP-Adapter weights (to-flax, to-torch, inspect)"),
     "data": ("training.data_cli", "build TFDS datasets and embedding caches"),
+    "cache": ("training.cache_cli", "encode a built dataset once with a config's frozen encoders"),
     "train": ("training.train", "train an IP-Adapter (--config training/config.py:PRESET --workdir DIR)"),
 }
 

@@ -241,6 +241,7 @@ def export_adapter(adapter: Any, config: ml_collections.ConfigDict, path: str) -
     host_adapter = multihost_utils.process_allgather(adapter, tiled=True)
     if jax.process_index() == 0:
         metadata = {"base_model": config.model.base, "image_encoder": config.model.image_encoder}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         save_ip_adapter(host_adapter, path, metadata=metadata)
 
 
@@ -290,26 +291,16 @@ def _log(is_main: bool, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`ipadapter-jax train` entry point (absl flags; `--config` takes a config file and a preset)."""
     from absl import flags
-    from ml_collections import config_flags
+
+    from training import cli_flags
 
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "config.py:tiny"), "config file:preset", flag_values=flag_values
-    )
+    cli_flags.define(flag_values)
     flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, exports)", flag_values=flag_values)
-    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, SLURM, ...)", flag_values=flag_values)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process)", flag_values=flag_values)
-    flags.DEFINE_integer("num_processes", None, "number of processes (explicit multi-process)", flag_values=flag_values)
-    flags.DEFINE_integer("process_id", None, "this process's id (explicit multi-process)", flag_values=flag_values)
-    flag_values(["train"] + list(sys.argv[1:] if argv is None else argv))
+    cli_flags.parse(flag_values, "train", list(sys.argv[1:] if argv is None else argv))
     if not flag_values.workdir:
         raise SystemExit("--workdir is required")
-    if flag_values.coordinator_address:
-        jax.distributed.initialize(
-            flag_values.coordinator_address, num_processes=flag_values.num_processes, process_id=flag_values.process_id
-        )
-    elif flag_values.multihost:
-        jax.distributed.initialize()
+    cli_flags.initialize_distributed(flag_values)
     train(flag_values.config, flag_values.workdir)
     return 0
 
