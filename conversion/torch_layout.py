@@ -108,6 +108,7 @@ def torch_state_to_flax(
         module_path = torch_key_to_flax_module_path(module_key)
         leaf_names = frozenset(leaves_by_module.get(module_path, ()))
         array = np.asarray(value)
+        torch_shape = array.shape
         try:
             flax_leaf, array = torch_leaf_to_flax(leaf, array, leaf_names)
         except ConversionError as err:
@@ -118,9 +119,12 @@ def torch_state_to_flax(
             continue
         want = tuple(expected[path].shape)
         if tuple(array.shape) != want:
-            mismatched[path] = f"'{key}': expected {want} (Flax {'/'.join(path)}), found {tuple(array.shape)}"
+            mismatched[path] = (
+                f"'{key}': expected Flax {'/'.join(path)} {want}, found {tuple(array.shape)} "
+                f"(PyTorch {tuple(torch_shape)})"
+            )
             continue
-        converted[path] = array.astype(dtype) if dtype is not None else array
+        converted[path] = array.astype(dtype, copy=False) if dtype is not None else array
 
     missing = ["/".join(p) for p in expected if p not in converted and p not in mismatched]
     if mismatched or missing or unexpected:

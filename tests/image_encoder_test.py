@@ -132,7 +132,7 @@ def test_conversion_errors_name_key_and_shapes(saved_clip):
         clip_state_to_flax(state, module, source="clip")
 
     state = dict(good, **{"visual_projection.weight": np.zeros((24, 33), np.float32)})
-    message = "'visual_projection.weight': expected (32, 24) (Flax visual_projection/kernel), found (33, 24)"
+    message = "'visual_projection.weight': expected Flax visual_projection/kernel (32, 24), found (33, 24) (PyTorch (24, 33))"
     with pytest.raises(ConversionError, match=re.escape(message)):
         clip_state_to_flax(state, module, source="clip")
 
