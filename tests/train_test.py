@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conversion.torch_layout import torch_key_to_flax_module_path
-from tests import tiny
-from training import cache_cli, data_build, synthetic_data, tiny_components
+from tests import tiny, tiny_folders
+from training import cache_cli, components, data_build, synthetic_data, tiny_components
 from training.config import get_config
 from training.train import train
 
@@ -130,6 +130,35 @@ def test_training_on_the_embedding_cache_equals_raw(dataset, single_device_run, 
     workdir = str(tmp_path / "cached_run")
     train(_config(cache, STEPS), workdir)
     _assert_states_close(_final_state(workdir), single_device_run)
+
+
+def test_trains_from_diffusers_model_folders(dataset, tmp_path):
+    """A real base: a diffusers SD1.5-layout folder and a CLIP image encoder folder, both from PyTorch weights.
+    The adapter starts as the paper says (K'/V' = the folder's to_k/to_v) and training runs and exports."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    base = tmp_path / "sd15"
+    torch_pipe = tiny_folders.sd15_pipeline(base)
+    encoder = tmp_path / "image_encoder"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+        patch_size=32, projection_dim=24,
+    )).save_pretrained(encoder)
+    config = _config(dataset, 2, per_device=2, **{
+        "model.base": str(base), "model.image_encoder": str(encoder), "data.resolution": 16,
+    })
+    workdir = str(tmp_path / "run")
+    comps = components.load(config, workdir)
+    for name, module in torch_pipe.unet.named_modules():
+        if name.endswith("attn2"):
+            layer = comps.adapter["ip_layers"]
+            for part in torch_key_to_flax_module_path(name):
+                layer = layer[part]
+            np.testing.assert_array_equal(layer["to_k_ip"]["kernel"], module.to_k.weight.detach().numpy().T)
+            np.testing.assert_array_equal(layer["to_v_ip"]["kernel"], module.to_v.weight.detach().numpy().T)
+    last = train(config, workdir)
+    assert last["step"] == 2 and np.isfinite(last["loss"])
+    assert os.path.getsize(os.path.join(workdir, "ip-adapter.safetensors")) > 0
 
 
 def test_two_processes_equal_one(dataset, single_device_run, tmp_path):

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 import ipadapter_jax  # noqa: F401  (log filter before any Flax model import)
-from training import components, embedding_cache, preprocess
+from training import components, embedding_cache
 from training.encode import encode_batch
 
 
@@ -28,7 +28,7 @@ def build_cache(config: ml_collections.ConfigDict, raw: str, out: str, workdir: 
     `workdir` holds what loading the components writes (the tiny base's tokenizer, the Flax weight cache).
     """
     comps = components.load(config, workdir)
-    preprocessor = preprocess.Preprocessor(comps.tokenizers, resolution=config.data.resolution)
+    preprocessor = comps.preprocessor(config.data.resolution)
 
     def encode(params: dict, batch: dict) -> dict:
         return encode_batch(comps.encoders, params, batch)

@@ -18,7 +18,7 @@ import numpy as np
 from ipadapter_jax.adapter import ip_layers_from_unet, split_unet_params
 from ipadapter_jax.image_proj import ImageProjModel
 from ipadapter_jax.random_init import numpy_init
-from training import tiny_components
+from training import preprocess, tiny_components
 from training.encode import Encoders
 from training.step import StepModels
 
@@ -33,6 +33,12 @@ class Components:
     tokenizers: list[Any]
     frozen: dict  # {"unet", "encoders", "alphas_cumprod", "vae_scaling_factor"} (null encodings added later)
     adapter: dict  # initial {"image_proj", "ip_layers"}
+
+    def preprocessor(self, resolution: int) -> preprocess.Preprocessor:
+        """Host preprocessing for these encoders: images at `resolution`, ids padded to the tokenizer's length."""
+        return preprocess.Preprocessor(
+            self.tokenizers, resolution=resolution, max_length=self.tokenizers[0].model_max_length
+        )
 
 
 def alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> np.ndarray:

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 import ipadapter_jax  # noqa: F401  (log filter before any Flax model import)
 from conversion.ip_adapter_files import save_ip_adapter
-from training import checkpoint, components, data_loader, preprocess, sharding
+from training import checkpoint, components, data_loader, sharding
 from training.encode import encode_batch
 from training.step import (
     LossConfig,
@@ -70,7 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     comps = components.load(config, workdir)
 
     # Data: raw examples are encoded inside the step; an embedding cache already holds the encodings.
-    preprocessor = preprocess.Preprocessor(comps.tokenizers, resolution=config.data.resolution)
+    preprocessor = comps.preprocessor(config.data.resolution)
     data = data_loader.open_dataset(config.data.path, preprocessor)
     global_batch = config.data.batch_size_per_device * jax.device_count()
     batches = data_loader.DataIterator(
