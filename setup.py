@@ -41,7 +41,7 @@ setup(
     version="0.1.0",
     description="IP-Adapter (image prompt adapter for text-to-image diffusion) in JAX/Flax",
     python_requires=">=3.10",
-    packages=find_packages(include=["ipadapter_jax*", "conversion*", "training*"]),
+    packages=find_packages(include=["ipadapter_jax*", "conversion*", "training*", "evaluation*"]),
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli:main"]},
