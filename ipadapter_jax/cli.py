@@ -4,6 +4,7 @@
     ipadapter-jax data build ...   build a TFDS dataset from captions + images   (training/data_cli.py)
     ipadapter-jax cache ...        precompute VAE/CLIP/text encodings              (training/cache_cli.py)
     ipadapter-jax train ...        train an adapter                               (training/train.py)
+    ipadapter-jax generate ...     image-prompted generation (SD1.5/SDXL/ControlNet) (ipadapter_jax/generate_cli.py)
     ipadapter-jax eval ...         CLIP-I / CLIP-T evaluation, the paper's protocol (evaluation/cli.py)
 
 Each subcommand lives with its code and exposes `main(argv) -> int`; it is imported only when used, so
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "convert": ("conversion.cli", "convert IP-Adapter weights (to-flax, to-torch, inspect)"),
     "data": ("training.data_cli", "build TFDS datasets and embedding caches"),
     "cache": ("training.cache_cli", "encode a built dataset once with a config's frozen encoders"),
+    "generate": ("ipadapter_jax.generate_cli", "generate images from image (+ text) prompts"),
     "eval": ("evaluation.cli", "CLIP-I / CLIP-T evaluation (run, compare)"),
     "train": ("training.train", "train an IP-Adapter (--config training/config.py:PRESET --workdir DIR)"),
 }
