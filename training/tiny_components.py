@@ -57,7 +57,7 @@ IMAGE = dict(
 
 
 def write_tokenizer(directory: str) -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (byte alphabet, no merges) saved in `directory`."""
+    """A character-level CLIP BPE tokenizer (byte alphabet, no merges, 77 tokens) saved in `directory`."""
     os.makedirs(directory, exist_ok=True)
     # CLIP's byte-to-unicode alphabet: printable bytes map to themselves, the rest to code points >= 256.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -73,7 +73,9 @@ def write_tokenizer(directory: str) -> CLIPTokenizer:
         json.dump({token: i for i, token in enumerate(vocab)}, f)
     with open(os.path.join(directory, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+    return CLIPTokenizer(
+        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=TEXT_TOKENS
+    )
 
 
 @dataclasses.dataclass
