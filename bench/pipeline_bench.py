@@ -3,9 +3,11 @@ IP-Adapter, on this machine.
 
 Both pipelines are built from one random PyTorch model saved to disk (the JAX one through the project's loaders)
 and generate the same request: image prompt + text, DDIM, classifier-free guidance, `--steps` steps, 2 images
-per prompt, the same initial latents. Reported per image, after warm-up, median of `--repeats` runs that
-alternate between the frameworks: wall time of the whole call (text and image encoding, sampling, VAE decode)
-and, for JAX, of the compiled sampling function alone; JAX's compile time separately (no persistent cache).
+per prompt, the same initial latents. Reported per image, after warm-up, the fastest of `--repeats` runs that
+alternate between the frameworks (on a shared machine the fastest run is the least disturbed one; PyTorch's
+OpenMP threads slow down by up to 10x when other processes take the cores, XLA's much less; every run is in the
+JSON): wall time of the whole call (text and image encoding, sampling, VAE decode) and, for JAX, of the compiled
+sampling function alone; JAX's compile time separately (no persistent cache).
 The model is "tiny but not trivial": an SD1.5-shaped UNet with channels (64, 128, 256, 256), 8 heads,
 77 text tokens of width 256, a 4-block VAE, 256x256 images (32x32 latents), a small CLIP image encoder.
 
@@ -22,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -170,9 +171,9 @@ def bench_pipelines(steps: int, repeats: int) -> dict:
             jax_runs.append(run_jax())
             torch_runs.append(run_torch()[0])
 
-    jax_call = statistics.median(r[0] for r in jax_runs) / batch
-    jax_sample = statistics.median(r[1]["sample_s"] for r in jax_runs) / batch
-    torch_call = statistics.median(torch_runs) / batch
+    jax_call = min(r[0] for r in jax_runs) / batch
+    jax_sample = min(r[1]["sample_s"] for r in jax_runs) / batch
+    torch_call = min(torch_runs) / batch
     return {
         "config": {"unet": UNET, "vae": VAE, "size": SIZE, "text_tokens": TEXT_TOKENS, "steps": steps, "batch": batch,
                    "guidance": True, "repeats": repeats},
@@ -213,32 +214,34 @@ def bench_sd15_unet_step(latent: int, repeats: int) -> dict:
     start = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    compiled(*args).block_until_ready()
-    jax_times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        compiled(*args).block_until_ready()
-        jax_times.append(time.perf_counter() - start)
-    del params, compiled, step, args
-
     # PyTorch: the same architecture; the IP branch is the same extra matmuls, so the plain UNet with 81 text
     # tokens stands in for it (no random adapter needs loading into an 860M-param UNet).
     torch_unet = UNet2DConditionModel(**SD15_UNET).eval()
     context = torch.from_numpy(np.concatenate([text, tokens], axis=1))
-    torch_times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
+
+    def run_torch() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
             torch_unet(torch.from_numpy(sample), torch.from_numpy(timesteps).long(), context)
-            if i:
-                torch_times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    def run_jax() -> float:
+        start = time.perf_counter()
+        compiled(*args).block_until_ready()
+        return time.perf_counter() - start
+
+    run_jax(), run_torch()  # warm-up
+    jax_times, torch_times = [], []
+    for _ in range(repeats):  # alternating, as in `bench_pipelines`
+        jax_times.append(run_jax())
+        torch_times.append(run_torch())
     return {
         "latent": latent,
         "runs_s": {"jax": jax_times, "torch": torch_times},
         "jax_compile_s": compile_s,
-        "jax_step_s": statistics.median(jax_times),
-        "torch_step_s": statistics.median(torch_times),
-        "torch_over_jax": statistics.median(torch_times) / statistics.median(jax_times),
+        "jax_step_s": min(jax_times),
+        "torch_step_s": min(torch_times),
+        "torch_over_jax": min(torch_times) / min(jax_times),
     }
 
 

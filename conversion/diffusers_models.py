@@ -392,6 +392,10 @@ def load_scheduler(folder: str | Path, kind: str = "ddim") -> tuple[Any, Any]:
     if ignored:
         logger.info("%s: %s does not take %s; ignored", path, cls.__name__, ", ".join(ignored))
     scheduler = cls(**kwargs)
+    if "steps_offset" not in accepted:
+        # diffusers' Flax DPM-Solver reads config.steps_offset for "leading" spacing (SDXL's) but does not take
+        # it as an argument: record the folder's value in its config.
+        scheduler.register_to_config(steps_offset=config.get("steps_offset", 0))
     return scheduler, scheduler.create_state()
 
 

@@ -275,3 +275,20 @@ def test_controlnet_residuals_match_pytorch(tmp_path):
     for actual, want in zip(down, expected[0]):
         assert_close(np.transpose(actual, (0, 3, 1, 2)), want.numpy())
     assert_close(np.transpose(mid, (0, 3, 1, 2)), expected[1].numpy())
+
+
+def test_dpm_solver_from_an_sdxl_scheduler_config_has_diffusers_timesteps(tmp_path):
+    """SDXL ships "leading" spacing with steps_offset=1, which diffusers' Flax DPM-Solver reads from its config
+    without taking it as an argument: the loader must carry it over (same timesteps as PyTorch diffusers)."""
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler", **config}))
+    scheduler, state = load_scheduler(tmp_path, "dpm_solver_multistep")
+    state = scheduler.set_timesteps(state, 10, (1, 4, 8, 8))
+    reference = DPMSolverMultistepScheduler(**config)
+    reference.set_timesteps(10)
+    np.testing.assert_array_equal(np.asarray(state.timesteps), reference.timesteps.numpy())
