@@ -1,8 +1,11 @@
 """A procedural image-text dataset: coloured shapes on coloured, optionally striped backgrounds.
 
 Written in the reference training data format (a JSON list of {"image_file", "text"} plus an image folder),
-so it goes through the same `data build` path as real data. Used by the demo and the training tests;
-deterministic in `seed`.
+so it goes through the same `data build` path as real data. Used by the demo and the training tests, and (as
+arrays, `sample`) to train the tiny base model (`training.tiny_base_train`); deterministic in `seed`.
+
+Captions name every attribute: "a red circle on a striped blue background" (3 shapes x 7 colours x 6 other
+background colours x plain/striped = 252 captions); position and size vary continuously and are not named.
 """
 
 from __future__ import annotations
@@ -25,40 +28,51 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 
 
-def _draw(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+def draw(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+    """One random `size` x `size` RGB image and its caption."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     names = list(COLOURS)
     fg, bg = rng.choice(len(names), 2, replace=False)
     striped = bool(rng.integers(2))
     image = Image.new("RGB", (size, size), COLOURS[names[bg]])
-    draw = ImageDraw.Draw(image)
+    canvas = ImageDraw.Draw(image)
     if striped:
-        stripe = tuple(int(c * 0.7) for c in COLOURS[names[bg]])
-        for x in range(0, size, max(2, size // 8)):
-            draw.rectangle([x, 0, x + max(1, size // 16), size], fill=stripe)
+        # Vertical stripes with a period of a quarter of the image: two latent cells of an 8x down-sampling VAE,
+        # so the tiny base's latents can hold them.
+        base = COLOURS[names[bg]]
+        # Darker stripes on light colours, lighter ones on dark colours: visible on every background.
+        stripe = tuple(int(c * 0.6) for c in base) if sum(base) > 150 else tuple(int(c + 0.4 * (255 - c)) for c in base)
+        for x in range(0, size, max(2, size // 4)):
+            canvas.rectangle([x, 0, x + max(1, size // 8) - 1, size], fill=stripe)
     radius = size * rng.uniform(0.2, 0.35)
     cx, cy = size * rng.uniform(0.35, 0.65, 2)
     box = [cx - radius, cy - radius, cx + radius, cy + radius]
     colour = COLOURS[names[fg]]
     if shape == "circle":
-        draw.ellipse(box, fill=colour)
+        canvas.ellipse(box, fill=colour)
     elif shape == "square":
-        draw.rectangle(box, fill=colour)
+        canvas.rectangle(box, fill=colour)
     else:
-        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
+        canvas.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
     texture = "striped " if striped else ""
     return image, f"a {names[fg]} {shape} on a {texture}{names[bg]} background"
 
 
+def sample(num_images: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """-> images (num_images, size, size, 3) uint8 and their captions; the same as `write_dataset` writes."""
+    rng = np.random.default_rng(seed)
+    drawn = [draw(rng, size) for _ in range(num_images)]
+    return np.stack([np.asarray(image) for image, _ in drawn]), [text for _, text in drawn]
+
+
 def write_dataset(root: str, num_images: int, size: int = 64, seed: int = 0) -> str:
     """Writes `num_images` PNGs to `root/images` and the captions to `root/captions.json`; returns its path."""
-    rng = np.random.default_rng(seed)
+    images, captions = sample(num_images, size, seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     entries = []
-    for i in range(num_images):
-        image, text = _draw(rng, size)
+    for i, (pixels, text) in enumerate(zip(images, captions)):
         name = f"{i:05d}.png"
-        image.save(os.path.join(root, "images", name))
+        Image.fromarray(pixels).save(os.path.join(root, "images", name))
         entries.append({"image_file": name, "text": text})
     path = os.path.join(root, "captions.json")
     with open(path, "w") as f:

@@ -1,9 +1,11 @@
 """The `tiny` preset's base model: SD1.5-shaped components small enough to train on a 2-core CPU.
 
-Everything is built locally and deterministically (nothing is downloaded): a character-level CLIP tokenizer
-written to a folder, and Flax modules with `numpy_init` weights (`jax.eval_shape`, no compiled init). The
-shapes follow SD1.5 (4-channel latents at 1/8 resolution, 77 text tokens, CLIP image encoder at 224 px with
-a projection), only narrower and shallower.
+The shapes follow SD1.5 (4-channel latents at 1/8 resolution, 77 text tokens, a CLIP image encoder at 224 px
+with a projection), only narrower and shallower. The frozen components (text encoder, CLIP image encoder, VAE,
+UNet) are trained on the procedural dataset (`training.synthetic_data`) by `training.tiny_base_train` and
+shipped as float16 msgpack files in `training/assets/tiny_base/` (~3 MB); `build` loads them, so the tiny base
+really generates images and an adapter trained on it has a measurable effect. Nothing is downloaded: the
+character-level CLIP tokenizer is written to a folder.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization, traverse_util
 
 from ipadapter_jax import quiet
+from ipadapter_jax.adapter import ip_layers_from_unet, merge_unet_params
 from ipadapter_jax.image_encoder import CLIP_IMAGE_SIZE, CLIPImageEncoder
 from ipadapter_jax.image_proj import ImageProjModel
 from ipadapter_jax.random_init import abstract_params, numpy_init
@@ -24,7 +28,7 @@ from ipadapter_jax.unet import IPUNet2DConditionModel
 
 quiet.install()
 
-from diffusers import FlaxAutoencoderKL  # noqa: E402
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
 
@@ -40,13 +44,15 @@ UNET = dict(
     attention_head_dim=4,  # heads (diffusers' naming)
     cross_attention_dim=CROSS_DIM,
 )
-# Four blocks: the 1/8 latent resolution of SD's VAE.
+# Four blocks: the 1/8 latent resolution of SD's VAE. Narrow high-resolution blocks (GroupNorm over 8 groups)
+# keep its training affordable on a CPU.
 VAE = dict(
-    block_out_channels=(32, 32, 32, 32),
+    block_out_channels=(8, 16, 32, 32),
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     layers_per_block=1,
     latent_channels=4,
+    norm_num_groups=8,
     sample_size=64,
 )
 TEXT = dict(hidden_size=CROSS_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=CROSS_DIM)
@@ -54,6 +60,12 @@ IMAGE = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=CLIP_IMAGE_SIZE,
     patch_size=32, projection_dim=32,
 )
+
+# The trained frozen components, one float16 msgpack file each, and what `tiny_base_train` measured
+# (`base.json`: the VAE's latent scaling factor, the training settings and losses).
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_base")
+FROZEN = ("text_encoder", "image_encoder", "vae", "unet")
+SUMMARY = "base.json"
 
 
 def write_tokenizer(directory: str) -> CLIPTokenizer:
@@ -91,34 +103,108 @@ class TinyBase:
     params: dict[str, Any]  # {"unet" (with K'/V'), "vae", "text_encoder", "image_encoder", "image_proj"}
 
 
-def build(directory: str, seed: int = 0) -> TinyBase:
-    """Builds the tiny components (tokenizer files go to `directory`); same `seed`, same weights."""
-    tokenizer = write_tokenizer(os.path.join(directory, "tokenizer"))
-    text_config = CLIPTextConfig(
+def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """The tiny CLIP text encoder's config for `tokenizer` (its vocabulary size and special tokens)."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=TEXT_TOKENS, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT,
     )
-    unet = IPUNet2DConditionModel(**UNET)
-    vae = FlaxAutoencoderKL(**VAE)
-    text_encoder = FlaxCLIPTextModule(text_config)
-    image_encoder = CLIPImageEncoder(CLIPVisionConfig(**IMAGE))
-    image_proj = ImageProjModel(cross_attention_dim=CROSS_DIM, clip_embeddings_dim=IMAGE["projection_dim"])
+
+
+def vae_module(scaling: float | None = None) -> FlaxAutoencoderKL:
+    """The tiny VAE; its config carries the latent scaling factor (default: the trained one, `scaling_factor`),
+    which diffusers-style samplers read from `vae.config.scaling_factor`."""
+    return FlaxAutoencoderKL(**VAE, scaling_factor=float(scaling_factor() if scaling is None else scaling))
+
+
+def abstract_base_params(
+    unet: FlaxUNet2DConditionModel,
+    vae: FlaxAutoencoderKL,
+    text_encoder: FlaxCLIPTextModule,
+    image_encoder: CLIPImageEncoder,
+) -> dict[str, Any]:
+    """Param shapes of the frozen components, {"text_encoder", "image_encoder", "vae", "unet"} (no K'/V' when
+    `unet` is diffusers' plain UNet)."""
     latent = VAE["sample_size"] // 8
     ids = jnp.zeros((1, TEXT_TOKENS), jnp.int32)
-    shapes = {
-        "unet": abstract_params(
-            unet, jnp.zeros((1, 4, latent, latent)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, CROSS_DIM)),
-            image_tokens=jnp.zeros((1, 4, CROSS_DIM)),
-        ),
-        "vae": abstract_params(vae, jnp.zeros((1, 3, VAE["sample_size"], VAE["sample_size"]))),
+    return {
         "text_encoder": abstract_params(text_encoder, ids, ids, ids),
         "image_encoder": abstract_params(image_encoder, jnp.zeros((1, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3))),
-        "image_proj": abstract_params(image_proj, jnp.zeros((1, IMAGE["projection_dim"]))),
+        "vae": abstract_params(vae, jnp.zeros((1, 3, VAE["sample_size"], VAE["sample_size"]))),
+        "unet": abstract_params(
+            unet, jnp.zeros((1, 4, latent, latent)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, CROSS_DIM))
+        ),
     }
-    params = {name: numpy_init(tree, seed=seed + i) for i, (name, tree) in enumerate(shapes.items())}
+
+
+def random_base_params(shapes: dict[str, Any], seed: int) -> dict[str, dict]:
+    """Untrained weights for `abstract_base_params` shapes (`tiny_base_train`'s starting point)."""
+    return {name: numpy_init(shapes[name], seed=seed + i) for i, name in enumerate(FROZEN)}
+
+
+def save_base_params(params: dict[str, Any], directory: str = ASSETS) -> dict[str, int]:
+    """Writes each frozen component as `<name>.msgpack` (float16); returns the file sizes in bytes."""
+    os.makedirs(directory, exist_ok=True)
+    sizes = {}
+    for name in FROZEN:
+        flat = traverse_util.flatten_dict(params[name])
+        half = {"/".join(path): np.asarray(leaf, np.float16) for path, leaf in flat.items()}
+        path = os.path.join(directory, f"{name}.msgpack")
+        with open(path, "wb") as f:
+            f.write(serialization.msgpack_serialize(half))
+        sizes[name] = os.path.getsize(path)
+    return sizes
+
+
+def load_base_params(shapes: dict[str, Any], directory: str = ASSETS) -> dict[str, dict]:
+    """The trained frozen components as float32 numpy trees, checked leaf by leaf against `shapes`."""
+    params = {}
+    for name in FROZEN:
+        path = os.path.join(directory, f"{name}.msgpack")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: run `python -m training.tiny_base_train` to train the tiny base"
+            )
+        with open(path, "rb") as f:
+            stored = serialization.msgpack_restore(f.read())
+        expected = {"/".join(p): leaf.shape for p, leaf in traverse_util.flatten_dict(shapes[name]).items()}
+        found = {key: value.shape for key, value in stored.items()}
+        if found != expected:
+            differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            raise ValueError(
+                f"{path} does not fit the {name} config in training/tiny_components.py ({len(differ)} params differ, "
+                f"e.g. {differ[:3]}): retrain with `python -m training.tiny_base_train`"
+            )
+        params[name] = traverse_util.unflatten_dict(
+            {tuple(key.split("/")): np.asarray(value, np.float32) for key, value in stored.items()}
+        )
+    return params
+
+
+def read_summary(directory: str = ASSETS) -> dict:
+    """What `tiny_base_train` recorded: {"vae_scaling_factor", "settings", "stages", ...}."""
+    with open(os.path.join(directory, SUMMARY)) as f:
+        return json.load(f)
+
+
+def build(directory: str, seed: int = 0) -> TinyBase:
+    """The tiny base (trained weights from `ASSETS`) and a fresh adapter; tokenizer files go to `directory`.
+
+    `seed` seeds the adapter's image projection; its K'/V' are copies of the UNet's K/V (the paper's init).
+    """
+    tokenizer = write_tokenizer(os.path.join(directory, "tokenizer"))
+    unet = IPUNet2DConditionModel(**UNET)
+    vae = vae_module()
+    text_encoder = FlaxCLIPTextModule(text_config(tokenizer))
+    image_encoder = CLIPImageEncoder(CLIPVisionConfig(**IMAGE))
+    image_proj = ImageProjModel(cross_attention_dim=CROSS_DIM, clip_embeddings_dim=IMAGE["projection_dim"])
+    params = load_base_params(abstract_base_params(FlaxUNet2DConditionModel(**UNET), vae, text_encoder, image_encoder))
+    params["unet"] = merge_unet_params(params["unet"], ip_layers_from_unet(params["unet"]))
+    params["image_proj"] = numpy_init(abstract_params(image_proj, jnp.zeros((1, IMAGE["projection_dim"]))), seed=seed)
     return TinyBase(tokenizer, unet, vae, text_encoder, image_encoder, image_proj, params)
 
 
 def scaling_factor() -> np.float32:
-    """The tiny VAE keeps diffusers' default latent scaling (SD1.5's 0.18215)."""
-    return np.float32(FlaxAutoencoderKL.scaling_factor)
+    """The tiny VAE's latent scaling factor: 1 / std of its latents over the procedural data, measured by
+    `tiny_base_train` (SD1.5's 0.18215 was measured the same way for its VAE)."""
+    return np.float32(read_summary()["vae_scaling_factor"])
