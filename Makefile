@@ -20,14 +20,7 @@ venv: $(VENV)/.installed
 test: venv
 	$(VENV)/bin/python -m pytest tests -q
 
-# The main job on the embedded tiny default: a procedural dataset -> TFDS build -> embedding cache ->
-# 200 training steps with checkpoints -> out/demo/run/ip-adapter.safetensors (official layout).
-DEMO := out/demo
+# The main job on the embedded tiny default (training/demo.py): procedural data -> TFDS -> embedding cache ->
+# IP-Adapter training -> official export checked in diffusers -> image-prompted samples -> report in out/demo.
 demo: venv
-	rm -rf $(DEMO)
-	$(VENV)/bin/python -c "from training.synthetic_data import write_dataset; write_dataset('$(DEMO)/src', 256)"
-	$(VENV)/bin/ipadapter-jax data build --json $(DEMO)/src/captions.json --root $(DEMO)/src/images --out $(DEMO)/data
-	$(VENV)/bin/ipadapter-jax cache --raw $(DEMO)/data/ip_adapter_captions/1.0.0 --out $(DEMO)/cache
-	$(VENV)/bin/ipadapter-jax train --workdir $(DEMO)/run --config.data.path=$(DEMO)/cache
-	$(VENV)/bin/ipadapter-jax convert inspect $(DEMO)/run/ip-adapter.safetensors
-	@echo "metrics: $(DEMO)/run/metrics.jsonl; adapter: $(DEMO)/run/ip-adapter.safetensors"
+	$(VENV)/bin/python -m training.demo --out out/demo

@@ -42,6 +42,7 @@ setup(
     description="IP-Adapter (image prompt adapter for text-to-image diffusion) in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["ipadapter_jax*", "conversion*", "training*", "evaluation*"]),
+    package_data={"training": ["assets/tiny_base/*"]},  # the trained tiny base of the `tiny` preset / demo
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli:main"]},

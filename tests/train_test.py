@@ -211,7 +211,8 @@ def test_sigterm_then_resume_equals_uninterrupted(dataset, single_device_run, tm
 def test_loss_of_a_held_out_batch_falls(dataset, tmp_path):
     held_out = _build(tmp_path / "held_out", num_images=8, seed=1)
     workdir = str(tmp_path / "learn")
-    config = _config(dataset, 200, per_device=8, log_every=25, eval_every=25, checkpoint_every=200)
+    config = _config(dataset, 200, per_device=8, log_every=25, eval_every=25, checkpoint_every=200,
+                     **{"optim.lr": 1e-3})  # the trained tiny base: 1e-4 moves the loss only ~1% in 200 steps
     config.data.eval_path = held_out
     train(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
