@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ipadapter_jax.image_encoder import preprocess as clip_preprocess  # noqa: E402
 from tests import data_testutil  # noqa: E402
 from training import data_build, data_loader, embedding_cache, preprocess  # noqa: E402
 
@@ -126,7 +127,7 @@ def time_stages(data, pre: preprocess.Preprocessor, count: int = 16) -> dict:
     stages["target resize+crop"] = time.perf_counter() - start
     start = time.perf_counter()
     for image in images:
-        preprocess.clip_image(image, pre.clip_size)
+        clip_preprocess(image, pre.clip_size)
     stages["clip resize+crop"] = time.perf_counter() - start
     start = time.perf_counter()
     for r in records:

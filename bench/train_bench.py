@@ -1,15 +1,26 @@
-"""Training step: our jitted JAX step vs the PyTorch reference step, side by side on this machine.
+"""Training step speed and memory: our jitted JAX step vs the PyTorch reference step, side by side on this machine.
 
-Config (REFERENCE.md s.5's CPU benchmark UNet): block_out_channels (64, 128, 256, 256), layers_per_block 2,
-cross_attention_dim 256, batch 4, 32x32 latents, 77 text + 4 image tokens, fp32. Both sides train the base
-adapter (projection + K'/V') on a cached (encoded) batch: JAX with `training.step.make_train_step`, PyTorch
-with diffusers' UNet + `IPAdapterAttnProcessor2_0` + `torch.optim.AdamW`. Median of N timed steps after
-warm-up (JAX: after compilation, reported separately).
+Both sides train the base adapter (projection + K'/V', the paper's init) on a cached (encoded) batch: JAX with
+`training.step.make_train_step` as `training/train.py` compiles it, PyTorch with diffusers' UNet +
+`IPAdapterAttnProcessor2_0` + `torch.optim.AdamW` (REFERENCE.md s.3's loop body). Each measurement runs in a
+fresh process, so its peak resident memory (VmHWM) is its own. Reported: median of `--steps` timed steps after
+one warm-up step (JAX: compile time separately), images/s, memory after building (weights, optimizer state,
+batch) and peak.
 
+Configs:
+  bench   REFERENCE.md s.5's CPU benchmark UNet: channels (64, 128, 256, 256), 2 layers per block, cross 256,
+          batch 4, 32x32 latents, 77 text + 4 image tokens, fp32 (the JAX/PyTorch ratio);
+  sd15    the SD1.5 UNet (859.5M params, random weights) at 256 px (32x32 latents), batch `--sd15-batch`,
+          fp32 and bf16 compute (PyTorch: CPU autocast); params and optimizer state fp32 on both sides.
 Also: FLOPs of the SD1.5 UNet forward (64x64 latents, 77+4 tokens, batch 1) and of one SD1.5 training step
 from XLA's cost analysis of the compiled programs (abstract params: nothing allocated), vs REFERENCE.md s.4.
 
-    python bench/train_bench.py [--steps 5] [--skip-sd15] [--out bench/train_bench.json]
+    python bench/train_bench.py [--steps 3] [--sd15-batch 2] [--skip-sd15] [--out bench/train_bench.json]
+
+The measurement processes inherit XLA_FLAGS, so XLA:CPU options can be compared with `--measure`, e.g.
+`XLA_FLAGS=--xla_cpu_experimental_onednn_custom_call=true python bench/train_bench.py --measure jax,bench,float32,4,3`
+(tried: that, `--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY` and YNNPACK dot/eltwise
+fusion: within +-10% of the default, 2.73 s).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -29,11 +41,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ipadapter_jax  # noqa: E402,F401
-from conversion.image_proj import load_image_proj  # noqa: E402
-from conversion.ip_adapter import ip_layers_from_official  # noqa: E402
-from conversion.torch_layout import torch_state_to_flax  # noqa: E402
+from conversion.image_proj import param_shapes  # noqa: E402
 from ipadapter_jax.adapter import split_unet_params  # noqa: E402
-from ipadapter_jax.random_init import abstract_params  # noqa: E402
+from ipadapter_jax.image_proj import ImageProjModel  # noqa: E402
+from ipadapter_jax.random_init import abstract_params, numpy_init  # noqa: E402
 from ipadapter_jax.unet import IPUNet2DConditionModel  # noqa: E402
 from training.components import SD_SCHEDULE, alphas_cumprod  # noqa: E402
 from training.step import (  # noqa: E402
@@ -54,7 +65,8 @@ BENCH_UNET = dict(
     cross_attention_dim=256,
 )
 SD15_UNET = dict(BENCH_UNET, sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768)
-BATCH, TOKENS, CLIP_DIM = 4, 77, 1024
+CONFIGS = {"bench": (BENCH_UNET, 32), "sd15": (SD15_UNET, 32)}  # (UNet kwargs, latent side)
+BENCH_BATCH, TOKENS, CLIP_DIM = 4, 77, 1024
 
 
 def median_seconds(fn, steps: int) -> float:
@@ -66,98 +78,141 @@ def median_seconds(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench_step(steps: int) -> dict:
+def memory_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak so far) of this process, MiB (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def adapter_inputs(cross: int, batch: int, latent: int, seed: int = 0) -> dict:
+    """One cached (encoded) batch: VAE posterior mean (B, 4, latent, latent), text (B, 77, cross), embeds (B, 1024)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "latent_mean": rng.standard_normal((batch, 4, latent, latent)).astype(np.float32),
+        "text_embeds": rng.standard_normal((batch, TOKENS, cross)).astype(np.float32),
+        "image_embeds": rng.standard_normal((batch, CLIP_DIM)).astype(np.float32),
+    }
+
+
+def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
+    """Our compiled train step (`training.step`, as `training/train.py` builds it) -> (step(), compile seconds)."""
+    cross = unet_kwargs["cross_attention_dim"]
+    unet = IPUNet2DConditionModel(**unet_kwargs, dtype=jnp.dtype(dtype))
+    abstract = abstract_params(unet, jnp.zeros((1, 4, latent, latent)), jnp.zeros((1,), jnp.int32),
+                               jnp.zeros((1, 1, cross)), image_tokens=jnp.zeros((1, 4, cross)))
+    frozen_unet, ip_layers = split_unet_params(numpy_init(abstract, seed=0))  # params float32, as in training
+    frozen_unet = jax.device_put(frozen_unet)  # and no host copy kept (as `training/train.py`)
+    image_proj = ImageProjModel(cross_attention_dim=cross, clip_embeddings_dim=CLIP_DIM, num_tokens=4,
+                                dtype=jnp.dtype(dtype))
+    frozen = {
+        "unet": frozen_unet,
+        "null_text_embeds": np.zeros((1, TOKENS, cross), np.float32),
+        "null_image_embeds": np.zeros((1, CLIP_DIM), np.float32),
+        "alphas_cumprod": alphas_cumprod(**SD_SCHEDULE),
+        "vae_scaling_factor": np.float32(0.18215),
+    }
+    inputs = adapter_inputs(cross, batch, latent)
+    cached = dict(inputs, latent_std=np.zeros_like(inputs["latent_mean"]),
+                  drop_image=np.zeros(batch, bool), drop_text=np.zeros(batch, bool))
+    adapter = {"image_proj": numpy_init(param_shapes(image_proj), seed=1), "ip_layers": ip_layers}
+    schedule = learning_rate_schedule(1e-4)
+    optimizer = make_optimizer(schedule)
+    step = jax.jit(make_train_step(StepModels(unet, image_proj), optimizer, schedule), donate_argnums=(0,))
+    frozen, cached = jax.device_put(frozen), jax.device_put(cached)
+    holder = {"state": init_train_state(jax.device_put(adapter), optimizer, seed=0)}
+    start = time.perf_counter()
+    compiled = step.lower(holder["state"], frozen, cached).compile()
+    compile_s = time.perf_counter() - start
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], frozen, cached)
+        jax.block_until_ready(metrics["loss"])
+
+    return run, compile_s
+
+
+def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
+    """The PyTorch reference step (REFERENCE.md s.3's loop body): diffusers UNet + IPAdapterAttnProcessor2_0 +
+    AdamW on the projection and K'/V'; `dtype` bfloat16 = CPU autocast, as the reference's mixed precision."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
-    torch_unet = UNet2DConditionModel(**BENCH_UNET)
-    base_state = {k: v.numpy() for k, v in torch_unet.state_dict().items()}
+    unet = UNet2DConditionModel(**unet_kwargs)
+    cross = unet_kwargs["cross_attention_dim"]
     rng = np.random.default_rng(0)
-    cross = BENCH_UNET["cross_attention_dim"]
     official = {"image_proj": {
         "proj.weight": rng.standard_normal((4 * cross, CLIP_DIM)).astype(np.float32) * CLIP_DIM**-0.5,
         "proj.bias": np.zeros(4 * cross, np.float32),
         "norm.weight": np.ones(cross, np.float32),
         "norm.bias": np.zeros(cross, np.float32),
     }, "ip_adapter": {}}
-    modules = dict(torch_unet.named_modules())
-    for layer_id, name in enumerate(torch_unet.attn_processors):
-        if name.endswith("attn2.processor"):
+    modules = dict(unet.named_modules())
+    for layer_id, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):  # K'/V' start as copies of K/V (the paper's init)
             attn = modules[name[: -len(".processor")]]
             official["ip_adapter"][f"{layer_id}.to_k_ip.weight"] = attn.to_k.weight.detach().numpy().copy()
             official["ip_adapter"][f"{layer_id}.to_v_ip.weight"] = attn.to_v.weight.detach().numpy().copy()
-    latents = rng.standard_normal((BATCH, 4, 32, 32)).astype(np.float32)
-    text = rng.standard_normal((BATCH, TOKENS, cross)).astype(np.float32)
-    embeds = rng.standard_normal((BATCH, CLIP_DIM)).astype(np.float32)
-
-    # --- JAX
-    unet = IPUNet2DConditionModel(**BENCH_UNET)
-    abstract = abstract_params(unet, jnp.zeros((1, 4, 32, 32)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, cross)),
-                               image_tokens=jnp.zeros((1, 4, cross)))
-    _, image_proj, image_proj_params = load_image_proj(official["image_proj"])
-    frozen = {
-        "unet": torch_state_to_flax(base_state, split_unet_params(abstract)[0], source="bench UNet"),
-        "null_text_embeds": np.zeros((1, TOKENS, cross), np.float32),
-        "null_image_embeds": np.zeros((1, CLIP_DIM), np.float32),
-        "alphas_cumprod": alphas_cumprod(**SD_SCHEDULE),
-        "vae_scaling_factor": np.float32(1.0),
-    }
-    adapter = {"image_proj": image_proj_params, "ip_layers": ip_layers_from_official(official["ip_adapter"], abstract)}
-    schedule = learning_rate_schedule(1e-4)
-    optimizer = make_optimizer(schedule)
-    step = jax.jit(make_train_step(StepModels(unet, image_proj), optimizer, schedule), donate_argnums=(0,))
-    batch = {"latent_mean": latents, "latent_std": np.zeros_like(latents), "text_embeds": text,
-             "image_embeds": embeds, "drop_image": np.zeros(BATCH, bool), "drop_text": np.zeros(BATCH, bool)}
-    batch = jax.device_put(batch)
-    frozen = jax.device_put(frozen)
-    state = init_train_state(jax.device_put(adapter), optimizer, seed=0)
-    start = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - start
-    holder = {"state": state}
-
-    def jax_step():
-        holder["state"], metrics = compiled(holder["state"], frozen, batch)
-        jax.block_until_ready(metrics["loss"])
-
-    jax_step()
-    jax_s = median_seconds(jax_step, steps)
-
-    # --- PyTorch reference step (the reference recipe's loop body)
-    torch_unet._load_ip_adapter_weights([{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}])
-    torch_unet.train()
-    for p in torch_unet.parameters():
-        p.requires_grad_(False)
-    trained = [p for n, p in torch_unet.named_parameters() if "to_k_ip" in n or "to_v_ip" in n or "encoder_hid_proj" in n]
+    unet._load_ip_adapter_weights([{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}])
+    unet.train()
+    unet.requires_grad_(False)
+    trained = [p for n, p in unet.named_parameters() if "to_k_ip" in n or "to_v_ip" in n or "encoder_hid_proj" in n]
     for p in trained:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
     scheduler = DDPMScheduler(**SD_SCHEDULE)
-    t_latents, t_text, t_embeds = map(torch.from_numpy, (latents, text, embeds))
+    inputs = {k: torch.from_numpy(v) for k, v in adapter_inputs(cross, batch, latent).items()}
+    latents = inputs["latent_mean"] * 0.18215
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
-    def torch_step():
-        noise = torch.randn_like(t_latents)
-        t = torch.randint(0, 1000, (BATCH,))
-        noisy = scheduler.add_noise(t_latents, noise, t)
-        pred = torch_unet(noisy, t, t_text, added_cond_kwargs={"image_embeds": [t_embeds[:, None]]}).sample
+    def run():
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        with autocast:
+            pred = unet(noisy, t, inputs["text_embeds"],
+                        added_cond_kwargs={"image_embeds": [inputs["image_embeds"][:, None]]}).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         opt.step()
         opt.zero_grad()
 
-    torch_step()
-    torch_s = median_seconds(torch_step, steps)
+    return run, 0.0
+
+
+def measure(framework: str, config: str, dtype: str, batch: int, steps: int) -> dict:
+    """One (framework, config, dtype) measurement; runs in a fresh process so its peak memory is its own."""
+    unet_kwargs, latent = CONFIGS[config]
+    base_mib = memory_mib("VmRSS")
+    build = jax_step_fn if framework == "jax" else torch_step_fn
+    run, compile_s = build(unet_kwargs, batch, latent, dtype)
+    built_mib = memory_mib("VmRSS")
+    run()  # warm-up (PyTorch allocator, XLA thunks)
+    build_peak_mib = memory_mib("VmHWM")  # JAX: XLA's compilation is the peak here
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM: the next peak is the training steps' own
+        f.write("5")
+    seconds = median_seconds(run, steps)
     return {
-        "config": "UNet (64,128,256,256) x2 layers, cross 256, batch 4, 32x32 latents, 77+4 tokens, fp32",
-        "jax_compile_s": compile_s,
-        "jax_step_s": jax_s,
-        "torch_step_s": torch_s,
-        "jax_over_torch": jax_s / torch_s,
-        "jax_images_per_s": BATCH / jax_s,
-        "torch_images_per_s": BATCH / torch_s,
+        "framework": framework, "config": config, "dtype": dtype, "batch": batch,
+        "compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds,
+        "built_mib": built_mib - base_mib,  # weights + optimizer state + batch (+ the compiled program)
+        "build_peak_mib": build_peak_mib,  # whole process, interpreter and libraries included
+        "step_peak_mib": memory_mib("VmHWM"),  # whole process, during the timed steps
+        "process_base_mib": base_mib,
     }
+
+
+def measure_in_subprocess(*args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure", ",".join(map(str, args))]
+    print("  $", " ".join(cmd[2:]), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bench_sd15_flops() -> dict:
@@ -201,17 +256,45 @@ def bench_sd15_flops() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--sd15-batch", type=int, default=2)
     parser.add_argument("--skip-sd15", action="store_true")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: framework,config,dtype,batch,steps
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "train_bench.json"))
     args = parser.parse_args()
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"jax {jax.__version__} on {jax.devices()[0].device_kind}", **bench_step(args.steps)}
+    if args.measure:
+        framework, config, dtype, batch, steps = args.measure.split(",")
+        print(json.dumps(measure(framework, config, dtype, int(batch), int(steps))))
+        return
+
+    load_average = os.getloadavg()
+    runs = [("jax", "bench", "float32", BENCH_BATCH), ("torch", "bench", "float32", BENCH_BATCH)]
+    if not args.skip_sd15:
+        runs += [(fw, "sd15", dtype, args.sd15_batch) for dtype in ("float32", "bfloat16") for fw in ("jax", "torch")]
+    rows = [measure_in_subprocess(*run, args.steps) for run in runs]
+    print(f"\n{'framework':<9} {'config':<6} {'dtype':<8} {'batch':>5} {'compile s':>9} {'step s':>8} "
+          f"{'images/s':>8} {'built MiB':>9} {'build peak':>10} {'step peak':>9}")
+    for r in rows:
+        print(f"{r['framework']:<9} {r['config']:<6} {r['dtype']:<8} {r['batch']:>5} {r['compile_s']:>9.1f} "
+              f"{r['step_s']:>8.2f} {r['images_per_s']:>8.3f} {r['built_mib']:>9.0f} {r['build_peak_mib']:>10.0f} "
+              f"{r['step_peak_mib']:>9.0f}")
+    ratios = {}
+    for config, dtype, batch in {(r["config"], r["dtype"], r["batch"]) for r in rows}:
+        same = [r for r in rows if (r["config"], r["dtype"], r["batch"]) == (config, dtype, batch)]
+        pair = {r["framework"]: r["step_s"] for r in same}
+        ratios[f"{config}_{dtype}_jax_over_torch_step_time"] = pair["jax"] / pair["torch"]
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
+        "load_average_at_start": load_average,
+        "runs": rows,
+        **dict(sorted(ratios.items())),
+    }
     if not args.skip_sd15:
         result.update(bench_sd15_flops())
-    width = max(map(len, result))
     for key, value in result.items():
-        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        if key != "runs":
+            print(f"{key:<45}  {value:.3f}" if isinstance(value, float) else f"{key:<45}  {value}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from ipadapter_jax.generate_cli import SCHEDULERS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--adapter", required=True, help="IP-Adapter file: .safetensors/.bin (official) or .msgpack")
     models.add_argument("--image-encoder", required=True, help="the adapter's CLIPVisionModelWithProjection folder")
     models.add_argument("--eval-clip", required=True, help="CLIPModel folder with its tokenizer (paper: ViT-L/14)")
-    models.add_argument("--scheduler", default="ddim", help="ddim (the paper's), dpm-solver++ or euler")
+    models.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="default ddim (the paper's)")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="generation dtype")
     models.add_argument("--cache-dir", help="keep converted Flax params of the base model here")
     sampling = run.add_argument_group("sampling (defaults: the paper's)")
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--prompt", default="", help='text prompt (default "": image-only, as the paper)')
     output = run.add_argument_group("output")
     output.add_argument("--out", required=True, help="output folder (a rerun resumes it)")
-    output.add_argument("--batch-images", type=int, default=8, help="prompt images per scoring batch / flush")
+    output.add_argument("--batch-images", type=int, default=8, help="prompt images per generation call (each "
+                        "--num-samples images; sharded over the devices), scoring batch and flush (default 8)")
     output.add_argument("--score-batch", type=int, default=32, help="images per evaluation-CLIP call")
     output.add_argument("--contact-sheet", type=int, default=8, help="prompts shown in contact_sheet.png")
     output.add_argument("--save-images", action="store_true", help="keep every generated image in samples/")
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> Path:
     # After the log filter (`import ipadapter_jax` via these modules) the loaders import the Flax classes.
     from evaluation.clip_score import CLIPScorer, load_eval_clip
     from evaluation.evaluate import SamplingSettings, eval_prompts, run_evaluation, write_comparison
+    from ipadapter_jax.pipeline import IPAdapterPipeline
 
     for name in ("limit", "steps", "num_samples", "batch_images", "score_batch", "bootstrap"):
         value = getattr(args, name)
@@ -112,7 +114,10 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"{args.annotations}: no usable image-caption entry ({skipped} skipped)")
     scales = args.scale or [1.0]
     out = Path(args.out)
-    pipe = _load_pipeline(args)
+    pipe = IPAdapterPipeline.from_pretrained(
+        args.base, args.adapter, args.image_encoder, scheduler=args.scheduler, dtype=args.dtype,
+        cache_dir=args.cache_dir, progress=not args.quiet,
+    )
     scorer = CLIPScorer(load_eval_clip(args.eval_clip), batch_size=args.score_batch)
     identity = {
         "annotations": str(Path(args.annotations).resolve()),
@@ -146,39 +151,6 @@ def run(args: argparse.Namespace) -> Path:
         for comparison in result["comparisons"]:
             print(_difference_line(comparison), file=sys.stderr)
     return out
-
-
-def _load_pipeline(args: argparse.Namespace) -> Any:
-    """The IP-Adapter pipeline from the base folder, image encoder and adapter file (official or .msgpack)."""
-    import jax.numpy as jnp
-
-    from conversion.clip import load_clip_image_encoder
-    from conversion.diffusers_models import load_pipeline
-    from conversion.flax_adapter_file import load_flax_adapter
-    from conversion.ip_adapter_files import load_ip_adapter
-    from conversion.unet_config import abstract_ip_unet_params
-    from ipadapter_jax.generate_cli import SCHEDULERS
-    from ipadapter_jax.pipeline import BaseModel, IPAdapterPipeline
-
-    if args.scheduler not in SCHEDULERS:
-        raise ValueError(f"--scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {args.scheduler!r}")
-    dtype = jnp.dtype(args.dtype)
-    base_dir = Path(args.base)
-    index_path = base_dir / "model_index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    loaded = load_pipeline(base_dir, scheduler=SCHEDULERS[args.scheduler], dtype=dtype, cache_dir=args.cache_dir,
-                           progress=not args.quiet)
-    base = BaseModel.from_flax_pipeline(loaded, index.get("force_zeros_for_empty_prompt"))
-    encoder, encoder_params = load_clip_image_encoder(args.image_encoder, dtype=dtype)
-    unet_shapes = abstract_ip_unet_params(base.unet)
-    if Path(args.adapter).suffix == ".msgpack":
-        _, image_proj, adapter = load_flax_adapter(args.adapter, unet_shapes)
-    else:
-        _, image_proj, adapter = load_ip_adapter(
-            args.adapter, unet_shapes,
-            encoder_projection_dim=encoder.config.projection_dim, encoder_hidden_size=encoder.config.hidden_size,
-        )
-    return IPAdapterPipeline(base, encoder, encoder_params, image_proj, adapter)
 
 
 def _interval(metric: dict) -> str:

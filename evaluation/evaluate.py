@@ -129,11 +129,13 @@ def run_evaluation(
     """Generates and scores every prompt not yet in `out_dir/results.csv`, then writes the summary and sheet.
 
     Args:
-      pipe: an `ipadapter_jax.pipeline.IPAdapterPipeline` (it shards each prompt's samples over its devices).
+      pipe: an `ipadapter_jax.pipeline.IPAdapterPipeline`.
       scorer: the evaluation CLIP (`CLIPScorer`); one call scores `batch_images` prompts' images.
       identity: the models and data that define the run (paths etc., JSON-able); stored in run.json with the
         settings and compared on resume.
-      batch_images: prompt images per scoring batch and per results.csv flush.
+      batch_images: prompt images per generation call (batch_images x num_samples images, sharded over the
+        pipeline's devices; each prompt's noise is the one a call for it alone gets), scoring batch and
+        results.csv flush.
       contact_sheet: the first K prompts shown in contact_sheet.png (their samples are kept in samples/).
       save_images: keep every generated image in samples/ (`{index:05d}_{sample}.png`).
       num_resamples: bootstrap resamples of the summary's intervals.
@@ -162,12 +164,11 @@ def run_evaluation(
         for start in range(0, len(pending), batch_images):
             chunk = pending[start : start + batch_images]
             references = [_open_rgb(Path(image_root) / p.image_file) for p in chunk]
-            samples = []
-            for prompt, reference in zip(chunk, references):
-                result = _generate(pipe, reference, settings, settings.seed + prompt.index)
-                timings["compile_s"] += result.timings["compile_s"]
-                timings["generate_s"] += result.timings["prepare_s"] + result.timings["sample_s"]
-                samples.append(result.images)
+            result = _generate(pipe, references, settings, [settings.seed + p.index for p in chunk])
+            timings["compile_s"] += result.timings["compile_s"]
+            timings["generate_s"] += result.timings["prepare_s"] + result.timings["sample_s"]
+            per_prompt = settings.num_samples
+            samples = [result.images[i * per_prompt : (i + 1) * per_prompt] for i in range(len(chunk))]
             begin = time.perf_counter()
             rows = score_prompts(scorer, chunk, references, samples, settings.seed)
             timings["score_s"] += time.perf_counter() - begin
@@ -345,16 +346,18 @@ def write_comparison(path: str | os.PathLike, baseline: str | os.PathLike, other
     return result
 
 
-def _generate(pipe: Any, reference: Image.Image, settings: SamplingSettings, seed: int) -> Any:
+def _generate(pipe: Any, references: Sequence[Image.Image], settings: SamplingSettings, seeds: Sequence[int]) -> Any:
+    """Samples for several prompt images in one call: prompt image i with seed seeds[i]."""
     return pipe(
-        reference,
-        prompt=settings.prompt,
+        list(references),
+        per_prompt_images=True,
+        prompt=[settings.prompt] * len(references),
         scale=settings.scale,
         guidance_scale=settings.guidance_scale,
         num_inference_steps=settings.num_inference_steps,
         height=settings.height,
         width=settings.width,
-        seed=seed,
+        seed=list(seeds),
         num_images_per_prompt=settings.num_samples,
     )
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "euler"}
+SCHEDULERS = ("ddim", "dpm-solver++", "euler")  # = ipadapter_jax.pipeline.SCHEDULERS (not imported: slow import)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -90,7 +90,7 @@ def generate(args: argparse.Namespace) -> Path:
 
     _configure_compile_cache(jax, args.compile_cache)
     # After the log filter (`import ipadapter_jax`): the loaders import diffusers' and transformers' Flax classes.
-    from ipadapter_jax.pipeline import image_grid
+    from ipadapter_jax.pipeline import IPAdapterPipeline, image_grid
 
     scale = _parse_scale(args.scale)
     if (args.controlnet is None) != (args.control_image is None):
@@ -101,7 +101,10 @@ def generate(args: argparse.Namespace) -> Path:
     out_dir = Path(args.out or Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
 
     start = time.perf_counter()
-    pipe = _load_pipeline(args)
+    pipe = IPAdapterPipeline.from_pretrained(
+        args.base, args.adapter, args.image_encoder, scheduler=args.scheduler, dtype=args.dtype,
+        cache_dir=args.cache_dir, controlnet=args.controlnet,
+    )
     load_s = time.perf_counter() - start
     result = pipe(
         images,
@@ -155,40 +158,6 @@ def generate(args: argparse.Namespace) -> Path:
     return out_dir
 
 
-def _load_pipeline(args: argparse.Namespace) -> Any:
-    import jax.numpy as jnp
-
-    from conversion.clip import load_clip_image_encoder
-    from conversion.diffusers_models import load_controlnet, load_pipeline
-    from conversion.flax_adapter_file import load_flax_adapter
-    from conversion.ip_adapter_files import load_ip_adapter
-    from conversion.unet_config import abstract_ip_unet_params
-    from ipadapter_jax.pipeline import BaseModel, IPAdapterPipeline
-
-    dtype = jnp.dtype(args.dtype)
-    base_dir = Path(args.base)
-    cache = None if args.cache_dir is None else Path(args.cache_dir)
-    loaded = load_pipeline(base_dir, scheduler=SCHEDULERS[args.scheduler], dtype=dtype, cache_dir=cache)
-    index = _read_model_index(base_dir)
-    base = BaseModel.from_flax_pipeline(loaded, index.get("force_zeros_for_empty_prompt"))
-    encoder, encoder_params = load_clip_image_encoder(args.image_encoder, dtype=dtype)
-    unet_shapes = abstract_ip_unet_params(base.unet)
-    if Path(args.adapter).suffix == ".msgpack":
-        _, image_proj, adapter = load_flax_adapter(args.adapter, unet_shapes)
-    else:
-        _, image_proj, adapter = load_ip_adapter(
-            args.adapter,
-            unet_shapes,
-            encoder_projection_dim=encoder.config.projection_dim,
-            encoder_hidden_size=encoder.config.hidden_size,
-        )
-    controlnet = {}
-    if args.controlnet is not None:
-        model = load_controlnet(args.controlnet, dtype=dtype, cache_dir=None if cache is None else cache / "controlnet")
-        controlnet = dict(controlnet=model.module, controlnet_params=model.params)
-    return IPAdapterPipeline(base, encoder, encoder_params, image_proj, adapter, **controlnet)
-
-
 def _configure_compile_cache(jax: Any, folder: str | None) -> None:
     if folder == "none":
         return
@@ -218,11 +187,3 @@ def _open_image(path: str) -> Any:
             return image.copy()
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file PIL can read") from None
-
-
-def _read_model_index(folder: Path) -> dict:
-    path = folder / "model_index.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None

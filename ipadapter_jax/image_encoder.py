@@ -73,36 +73,40 @@ class CLIPImageEncoder(nn.Module):
         )
 
 
-def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+def preprocess(
+    images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray], size: int = CLIP_IMAGE_SIZE
+) -> np.ndarray:
     """CLIP preprocessing, as transformers' `CLIPImageProcessor` with OpenAI's settings does it.
 
     Each image: converted to RGB (PIL `convert`: grayscale replicated, alpha dropped, palette expanded),
-    shortest side resized to 224 (bicubic, PIL, on uint8; longer side truncated as transformers does), center
-    crop 224 x 224, scaled to [0, 1], normalised with the OpenAI mean/std.
+    shortest side resized to `size` (bicubic, PIL, on uint8; longer side truncated as transformers does), center
+    crop `size` x `size` (offset `(side - size) // 2`), scaled to [0, 1], normalised with the OpenAI mean/std.
+    Training data (`training.preprocess`) goes through this same function.
 
     Args:
       images: one or a sequence of PIL images or uint8 arrays (H, W) / (H, W, C) of any size.
+      size: the encoder's input side (224 for every released IP-Adapter encoder).
     Returns:
-      (B, 224, 224, 3) float32, NHWC.
+      (B, size, size, 3) float32, NHWC.
     """
     if isinstance(images, (Image.Image, np.ndarray)):
         images = [images]
-    return np.stack([_preprocess_one(image) for image in images])
+    return np.stack([_preprocess_one(image, size) for image in images])
 
 
-def _preprocess_one(image: Image.Image | np.ndarray) -> np.ndarray:
+def _preprocess_one(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
     if image.mode != "RGB":
         image = image.convert("RGB")
     width, height = image.size
     short, long = min(width, height), max(width, height)
-    new_long = int(CLIP_IMAGE_SIZE * long / short)
-    size = (CLIP_IMAGE_SIZE, new_long) if width <= height else (new_long, CLIP_IMAGE_SIZE)
-    pixels = np.asarray(image.resize(size, Image.Resampling.BICUBIC))
-    top = (pixels.shape[0] - CLIP_IMAGE_SIZE) // 2
-    left = (pixels.shape[1] - CLIP_IMAGE_SIZE) // 2
-    pixels = pixels[top : top + CLIP_IMAGE_SIZE, left : left + CLIP_IMAGE_SIZE].astype(np.float32) / 255.0
+    new_long = int(size * long / short)
+    resized = (size, new_long) if width <= height else (new_long, size)
+    pixels = np.asarray(image.resize(resized, Image.Resampling.BICUBIC))
+    top = (pixels.shape[0] - size) // 2
+    left = (pixels.shape[1] - size) // 2
+    pixels = pixels[top : top + size, left : left + size].astype(np.float32) / 255.0
     return (pixels - np.float32(OPENAI_CLIP_MEAN)) / np.float32(OPENAI_CLIP_STD)
 
 

@@ -12,7 +12,8 @@ What a request does, and the diffusers PyTorch pipeline it matches (`StableDiffu
    SDXL also gets `time_ids` = (height, width, 0, 0, height, width).
 2. Image prompt (`image_prompt`): images (or precomputed CLIP features) -> tokens; several images concatenate
    their tokens; the negative tokens come from the reference's zero embedding or a negative image. One image
-   prompt is shared by the whole batch.
+   prompt is shared by the whole batch, or (`per_prompt_images=True`) each text prompt has its own, so that
+   many image prompts run in one batched call (evaluation does this).
 3. Sampling (`sampling`): one compiled function runs every denoising step (scheduler: whatever `base` holds;
    DDIM, DPM-Solver++ and Euler are tested) and the VAE decode, batch-sharded over the local devices.
 
@@ -23,9 +24,12 @@ things that select a compiled function: scale, guidance scale, prompts, seed and
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -42,6 +46,9 @@ from ipadapter_jax.image_prompt import ImageInput, ImagePromptEncoder, as_image_
 from ipadapter_jax.sampling import Sampler, SamplingInputs, local_mesh, replicated
 from ipadapter_jax.scales import ScaleSpec, ip_scale_tree
 from ipadapter_jax.text_conditioning import PromptEncoder, TextEncoder
+
+# Scheduler names of the loaders and CLIs -> `conversion.diffusers_models.load_scheduler` kinds.
+SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "euler"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +76,12 @@ class BaseModel:
     def from_flax_pipeline(cls, loaded: Any, force_zeros_for_empty_prompt: bool | None = None) -> BaseModel:
         """From `conversion.diffusers_models.FlaxPipeline`; `force_zeros_for_empty_prompt` defaults to True
         for SDXL (two text encoders), as diffusers' `StableDiffusionXLPipeline`, else False."""
-        encoders = [TextEncoder(loaded.tokenizer, loaded.text_encoder.module, loaded.text_encoder.params)]
+        # loaded.text_encoder.module is transformers' wrapper; its .module the Flax module.
+        encoders = [TextEncoder(loaded.tokenizer, loaded.text_encoder.module.module, loaded.text_encoder.params)]
         if loaded.text_encoder_2 is not None:
-            encoders.append(TextEncoder(loaded.tokenizer_2, loaded.text_encoder_2.module, loaded.text_encoder_2.params))
+            encoders.append(
+                TextEncoder(loaded.tokenizer_2, loaded.text_encoder_2.module.module, loaded.text_encoder_2.params)
+            )
         if force_zeros_for_empty_prompt is None:
             force_zeros_for_empty_prompt = len(encoders) == 2
         return cls(
@@ -153,6 +163,70 @@ class IPAdapterPipeline:
             params["controlnet"] = controlnet_params
         self.params = jax.device_put(params, replicated(self.mesh))
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        adapter: str | os.PathLike,
+        image_encoder: str | os.PathLike,
+        *,
+        scheduler: str = "ddim",
+        dtype: Any = jnp.float32,
+        cache_dir: str | os.PathLike | None = None,
+        controlnet: str | os.PathLike | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        progress: bool = True,
+    ) -> IPAdapterPipeline:
+        """The pipeline from files, as the users' PyTorch side has them.
+
+        Args:
+          base: a diffusers pipeline folder (SD1.5/SD2 family or SDXL; `model_index.json`'s
+            `force_zeros_for_empty_prompt` is honoured).
+          adapter: an official IP-Adapter file (`.safetensors`/`.bin`; base, Plus or Full detected from its keys)
+            or our Flax adapter file (`.msgpack`).
+          image_encoder: a `CLIPVisionModelWithProjection` folder.
+          scheduler: "ddim" (the paper's), "dpm-solver++" or "euler".
+          dtype: computation dtype (params stay float32).
+          cache_dir: keep the converted Flax params here (later loads skip the conversion).
+          controlnet: a diffusers `ControlNetModel` folder (SD1.5/SD2 family).
+          progress: a progress bar over the base model's components.
+        Raises:
+          ValueError (ConversionError): a missing or malformed file, or models that do not fit each other.
+          OSError: unreadable files.
+        """
+        # conversion imports this package's modules: imported here, not at the top, to keep that one-way.
+        from conversion.clip import load_clip_image_encoder
+        from conversion.diffusers_models import load_controlnet, load_pipeline
+        from conversion.flax_adapter_file import load_flax_adapter
+        from conversion.ip_adapter_files import load_ip_adapter
+        from conversion.unet_config import abstract_ip_unet_params
+
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
+        dtype = jnp.dtype(dtype)
+        base, cache = Path(base), None if cache_dir is None else Path(cache_dir)
+        loaded = load_pipeline(base, scheduler=SCHEDULERS[scheduler], dtype=dtype, cache_dir=cache, progress=progress)
+        index_path = base / "model_index.json"
+        try:
+            index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index_path}: not valid JSON ({err})") from None
+        base_model = BaseModel.from_flax_pipeline(loaded, index.get("force_zeros_for_empty_prompt"))
+        encoder, encoder_params = load_clip_image_encoder(image_encoder, dtype=dtype)
+        unet_shapes = abstract_ip_unet_params(base_model.unet)
+        if Path(adapter).suffix == ".msgpack":
+            _, image_proj, adapter_params = load_flax_adapter(adapter, unet_shapes)
+        else:
+            _, image_proj, adapter_params = load_ip_adapter(
+                adapter, unet_shapes,
+                encoder_projection_dim=encoder.config.projection_dim, encoder_hidden_size=encoder.config.hidden_size,
+            )
+        extra = {}
+        if controlnet is not None:
+            model = load_controlnet(controlnet, dtype=dtype, cache_dir=None if cache is None else cache / "controlnet")
+            extra = dict(controlnet=model.module, controlnet_params=model.params)
+        return cls(base_model, encoder, encoder_params, image_proj, adapter_params, devices=devices, **extra)
+
     @property
     def num_devices(self) -> int:
         return self.mesh.size
@@ -186,13 +260,14 @@ class IPAdapterPipeline:
         image_embeds: np.ndarray | None = None,
         negative_image: ImageInput | Sequence[ImageInput] | None = None,
         negative_image_embeds: np.ndarray | None = None,
+        per_prompt_images: bool = False,
         scale: ScaleSpec = 1.0,
         image_step_range: tuple[float, float] = (0.0, 1.0),
         guidance_scale: float = 7.5,
         num_inference_steps: int = 50,
         height: int | None = None,
         width: int | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         num_images_per_prompt: int = 1,
         latents: np.ndarray | None = None,
         control_image: ImageInput | None = None,
@@ -209,14 +284,18 @@ class IPAdapterPipeline:
           prompt, negative_prompt: a string or one per prompt. Image-only generation: the default "" prompt.
           image_embeds: instead of `image`, CLIP features (K, *feature_shape) from `encode_image`.
           negative_image / negative_image_embeds: replace the default unconditional image features; one image
-            (used for every prompt image) or K.
+            (used for every prompt image) or K; shared by all prompts.
+          per_prompt_images: `image` is a sequence with one image prompt per text prompt (each one image or K
+            images; K the same for all), `image_embeds` is (P, K, *feature_shape); prompt p's images see only
+            image prompt p. One call then generates for many image prompts at once.
           scale: IP-Adapter scale, a number or a per-block dict (`ipadapter_jax.scales`).
           image_step_range: (start, end) fractions of the steps; step i uses the image branch iff
             start <= i / num_inference_steps < end.
           guidance_scale: classifier-free guidance is on iff > 1.
           height, width: pixels, multiples of `size_multiple` (default: the UNet's sample size x the VAE's factor).
-          seed: initial noise `jax.random.normal(PRNGKey(seed), (B, C, h, w))`, unless `latents` (same shape,
-            NCHW, unscaled) is given.
+          seed: initial noise `jax.random.normal(PRNGKey(seed), (B, C, h, w))`; a sequence of P seeds: prompt
+            p's images get `normal(PRNGKey(seed[p]), (num_images_per_prompt, C, h, w))` (the noise a one-prompt
+            call with that seed gets). Unused when `latents` (B, C, h, w), NCHW, unscaled, is given.
           control_image: ControlNet conditioning image (needs a ControlNet), resized to (width, height).
           progress: tqdm bars for the compile and sampling phases.
           step_progress: advance the sampling bar at every step (a host callback in the loop: that executable
@@ -238,14 +317,14 @@ class IPAdapterPipeline:
 
         text, added = self._text_conditioning(prompts, negative_prompt, guided, height, width)
         image_tokens, num_prompt_images = self._image_tokens(
-            image, image_embeds, negative_image, negative_image_embeds, guided
+            image, image_embeds, negative_image, negative_image_embeds, guided, len(prompts), per_prompt_images
         )
         ip_scale = None if image_tokens is None else ip_scale_tree(self.params["unet"], scale)
 
         latent_shape = (batch, config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents_given = latents is not None
         if not latents_given:
-            latents = jax.random.normal(jax.random.PRNGKey(seed), latent_shape, jnp.float32)
+            latents = _initial_noise(seed, len(prompts), latent_shape)
         elif tuple(np.shape(latents)) != latent_shape:
             raise ValueError(f"latents must have shape {latent_shape}, got {tuple(np.shape(latents))}")
 
@@ -264,7 +343,7 @@ class IPAdapterPipeline:
             latents=pad(np.asarray(latents, np.float32)),
             text=per_prompt(text),
             added=None if added is None else {k: per_prompt(v) for k, v in added.items()},
-            image_tokens=image_tokens,
+            image_tokens=None if image_tokens is None else per_prompt(image_tokens),
             ip_scale=ip_scale,
             image_steps=np.array([start, end], np.float32),
             guidance_scale=np.float32(guidance_scale),
@@ -299,6 +378,7 @@ class IPAdapterPipeline:
             "prompt": prompts,
             "negative_prompt": negative_prompt,
             "num_prompt_images": num_prompt_images,
+            "per_prompt_images": per_prompt_images,
             "image_embeds_given": image_embeds is not None,
             "negative_image": negative_image is not None or negative_image_embeds is not None,
             "scale": scale if isinstance(scale, Mapping) else float(scale),
@@ -307,7 +387,7 @@ class IPAdapterPipeline:
             "num_inference_steps": num_inference_steps,
             "height": height,
             "width": width,
-            "seed": None if latents_given else seed,
+            "seed": None if latents_given else (seed if isinstance(seed, int) else [int(s) for s in seed]),
             "latents_given": latents_given,
             "num_images_per_prompt": num_images_per_prompt,
             "scheduler": type(self.base.scheduler).__name__,
@@ -378,8 +458,10 @@ class IPAdapterPipeline:
         negative_image: Any,
         negative_image_embeds: np.ndarray | None,
         guided: bool,
-    ) -> tuple[jax.Array | None, int]:
-        """-> image tokens (G, K * num_tokens, cross) or None, and K (the number of prompt images)."""
+        num_prompts: int,
+        per_prompt: bool,
+    ) -> tuple[np.ndarray | None, int]:
+        """-> image tokens (P, G, K * num_tokens, cross) or None, and K (the number of images per image prompt)."""
         encoder = self.image_prompt_encoder
         if image is not None and image_embeds is not None:
             raise ValueError("pass either image or image_embeds, not both")
@@ -387,25 +469,47 @@ class IPAdapterPipeline:
             if negative_image is not None or negative_image_embeds is not None:
                 raise ValueError("a negative image needs an image prompt")
             return None, 0
-        features = encoder.features(image) if image is not None else jnp.asarray(image_embeds, jnp.float32)
-        count = features.shape[0]
-        if not guided:
-            return encoder.tokens(features[None]), count
-        if negative_image is not None and negative_image_embeds is not None:
-            raise ValueError("pass either negative_image or negative_image_embeds, not both")
-        if negative_image is not None:
-            negative = encoder.features(as_image_list(negative_image))
-        elif negative_image_embeds is not None:
-            negative = jnp.asarray(negative_image_embeds, jnp.float32)
+        if not per_prompt:  # one image prompt for every text prompt: (1, K, *feature_shape)
+            features = encoder.features(image) if image is not None else jnp.asarray(image_embeds, jnp.float32)
+            features = features[None]
+        elif image is not None:
+            groups = [as_image_list(entry) for entry in as_image_list(image)]
+            counts = sorted({len(group) for group in groups})
+            if len(groups) != num_prompts or len(counts) != 1:
+                raise ValueError(
+                    f"per_prompt_images: need one image prompt per text prompt ({num_prompts}) with the same number "
+                    f"of images each; got {len(groups)} image prompts of {counts} image(s)"
+                )
+            flat = encoder.features([picture for group in groups for picture in group])
+            features = flat.reshape((num_prompts, counts[0]) + flat.shape[1:])
         else:
-            negative = encoder.negative_features(count)
-        if negative.shape[1:] != features.shape[1:] or negative.shape[0] not in (1, count):
-            raise ValueError(
-                f"negative image features {tuple(negative.shape)} do not fit the prompt images' "
-                f"{tuple(features.shape)}: need 1 or {count} of shape {tuple(features.shape[1:])}"
-            )
-        negative = jnp.broadcast_to(negative, features.shape)
-        return encoder.tokens(jnp.stack([negative, features])), count
+            features = jnp.asarray(image_embeds, jnp.float32)
+            if features.ndim < 3 or features.shape[0] != num_prompts:
+                raise ValueError(
+                    f"per_prompt_images: image_embeds must be (prompts={num_prompts}, images, *feature_shape), got "
+                    f"{tuple(features.shape)}"
+                )
+        count = features.shape[1]
+        if guided:
+            if negative_image is not None and negative_image_embeds is not None:
+                raise ValueError("pass either negative_image or negative_image_embeds, not both")
+            if negative_image is not None:
+                negative = encoder.features(as_image_list(negative_image))
+            elif negative_image_embeds is not None:
+                negative = jnp.asarray(negative_image_embeds, jnp.float32)
+            else:
+                negative = encoder.negative_features(count)
+            if negative.shape[1:] != features.shape[2:] or negative.shape[0] not in (1, count):
+                raise ValueError(
+                    f"negative image features {tuple(negative.shape)} do not fit the prompt images' "
+                    f"{tuple(features.shape[1:])}: need 1 or {count} of shape {tuple(features.shape[2:])}"
+                )
+            features = jnp.stack([jnp.broadcast_to(negative, features.shape), features], axis=1)  # (P', 2, K, ...)
+        else:
+            features = features[:, None]  # (P', 1, K, ...)
+        tokens = encoder.tokens(features.reshape((-1,) + features.shape[2:]))  # (P' * G, K * n, cross)
+        tokens = np.asarray(tokens).reshape(features.shape[:2] + tokens.shape[1:])
+        return np.broadcast_to(tokens, (num_prompts,) + tokens.shape[1:]), count
 
 
 def to_pil(pixels: np.ndarray) -> list[Image.Image]:
@@ -433,6 +537,17 @@ def _control_pixels(image: ImageInput, height: int, width: int) -> np.ndarray:
         image = Image.fromarray(np.asarray(image))
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS).convert("RGB")
     return np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0
+
+
+def _initial_noise(seed: int | Sequence[int], num_prompts: int, shape: tuple[int, ...]) -> jax.Array:
+    """(B, C, h, w) standard normal noise from one seed, or from one seed per prompt (B / num_prompts rows each)."""
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    seeds = list(seed)
+    if len(seeds) != num_prompts:
+        raise ValueError(f"seed: one per prompt ({num_prompts}) or a single int; got {len(seeds)}")
+    per_prompt = (shape[0] // num_prompts,) + tuple(shape[1:])
+    return jnp.concatenate([jax.random.normal(jax.random.PRNGKey(int(s)), per_prompt, jnp.float32) for s in seeds])
 
 
 def _is_list(value: Any) -> bool:

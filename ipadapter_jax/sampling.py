@@ -11,9 +11,9 @@ step runs the UNet on the B*G rows `b0g0, b0g1, b1g0, ...`: the rows of one exam
 the batch's sharding over devices never needs to move data (a diffusers-style `concat([uncond, cond])` would
 interleave devices' rows).
 
-Sharding: a 1-D mesh ("data") over the local devices; batch-leading inputs are split along it, everything else
-(params, scheduler state, image tokens, scales) is replicated. The batch must be a multiple of the device count
-(`IPAdapterPipeline` pads it).
+Sharding: a 1-D mesh ("data") over the local devices; batch-leading inputs (noise, text and image tokens) are
+split along it, everything else (params, scheduler state, scales) is replicated. The batch must be a multiple
+of the device count (`IPAdapterPipeline` pads it).
 
 Compilation is ahead of time (`jit(...).lower(...).compile()`), with our own cache keyed by the arguments'
 structure, shapes, dtypes and shardings, so that the compile phase can be timed and reported separately.
@@ -61,7 +61,7 @@ class SamplingInputs:
     latents: (B, C, h, w) initial noise, unscaled (multiplied by the scheduler's `init_noise_sigma` here).
     text: (B, G, T, D) text tokens; along G: (negative, positive) or (positive,).
     added: SDXL's {"text_embeds": (B, G, P), "time_ids": (B, G, 6)}, else None.
-    image_tokens: (G, N, D) image tokens shared by the batch, or None (no image prompt: the plain UNet).
+    image_tokens: (B, G, N, D) image tokens, along G as `text`; or None (no image prompt: the plain UNet).
     ip_scale: the "ip_scale" variable collection (`scales.ip_scale_tree`), or None without image tokens.
     image_steps: (2,) float32 [start, end): step i uses the image branch iff start <= i / num_steps < end.
     guidance_scale: () float32; unused when G == 1.
@@ -84,7 +84,8 @@ class SamplingInputs:
         split, whole = batch_sharding(mesh), replicated(mesh)
         placement = jax.tree.map(lambda _: whole, self)
         return placement.replace(
-            latents=split, text=split, added=None if self.added is None else jax.tree.map(lambda _: split, self.added)
+            latents=split, text=split, added=None if self.added is None else jax.tree.map(lambda _: split, self.added),
+            image_tokens=None if self.image_tokens is None else split,
         )
 
 
@@ -157,8 +158,8 @@ class Sampler:
         text = rows(inputs.text)
         added = None if inputs.added is None else {k: rows(v) for k, v in inputs.added.items()}
         image_tokens = control_image = None
-        if inputs.image_tokens is not None:  # (G, N, D) -> (B*G, N, D)
-            image_tokens = rows(jnp.broadcast_to(inputs.image_tokens, (batch,) + inputs.image_tokens.shape))
+        if inputs.image_tokens is not None:
+            image_tokens = rows(inputs.image_tokens)
         if inputs.control_image is not None:  # (3, H, W) -> (B*G, 3, H, W)
             control_image = jnp.broadcast_to(inputs.control_image, (batch * guidance,) + inputs.control_image.shape)
 

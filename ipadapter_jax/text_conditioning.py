@@ -8,7 +8,8 @@
 SDXL's `text_embeds` is encoder 2's projected end-of-text state, (n, P).
 
 Prompts are tokenized to each tokenizer's `model_max_length` (padded and truncated), so every prompt of a batch
-has the same shape and a new prompt never recompiles the encoders.
+has the same shape and a new prompt never recompiles the encoders. `encode_token_ids` is the one place the
+table is computed: the pipelines (`PromptEncoder`) and training (`training.encode`) both call it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,14 +27,14 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
-    """A CLIP tokenizer and its Flax text encoder.
+    """A CLIP tokenizer and its Flax text module with params.
 
-    `model` is the transformers Flax wrapper (`FlaxCLIPTextModel`, or `FlaxCLIPTextModelWithProjection` for
-    SDXL's second encoder), called as `model(input_ids, params=params, output_hidden_states=True)`.
+    `module`: transformers' `FlaxCLIPTextModule` (SDXL's second encoder: `FlaxCLIPTextModelWithProjectionModule`),
+    the `.module` of a `FlaxCLIPTextModel` wrapper.
     """
 
     tokenizer: Any
-    model: Any
+    module: nn.Module
     params: Any
 
 
@@ -50,6 +52,27 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
         list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
     ).input_ids
     return ids.astype(np.int32)
+
+
+def encode_token_ids(modules: Sequence[nn.Module], params: Sequence[Any], ids: Sequence[jax.Array]) -> TextConditioning:
+    """Token ids, (n, T) int32 per text encoder -> the UNet's text conditioning (the table above).
+
+    modules: the Flax CLIP text modules (transformers' `FlaxCLIPTextModule`; SDXL's second one
+    `FlaxCLIPTextModelWithProjectionModule`), i.e. the `.module` of the `FlaxCLIPTextModel` wrappers. Pure: call
+    it under `jax.jit` or inside a jitted training step.
+    """
+    outputs = []
+    for module, module_params, x in zip(modules, params, ids, strict=True):
+        positions = jnp.broadcast_to(jnp.arange(x.shape[-1]), x.shape)
+        outputs.append(
+            module.apply({"params": module_params}, x, jnp.ones_like(x), positions, output_hidden_states=True)
+        )
+    if len(outputs) == 1:
+        return TextConditioning(context=outputs[0].last_hidden_state, pooled=None)
+    # diffusers' SDXL: the penultimate layer of each encoder (no final LayerNorm); pooled = encoder 2's projected
+    # end-of-text state.
+    context = jnp.concatenate([out.hidden_states[-2] for out in outputs], axis=-1)
+    return TextConditioning(context=context, pooled=outputs[1].text_embeds)
 
 
 class PromptEncoder:
@@ -71,13 +94,4 @@ class PromptEncoder:
         return self._encode(tuple(encoder.params for encoder in self.encoders), ids)
 
     def _encode_ids(self, params: tuple, ids: tuple) -> TextConditioning:
-        if not self.is_sdxl:
-            (encoder,), (p,), (x,) = self.encoders, params, ids
-            return TextConditioning(context=encoder.model(x, params=p).last_hidden_state, pooled=None)
-        outputs = [
-            encoder.model(x, params=p, output_hidden_states=True) for encoder, p, x in zip(self.encoders, params, ids)
-        ]
-        # diffusers' SDXL: the penultimate layer of each encoder (no final LayerNorm); pooled = encoder 2's
-        # projected end-of-text state.
-        context = jnp.concatenate([out.hidden_states[-2] for out in outputs], axis=-1)
-        return TextConditioning(context=context, pooled=outputs[1].text_embeds)
+        return encode_token_ids([encoder.module for encoder in self.encoders], params, ids)

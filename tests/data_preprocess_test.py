@@ -1,12 +1,15 @@
 """Preprocessing against references: transformers' CLIPImageProcessor, a torch re-statement of torchvision's
 Resize/CenterCrop tensor path, hand-derived crop geometry, the CLIP tokenizer, and the drop statistics."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import ipadapter_jax  # noqa: F401  (log filter before transformers)
+from ipadapter_jax.image_encoder import OPENAI_CLIP_STD
 from tests import data_testutil
 from training import preprocess
 
@@ -25,15 +28,19 @@ def _images() -> list[Image.Image]:
     return images
 
 
-def test_clip_image_matches_transformers_clip_image_processor():
+def test_clip_pixel_values_match_transformers_clip_image_processor():
+    """The training path (stored bytes -> decode -> to_rgb -> the pipelines' CLIP preprocessing) vs transformers."""
     processor = CLIPImageProcessor()  # OpenAI defaults: 224, bicubic, center crop, OpenAI mean/std
+    pre = preprocess.Preprocessor([], resolution=32)
     worst = 0.0
     for image in _images():
+        stored = io.BytesIO()
+        image.save(stored, format="TIFF")  # lossless for every mode here, CMYK included
         reference = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-        ours = preprocess.clip_image(preprocess.to_rgb(image))
+        ours = pre({"image": stored.getvalue(), "text": ""})["clip_pixel_values"]
         assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
         # Compare in pixel units ([0, 1]): the normalised difference times the std.
-        worst = max(worst, float(np.max(np.abs(ours - reference) * preprocess.OPENAI_CLIP_STD)))
+        worst = max(worst, float(np.max(np.abs(ours - reference) * np.float32(OPENAI_CLIP_STD))))
     assert worst <= PIXEL, worst
 
 

@@ -184,6 +184,50 @@ def test_precomputed_embeddings_equal_images(sd15: Models):
     )
 
 
+def test_per_prompt_images_match_diffusers_one_call_per_prompt(sd15: Models):
+    """Two prompts, each with its own image prompt, in one call == diffusers run once per prompt with that
+    prompt's image and noise. (diffusers has no per-row image prompts in one call: it repeats precomputed image
+    embeddings `batch_size * num_images_per_prompt` times, as one image prompt for the whole batch.)"""
+    pipe = sd15.flax("base")
+    latents = np.random.default_rng(1).standard_normal((2, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+    prompts, images = ["a red cat", "a blue dog"], [IMAGE, GRAY_IMAGE]
+    settings = dict(guidance_scale=7.5, num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    ours = pipe(images, per_prompt_images=True, prompt=prompts, latents=latents, scale=0.8, **settings).pixels
+    torch_pipe = sd15.torch("base")
+    torch_pipe.set_ip_adapter_scale(0.8)
+    theirs = []
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        with torch.no_grad():
+            theirs.append(torch_pipe(
+                prompt=prompt, ip_adapter_image=image, latents=torch.from_numpy(latents[i : i + 1]), output_type="np",
+                **settings,
+            ).images)
+    assert_images_close(ours, np.concatenate(theirs))
+    assert np.abs(ours[0] - ours[1]).max() > 0.05
+
+
+def test_per_prompt_images_and_seeds_equal_one_call_per_prompt(sd15: Models):
+    """What batched evaluation relies on: prompt p of a per-prompt call (images, seed[p]) = a call for p alone."""
+    pipe = sd15.flax("plus")
+    settings = dict(scale=1.0, num_inference_steps=STEPS, height=SIZE, width=SIZE, num_images_per_prompt=2)
+    prompts = [[IMAGE], [GRAY_IMAGE]]
+    batched = pipe(prompts, per_prompt_images=True, prompt=["", "a cat"], seed=[3, 7], **settings)
+    assert batched.pixels.shape == (4, SIZE, SIZE, 3) and batched.settings["seed"] == [3, 7]
+    alone = [pipe(IMAGE, prompt="", seed=3, **settings), pipe(GRAY_IMAGE, prompt="a cat", seed=7, **settings)]
+    np.testing.assert_allclose(batched.pixels, np.concatenate([a.pixels for a in alone]), atol=1e-5, rtol=0)
+    embeds = np.stack([pipe.encode_image(IMAGE), pipe.encode_image(GRAY_IMAGE)])  # (prompts, 1, S, E)
+    from_embeds = pipe(image_embeds=embeds, per_prompt_images=True, prompt=["", "a cat"], seed=[3, 7], **settings)
+    np.testing.assert_allclose(from_embeds.pixels, batched.pixels, atol=1e-5, rtol=0)  # encoded 1 vs 2 at a time
+    with pytest.raises(ValueError, match=r"one image prompt per text prompt \(2\).*got 3"):
+        pipe([IMAGE, IMAGE, IMAGE], per_prompt_images=True, prompt=["", ""], **settings)
+    with pytest.raises(ValueError, match=r"same number of images each; got 2 image prompts of \[1, 2\]"):
+        pipe([IMAGE, [IMAGE, GRAY_IMAGE]], per_prompt_images=True, prompt=["", ""], **settings)
+    with pytest.raises(ValueError, match=r"image_embeds must be \(prompts=2, images, \*feature_shape\)"):
+        pipe(image_embeds=embeds[:1], per_prompt_images=True, prompt=["", ""], **settings)
+    with pytest.raises(ValueError, match=r"seed: one per prompt \(2\) or a single int; got 1"):
+        pipe(prompts, per_prompt_images=True, prompt=["", ""], seed=[1], **settings)
+
+
 def test_parity_is_discriminating(sd15: Models):
     """The image branch moves the images far beyond the tolerance, so the parity tests can see it."""
     base = run_flax(sd15, Case(scale=0.0))

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import ipadapter_jax  # noqa: F401  (log filter before any Flax model import)
 from conversion.ip_adapter_files import load_ip_adapter
+from evaluation.clip_score import CLIPScorer, cosine
 from conversion.torch_layout import torch_key_to_flax_module_path
 from conversion.unet_config import abstract_ip_unet_params
 from ipadapter_jax.adapter import split_unet_params
@@ -49,7 +50,6 @@ from training.components import SD_SCHEDULE
 from training.config import get_config
 
 from diffusers import FlaxDDIMScheduler  # noqa: E402  (after the log filter)
-from transformers import FlaxCLIPTextModel  # noqa: E402
 
 ADAPTER_FILE = "ip-adapter.safetensors"
 REPORT_FILES = ("loss_curve.png", "grid.png", "metrics.json", ADAPTER_FILE)
@@ -186,10 +186,9 @@ def make_pipeline(tiny: tiny_components.TinyBase, export: str) -> tuple[IPAdapte
     """Our pipeline on the tiny base with the adapter read back from the exported file (SD1.5's DDIM settings)."""
     frozen_unet, _ = split_unet_params(tiny.params["unet"])
     scheduler = FlaxDDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    text_model = FlaxCLIPTextModel(tiny.text_encoder.config, _do_init=False)
     base = BaseModel(
         unet=tiny.unet, unet_params=frozen_unet, vae=tiny.vae, vae_params=tiny.params["vae"],
-        text_encoders=(TextEncoder(tiny.tokenizer, text_model, tiny.params["text_encoder"]),),
+        text_encoders=(TextEncoder(tiny.tokenizer, tiny.text_encoder, tiny.params["text_encoder"]),),
         scheduler=scheduler, scheduler_state=scheduler.create_state(),
     )
     _, image_proj, adapter = load_ip_adapter(
@@ -203,38 +202,37 @@ Samples = dict[float, list[list[Image.Image]]]  # {scale: [the samples of image 
 
 
 def generate(pipe: IPAdapterPipeline, prompts: Sequence[Image.Image], settings: DemoSettings) -> Samples:
-    """Image-only generation (empty text) from each prompt at each scale, the same noise for every scale."""
-    samples: Samples = {scale: [] for scale in settings.scales}
-    for i, prompt in enumerate(prompts):
-        for scale in settings.scales:
-            out = pipe(
-                prompt, prompt="", scale=scale, guidance_scale=settings.guidance_scale,
-                num_inference_steps=settings.inference_steps, num_images_per_prompt=settings.samples_per_prompt,
-                seed=settings.seed + i, progress=i == 0 and scale == settings.scales[0],
-            )
-            samples[scale].append(out.images)
-        print(f"image prompt {i + 1}/{len(prompts)}: {len(settings.scales)} scales x "
-              f"{settings.samples_per_prompt} samples", flush=True)
+    """Image-only generation (empty text) from every prompt at each scale: one batched call per scale, image
+    prompt i with seed `seed + i`, so every scale starts from the same noise."""
+    samples: Samples = {}
+    count = settings.samples_per_prompt
+    for scale in settings.scales:
+        out = pipe(
+            list(prompts), per_prompt_images=True, prompt=[""] * len(prompts), scale=scale,
+            guidance_scale=settings.guidance_scale, num_inference_steps=settings.inference_steps,
+            num_images_per_prompt=count, seed=[settings.seed + i for i in range(len(prompts))],
+            progress=scale == settings.scales[0],
+        )
+        samples[scale] = [out.images[i * count : (i + 1) * count] for i in range(len(prompts))]
+        print(f"scale {scale:g}: {len(prompts)} image prompts x {count} samples", flush=True)
     return samples
 
 
-def clip_i(pipe: IPAdapterPipeline, prompts: Sequence[Image.Image], samples: Samples) -> dict:
-    """Cosine of the tiny CLIP image embeddings, sample vs its image prompt: mean per scale and per prompt, and
-    for reference the mean cosine between different image prompts (unrelated images)."""
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    prompt_embeds = unit(pipe.encode_image(list(prompts)))
+def clip_i(scorer: CLIPScorer, prompts: Sequence[Image.Image], samples: Samples) -> dict:
+    """CLIP-I as the evaluation protocol computes it (`evaluation.clip_score`, here with the tiny evaluation CLIP):
+    mean per scale and per prompt, and for reference the mean cosine between different image prompts."""
+    prompt_embeds = scorer.image_embeddings(list(prompts))
     result: dict[str, Any] = {"mean": {}, "per_prompt": {}}
     for scale, per_prompt in samples.items():
         scores = [
-            float(np.mean(unit(pipe.encode_image(images)) @ prompt_embeds[i])) for i, images in enumerate(per_prompt)
+            float(np.mean(cosine(scorer.image_embeddings(images), prompt_embeds[i : i + 1])))
+            for i, images in enumerate(per_prompt)
         ]
         result["mean"][str(scale)] = float(np.mean(scores))
         result["per_prompt"][str(scale)] = scores
-    off_diagonal = (prompt_embeds @ prompt_embeds.T)[~np.eye(len(prompts), dtype=bool)]
-    result["unrelated_prompts_mean"] = float(np.mean(off_diagonal)) if off_diagonal.size else None
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(prompts)) if i != j]
+    unrelated = cosine(prompt_embeds[[i for i, _ in pairs]], prompt_embeds[[j for _, j in pairs]]) if pairs else []
+    result["unrelated_prompts_mean"] = float(np.mean(unrelated)) if pairs else None
     return result
 
 
@@ -367,7 +365,7 @@ def run(settings: DemoSettings, out: str) -> dict:
     samples = generate(pipe, prompts, settings)
 
     progress.phase("report", f"report in {out}")
-    scores = clip_i(pipe, prompts, samples)
+    scores = clip_i(CLIPScorer(tiny_components.eval_clip(tiny)), prompts, samples)
     losses = read_losses(os.path.join(train_dir, "metrics.jsonl"))
     draw_loss_curve(losses, os.path.join(out, "loss_curve.png"))
     draw_grid(prompts, samples, scores, os.path.join(out, "grid.png"))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.image_encoder import CLIPImageEncoder
+from ipadapter_jax.text_conditioning import encode_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +43,12 @@ class Encoders:
 
 
 def encode_text(encoders: Encoders, params: Sequence[Any], input_ids: Sequence[jax.Array]) -> dict:
-    """Token ids, one (B, 77) array per text encoder -> {"text_embeds"[, "text_pooled"]}."""
-    hidden, pooled = [], None
-    for module, module_params, ids in zip(encoders.text_encoders, params, input_ids):
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
-        out = module.apply(
-            {"params": module_params}, ids, jnp.ones_like(ids), positions, output_hidden_states=True
-        )
-        hidden.append(out.hidden_states[-2] if encoders.is_sdxl else out.last_hidden_state)
-        if encoders.is_sdxl:
-            pooled = out.text_embeds  # the second (projection) encoder's is the one kept
-    result = {"text_embeds": jnp.concatenate(hidden, axis=-1)}
-    if pooled is not None:
-        result["text_pooled"] = pooled
+    """Token ids, one (B, 77) array per text encoder -> {"text_embeds"[, "text_pooled"]}, as the pipelines
+    condition the UNet (`ipadapter_jax.text_conditioning.encode_token_ids`)."""
+    conditioning = encode_token_ids(encoders.text_encoders, params, input_ids)
+    result = {"text_embeds": conditioning.context}
+    if conditioning.pooled is not None:
+        result["text_pooled"] = conditioning.pooled
     return result
 
 

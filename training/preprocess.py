@@ -4,8 +4,9 @@
   is what torchvision's `Resize(r, BILINEAR)`, `CenterCrop(r)`, `ToTensor()`, `Normalize([.5], [.5])` do to a
   PIL image, including torchvision's crop offset `round((size - r) / 2)`. SDXL's micro-conditions come along:
   original (height, width), crop (top, left) and target (height, width).
-- CLIP image: what transformers' `CLIPImageProcessor` does with its OpenAI defaults: shortest side to 224
-  (PIL bicubic), center crop with offset `(size - 224) // 2`, /255, OpenAI mean/std.
+- CLIP image: `ipadapter_jax.image_encoder.preprocess`, the pipelines' own: what transformers'
+  `CLIPImageProcessor` does with its OpenAI defaults (shortest side to 224, PIL bicubic, center crop, /255,
+  OpenAI mean/std).
 - Text: any Hugging Face tokenizer, padded/truncated to 77 ids.
 - Condition drop: one uniform draw per (seed, example index, epoch).
 
@@ -23,8 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-OPENAI_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-OPENAI_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from ipadapter_jax.image_encoder import preprocess as clip_preprocess
 
 # Drop rates of the reference (image only, text only, both): r < .05, .05 <= r < .10, .10 <= r < .15.
 DROP_RATES = (0.05, 0.05, 0.05)
@@ -85,22 +85,6 @@ def target_image(image: Image.Image, resolution: int) -> tuple[np.ndarray, np.nd
     return pixels, np.array([top, left], np.int32)
 
 
-def clip_image(image: Image.Image, size: int = 224) -> np.ndarray:
-    """CLIP image-encoder input as `CLIPImageProcessor` (OpenAI defaults) makes it.
-
-    Args:
-      image: 8-bit RGB PIL image.
-      size: side of the square output.
-    Returns:
-      float32 (size, size, 3), normalised with the OpenAI CLIP mean/std.
-    """
-    width, height = _resized_size(image.width, image.height, size)
-    resized = np.asarray(image.resize((width, height), Image.BICUBIC))
-    top, left = (height - size) // 2, (width - size) // 2
-    crop = resized[top : top + size, left : left + size].astype(np.float32) / 255.0
-    return (crop - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD
-
-
 def tokenize(tokenizer: Any, text: str, max_length: int = 77) -> np.ndarray:
     """int32 (max_length,) token ids of `text`, padded and truncated like the reference's text input."""
     ids = tokenizer(text, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
@@ -155,7 +139,7 @@ class Preprocessor:
         pixels, crop_top_left = target_image(image, self.resolution)
         example = {
             "pixel_values": pixels,
-            "clip_pixel_values": clip_image(image, self.clip_size),
+            "clip_pixel_values": clip_preprocess(image, self.clip_size)[0],
             "original_size": np.array([image.height, image.width], np.int32),
             "crop_top_left": crop_top_left,
             "target_size": np.array([self.resolution, self.resolution], np.int32),

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
@@ -208,3 +209,47 @@ def scaling_factor() -> np.float32:
     """The tiny VAE's latent scaling factor: 1 / std of its latents over the procedural data, measured by
     `tiny_base_train` (SD1.5's 0.18215 was measured the same way for its VAE)."""
     return np.float32(read_summary()["vae_scaling_factor"])
+
+
+def eval_clip(tiny: TinyBase, num_images: int = 2048, seed: int = 1) -> Any:
+    """An evaluation CLIP (`evaluation.clip_score.EvalCLIP`) for samples of the tiny base: the stand-in for the
+    paper's ViT-L/14 in the demo's and the tests' CLIP-I / CLIP-T.
+
+    Vision: the trained tiny image encoder (tower + projection). Text: the trained tiny text encoder; its
+    projection (a training-only head that `tiny_base_train` does not keep) is refitted here by least squares,
+    mapping each distinct caption's end-of-text state to the mean unit image embedding of `num_images`
+    procedural images of seed `seed` with that caption. Deterministic; a few seconds on a CPU.
+    """
+    from evaluation.clip_score import EvalCLIP
+    from ipadapter_jax.image_encoder import preprocess
+    from training import synthetic_data
+    from transformers import CLIPConfig
+    from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
+
+    images, captions = synthetic_data.sample(num_images, VAE["sample_size"], seed)
+    encode = jax.jit(lambda pixels: tiny.image_encoder.apply({"params": tiny.params["image_encoder"]}, pixels))
+    chunks = np.array_split(images, max(1, num_images // 256))
+    embeds = np.concatenate([np.asarray(encode(preprocess(list(chunk))).image_embeds) for chunk in chunks])
+    embeds /= np.linalg.norm(embeds, axis=-1, keepdims=True)
+    distinct = sorted(set(captions))
+    owner = np.array([distinct.index(c) for c in captions])
+    targets = np.stack([embeds[owner == k].mean(axis=0) for k in range(len(distinct))])
+    ids = tiny.tokenizer(distinct, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="np")
+    ids = ids.input_ids.astype(np.int32)
+    positions = np.broadcast_to(np.arange(TEXT_TOKENS), ids.shape)
+    text_params = {"params": tiny.params["text_encoder"]}
+    pooled = np.asarray(tiny.text_encoder.apply(text_params, ids, np.ones_like(ids), positions).pooler_output)
+    text_projection = np.linalg.lstsq(pooled, targets, rcond=None)[0].astype(np.float32)  # (text width, dim)
+
+    config = CLIPConfig(
+        text_config=tiny.text_encoder.config.to_dict(), vision_config=tiny.image_encoder.config.to_dict(),
+        projection_dim=IMAGE["projection_dim"],
+    )
+    params = {
+        "text_model": tiny.params["text_encoder"]["text_model"],
+        "text_projection": {"kernel": text_projection},
+        "vision_model": tiny.params["image_encoder"]["vision_model"],
+        "visual_projection": tiny.params["image_encoder"]["visual_projection"],
+        "logit_scale": np.float32(np.log(1 / 0.07)),  # unused by the metrics; the module declares it
+    }
+    return EvalCLIP(module=FlaxCLIPModule(config), params=params, tokenizer=tiny.tokenizer, max_length=TEXT_TOKENS)

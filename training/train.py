@@ -117,6 +117,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state_shardings = sharding.named_shardings(abstract_state, mesh, state_rules, min_size)
     frozen_shardings = sharding.named_shardings(frozen, mesh, sharding.fsdp_rules(config.mesh.shard_frozen), min_size)
     frozen = sharding.place(frozen, frozen_shardings)
+    comps.frozen = {}  # the placed copies are the ones used from here on: free the host ones (SD1.5 UNet: 3.4 GB)
 
     # Resume from the latest checkpoint of this workdir, if any.
     ckpt = checkpoint.manager(workdir, config.keep_checkpoints)
