@@ -12,6 +12,8 @@ Configs:
           batch 4, 32x32 latents, 77 text + 4 image tokens, fp32 (the JAX/PyTorch ratio);
   sd15    the SD1.5 UNet (859.5M params, random weights) at 256 px (32x32 latents), batch `--sd15-batch`,
           fp32 and bf16 compute (PyTorch: CPU autocast); params and optimizer state fp32 on both sides.
+JAX runs both with diffusers' default attention and with `config.model.memory_efficient_attention`
+("jax-chunked-attn": the attention scores are computed in chunks, never whole).
 Also: FLOPs of the SD1.5 UNet forward (64x64 latents, 77+4 tokens, batch 1) and of one SD1.5 training step
 from XLA's cost analysis of the compiled programs (abstract params: nothing allocated), vs REFERENCE.md s.4.
 
@@ -67,6 +69,7 @@ BENCH_UNET = dict(
 SD15_UNET = dict(BENCH_UNET, sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768)
 CONFIGS = {"bench": (BENCH_UNET, 32), "sd15": (SD15_UNET, 32)}  # (UNet kwargs, latent side)
 BENCH_BATCH, TOKENS, CLIP_DIM = 4, 77, 1024
+JAX_CHUNKED = "jax-chunked-attn"  # our step with config.model.memory_efficient_attention
 
 
 def median_seconds(fn, steps: int) -> float:
@@ -97,10 +100,13 @@ def adapter_inputs(cross: int, batch: int, latent: int, seed: int = 0) -> dict:
     }
 
 
-def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
-    """Our compiled train step (`training.step`, as `training/train.py` builds it) -> (step(), compile seconds)."""
+def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str, chunked_attention: bool = False):
+    """Our compiled train step (`training.step`, as `training/train.py` builds it) -> (step(), compile seconds).
+    `chunked_attention`: `config.model.memory_efficient_attention` (diffusers' chunked attention)."""
     cross = unet_kwargs["cross_attention_dim"]
-    unet = IPUNet2DConditionModel(**unet_kwargs, dtype=jnp.dtype(dtype))
+    unet = IPUNet2DConditionModel(
+        **unet_kwargs, dtype=jnp.dtype(dtype), use_memory_efficient_attention=chunked_attention
+    )
     abstract = abstract_params(unet, jnp.zeros((1, 4, latent, latent)), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, 1, cross)), image_tokens=jnp.zeros((1, 4, cross)))
     frozen_unet, ip_layers = split_unet_params(numpy_init(abstract, seed=0))  # params float32, as in training
@@ -188,8 +194,10 @@ def measure(framework: str, config: str, dtype: str, batch: int, steps: int) -> 
     """One (framework, config, dtype) measurement; runs in a fresh process so its peak memory is its own."""
     unet_kwargs, latent = CONFIGS[config]
     base_mib = memory_mib("VmRSS")
-    build = jax_step_fn if framework == "jax" else torch_step_fn
-    run, compile_s = build(unet_kwargs, batch, latent, dtype)
+    if framework == "torch":
+        run, compile_s = torch_step_fn(unet_kwargs, batch, latent, dtype)
+    else:
+        run, compile_s = jax_step_fn(unet_kwargs, batch, latent, dtype, chunked_attention=framework == JAX_CHUNKED)
     built_mib = memory_mib("VmRSS")
     run()  # warm-up (PyTorch allocator, XLA thunks)
     build_peak_mib = memory_mib("VmHWM")  # JAX: XLA's compilation is the peak here
@@ -268,21 +276,24 @@ def main() -> None:
         return
 
     load_average = os.getloadavg()
-    runs = [("jax", "bench", "float32", BENCH_BATCH), ("torch", "bench", "float32", BENCH_BATCH)]
+    runs = [(fw, "bench", "float32", BENCH_BATCH) for fw in ("jax", JAX_CHUNKED, "torch")]
     if not args.skip_sd15:
-        runs += [(fw, "sd15", dtype, args.sd15_batch) for dtype in ("float32", "bfloat16") for fw in ("jax", "torch")]
+        runs += [(fw, "sd15", "float32", args.sd15_batch) for fw in ("jax", JAX_CHUNKED, "torch")]
+        runs += [(fw, "sd15", "bfloat16", args.sd15_batch) for fw in ("jax", "torch")]
     rows = [measure_in_subprocess(*run, args.steps) for run in runs]
-    print(f"\n{'framework':<9} {'config':<6} {'dtype':<8} {'batch':>5} {'compile s':>9} {'step s':>8} "
+    print(f"\n{'framework':<16} {'config':<6} {'dtype':<8} {'batch':>5} {'compile s':>9} {'step s':>8} "
           f"{'images/s':>8} {'built MiB':>9} {'build peak':>10} {'step peak':>9}")
     for r in rows:
-        print(f"{r['framework']:<9} {r['config']:<6} {r['dtype']:<8} {r['batch']:>5} {r['compile_s']:>9.1f} "
+        print(f"{r['framework']:<16} {r['config']:<6} {r['dtype']:<8} {r['batch']:>5} {r['compile_s']:>9.1f} "
               f"{r['step_s']:>8.2f} {r['images_per_s']:>8.3f} {r['built_mib']:>9.0f} {r['build_peak_mib']:>10.0f} "
               f"{r['step_peak_mib']:>9.0f}")
     ratios = {}
-    for config, dtype, batch in {(r["config"], r["dtype"], r["batch"]) for r in rows}:
-        same = [r for r in rows if (r["config"], r["dtype"], r["batch"]) == (config, dtype, batch)]
-        pair = {r["framework"]: r["step_s"] for r in same}
-        ratios[f"{config}_{dtype}_jax_over_torch_step_time"] = pair["jax"] / pair["torch"]
+    for r in rows:
+        if r["framework"] != "torch":
+            torch_row = next(t for t in rows if t["framework"] == "torch" and
+                             (t["config"], t["dtype"], t["batch"]) == (r["config"], r["dtype"], r["batch"]))
+            key = f"{r['config']}_{r['dtype']}_{r['framework']}_over_torch_step_time"
+            ratios[key] = r["step_s"] / torch_row["step_s"]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"jax {jax.__version__} on {jax.devices()[0].device_kind}",

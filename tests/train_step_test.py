@@ -4,7 +4,8 @@ PyTorch side: diffusers' `UNet2DConditionModel` with the adapter loaded by diffu
 (`IPAdapterAttnProcessor2_0` + `ImageProjection`), noise added by diffusers' `DDPMScheduler.add_noise`,
 `F.mse_loss` against the noise, `torch.optim.AdamW(lr=1e-4, weight_decay=1e-2)` over the projection and the
 K'/V' weights. Flax side: `training.step.make_train_step`. Same weights, batch, noise, timesteps and drop
-decisions (the noise/timesteps are drawn with the step's own RNG derivation and handed to PyTorch).
+decisions (the noise/timesteps are drawn with the step's own RNG derivation and handed to PyTorch). The memory
+options (diffusers' chunked attention, remat) must give the same step.
 
 diffusers' Flax GEGLU uses the tanh GELU, its PyTorch twin the exact one (~6e-5 relative on the UNet output);
 the PyTorch reference is switched to tanh so this test measures the training step, not that known gap.
@@ -92,9 +93,14 @@ def setup():
     }
     schedule = learning_rate_schedule(1e-4)
     optimizer = make_optimizer(schedule, weight_decay=1e-2)
-    step = jax.jit(make_train_step(StepModels(unet, image_proj), optimizer, schedule, LossConfig()))
-    state = init_train_state(adapter, optimizer, seed=SEED)
-    new_state, metrics = step(state, frozen, batch)
+    steps = {}  # the default step and the memory options, which must not change the result
+    for option, models in {
+        "default": StepModels(unet, image_proj),
+        "memory_efficient_attention": StepModels(unet.clone(use_memory_efficient_attention=True), image_proj),
+        "remat": StepModels(unet, image_proj, remat=True),
+    }.items():
+        step = jax.jit(make_train_step(models, optimizer, schedule, LossConfig()))
+        steps[option] = step(init_train_state(adapter, optimizer, seed=SEED), frozen, batch)
 
     # --- PyTorch reference step, on the same noise and timesteps
     _, noise_key = split_step_key(jax.random.fold_in(jax.random.PRNGKey(SEED), 0))
@@ -118,8 +124,7 @@ def setup():
     torch_grads = _official_layout(torch_unet, lambda p: p.grad.numpy().copy())
     torch_opt.step()
     return dict(
-        metrics=metrics,
-        new_state=new_state,
+        steps=steps,
         torch_loss=float(torch_loss.detach()),
         torch_official=_official_layout(torch_unet, lambda p: p.detach().numpy()),
         torch_grads=torch_grads,
@@ -145,20 +150,27 @@ def _official_layout(torch_unet, read) -> dict:
     return out
 
 
-def test_loss_matches_pytorch_reference(setup):
-    assert abs(float(setup["metrics"]["loss"]) - setup["torch_loss"]) <= 1e-5 * abs(setup["torch_loss"])
+OPTIONS = ["default", "memory_efficient_attention", "remat"]
 
 
-def test_updated_adapter_matches_pytorch_adamw(setup):
+@pytest.mark.parametrize("option", OPTIONS)
+def test_loss_matches_pytorch_reference(setup, option):
+    _, metrics = setup["steps"][option]
+    assert abs(float(metrics["loss"]) - setup["torch_loss"]) <= 1e-5 * abs(setup["torch_loss"])
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_updated_adapter_matches_pytorch_adamw(setup, option):
     """Updated params within 1e-5 of max|param|, except where the gradient's sign is numerical noise.
 
     Adam's first step moves each weight by lr * g / (|g| + eps), i.e. +-lr whatever |g|: an element whose
     gradient is ~0 moves by +-lr with a sign decided by rounding, in both implementations. Such elements
     (|g| < 1e-3 max|g| of the tensor) are left out; they must be rare.
     """
+    new_state, _ = setup["steps"][option]
     ours = {
-        "image_proj": flax_to_official(jax.device_get(setup["new_state"].adapter["image_proj"])),
-        "ip_adapter": ip_layers_to_official(jax.device_get(setup["new_state"].adapter["ip_layers"])),
+        "image_proj": flax_to_official(jax.device_get(new_state.adapter["image_proj"])),
+        "ip_adapter": ip_layers_to_official(jax.device_get(new_state.adapter["ip_layers"])),
     }
     excluded = total = 0
     for section, reference in setup["torch_official"].items():
@@ -176,8 +188,8 @@ def test_updated_adapter_matches_pytorch_adamw(setup):
 
 
 def test_step_reports_health_metrics(setup):
-    metrics = setup["metrics"]
+    new_state, metrics = setup["steps"]["default"]
     assert int(metrics["finite"]) == 1
-    assert int(setup["new_state"].step) == 1
+    assert int(new_state.step) == 1
     assert float(metrics["learning_rate"]) == pytest.approx(1e-4)
     assert float(metrics["grad_norm"]) > 0

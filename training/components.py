@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -49,6 +50,12 @@ def alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float,
         num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule
     )
     return np.asarray(scheduler.create_state().common.alphas_cumprod, np.float32)
+
+
+def step_models(config: ml_collections.ConfigDict, unet: nn.Module, image_proj: nn.Module) -> StepModels:
+    """The modules the step applies, with `config.model`'s memory options (attention chunking, remat)."""
+    unet = unet.clone(use_memory_efficient_attention=config.model.memory_efficient_attention)
+    return StepModels(unet=unet, image_proj=image_proj, remat=config.model.remat)
 
 
 def load(config: ml_collections.ConfigDict, workdir: str) -> Components:
@@ -94,7 +101,7 @@ def _from_folders(config: ml_collections.ConfigDict, workdir: str) -> Components
         }
     schedule = {k: pipe.scheduler.config[k] for k in SD_SCHEDULE}
     return Components(
-        models=StepModels(unet=pipe.unet.module, image_proj=image_proj, remat=config.model.remat),
+        models=step_models(config, pipe.unet.module, image_proj),
         encoders=Encoders(
             vae=pipe.vae.module, text_encoders=tuple(m.module.module for m in text_models),
             image_encoder=image_encoder, variant=config.model.variant,
@@ -128,7 +135,7 @@ def _tiny(config: ml_collections.ConfigDict, workdir: str) -> Components:
     )
     frozen_unet, _ = split_unet_params(tiny.params["unet"])
     return Components(
-        models=StepModels(unet=unet, image_proj=image_proj, remat=config.model.remat),
+        models=step_models(config, unet, image_proj),
         encoders=Encoders(
             vae=tiny.vae, text_encoders=(tiny.text_encoder,), image_encoder=tiny.image_encoder, variant="base"
         ),

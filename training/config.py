@@ -25,6 +25,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model.prediction_type = "epsilon"  # "v_prediction" for SD2-768-style bases
     c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
     c.model.remat = False  # rematerialise UNet blocks in the backward pass (less memory, ~30% more compute)
+    # diffusers' chunked attention (Rabe & Staats, 2021): the (heads, L, L) self-attention scores are never held
+    # whole (SD1.5 at 512 px: 4096 tokens, 0.5 GB per example in fp32). Same step to 1e-5; on a CPU also
+    # faster where attention dominates (bench/train_bench.py: 1.5x on the REFERENCE UNet, 3% on SD1.5 at 256 px).
+    c.model.memory_efficient_attention = False
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # built TFDS dataset dir or embedding cache dir (`ipadapter-jax data build/cache`)
