@@ -387,7 +387,7 @@ class IPAdapterPipeline:
             "num_inference_steps": num_inference_steps,
             "height": height,
             "width": width,
-            "seed": None if latents_given else (seed if isinstance(seed, int) else [int(s) for s in seed]),
+            "seed": None if latents_given else _json_seed(seed),
             "latents_given": latents_given,
             "num_images_per_prompt": num_images_per_prompt,
             "scheduler": type(self.base.scheduler).__name__,
@@ -548,6 +548,10 @@ def _initial_noise(seed: int | Sequence[int], num_prompts: int, shape: tuple[int
         raise ValueError(f"seed: one per prompt ({num_prompts}) or a single int; got {len(seeds)}")
     per_prompt = (shape[0] // num_prompts,) + tuple(shape[1:])
     return jnp.concatenate([jax.random.normal(jax.random.PRNGKey(int(s)), per_prompt, jnp.float32) for s in seeds])
+
+
+def _json_seed(seed: int | Sequence[int]) -> int | list[int]:
+    return int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
 
 
 def _is_list(value: Any) -> bool:

@@ -159,3 +159,9 @@ def test_global_arrays_with_named_sharding(data):
         for value in batch.values():
             assert isinstance(value, jax.Array) and value.sharding == sharding
     _assert_batches_equal(got, expected)
+
+
+@pytest.mark.parametrize("threads", [0, 5])
+def test_threads_outside_the_prefetch_buffer_are_one_clear_error(data, threads):
+    with pytest.raises(ValueError, match=rf"num_threads must be between 1 and prefetch_buffer_size \(4\), got {threads}"):
+        data_loader.DataIterator(data, global_batch_size=4, seed=0, num_threads=threads, prefetch_buffer_size=4)

@@ -111,7 +111,8 @@ class DataIterator:
       sharding: NamedSharding of the global batch (batch dimension sharded); None yields local numpy batches.
       process_index, process_count: this process's shard; default `jax.process_index()/process_count()`.
         Explicit values simulate other processes (tests).
-      num_threads: threads preparing batches (per worker process); PIL decoding releases the GIL.
+      num_threads: threads preparing batches (per worker process), each a whole batch; PIL decoding releases
+        the GIL. At most `prefetch_buffer_size`: a thread needs a free buffer slot for its batch.
       prefetch_buffer_size: batches prepared ahead by the threads.
       worker_count: worker processes (grain `mp_prefetch`); 0 keeps everything in this process. The batches
         are the same for any worker count. Raw data on many-core hosts wants processes: threads share the
@@ -130,7 +131,7 @@ class DataIterator:
         sharding: jax.sharding.NamedSharding | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
-        num_threads: int = 8,
+        num_threads: int = 4,
         prefetch_buffer_size: int = 4,
         worker_count: int = 0,
     ):
@@ -157,6 +158,10 @@ class DataIterator:
             self.process_index,
         )
         self._sharding = sharding
+        if not 1 <= num_threads <= prefetch_buffer_size:
+            raise ValueError(
+                f"num_threads must be between 1 and prefetch_buffer_size ({prefetch_buffer_size}), got {num_threads}"
+            )
         self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
         self._worker_count = worker_count
         self._step = 0

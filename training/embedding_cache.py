@@ -173,7 +173,7 @@ def build_embedding_cache(
     devices: Sequence[jax.Device] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    num_threads: int = 8,
+    num_threads: int = 4,
     progress: bool = True,
 ) -> dict | None:
     """Encodes this process's share of the records of `raw_dir` into `out_dir`.
@@ -190,7 +190,8 @@ def build_embedding_cache(
       devices: devices of this process to shard the batch over (default: all local devices).
       process_index, process_count: this process's share (default from jax); explicit values simulate
         processes one after another (tests).
-      num_threads: host threads decoding and preprocessing images ahead of the encoders.
+      num_threads: host threads decoding and preprocessing images ahead of the encoders, a batch each (as many
+        batches are buffered).
       progress: show a progress bar (process 0 only).
     Returns:
       The cache info when this call completed the cache (all chunks present and this process finalises:
@@ -213,7 +214,7 @@ def build_embedding_cache(
     total = sum(min(chunk_size, num_records - c * chunk_size) for c in mine)
     bar = tqdm.tqdm(total=total, desc="embedding cache", unit="ex", disable=not progress or index != 0)
     rows = grain.MapDataset.range(num_records).map(_RawRow(source, preprocessor))
-    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
     for c in mine:
         batches = rows[c * chunk_size : (c + 1) * chunk_size].batch(batch_size).to_iter_dataset(read_options)
         _encode_chunk(run, batches, batch_size, keep, os.path.join(out_dir, files[c]), bar)
