@@ -14,10 +14,22 @@ Configs:
           fp32 and bf16 compute (PyTorch: CPU autocast); params and optimizer state fp32 on both sides.
 JAX runs both with diffusers' default attention and with `config.model.memory_efficient_attention`
 ("jax-chunked-attn": the attention scores are computed in chunks, never whole).
+
+`--gpu` (on a machine with one NVIDIA GPU) measures instead the SD1.5 UNet at 512 px (64x64 latents), bf16
+compute, batch `--gpu-batch` (the reference's 8 per device): PyTorch (CUDA autocast bf16, diffusers' default
+SDPA attention) vs our step with diffusers' attention, with `config.model.attention_implementation="cudnn"`
+("jax-cudnn-attn": cuDNN flash attention for self-attention) and chunked. Reported: images/s, device peak
+memory, achieved TFLOP/s and MFU = model FLOPs per step / step time / the chip's dense bf16 peak (H100/H200:
+989 TFLOP/s datasheet; `--peak-tflops`). Model FLOPs, the same work for every row: XLA's count of our lowered
+step with XLA attention where the backend gives one, else REFERENCE.md s.4's 1666 GFLOP per example (jax 0.11
+on GPU gives none for the lowered step, and its count after compilation misses cuDNN/cuBLAS calls).
+Measured on an H200: bench/train_bench_gpu.json (ours, both attention kernels) and train_bench_gpu_run1.json
+(PyTorch vs ours side by side; its cuDNN row predates the cross-attention fix).
 Also: FLOPs of the SD1.5 UNet forward (64x64 latents, 77+4 tokens, batch 1) and of one SD1.5 training step
 from XLA's cost analysis of the compiled programs (abstract params: nothing allocated), vs REFERENCE.md s.4.
 
     python bench/train_bench.py [--steps 3] [--sd15-batch 2] [--skip-sd15] [--out bench/train_bench.json]
+    python bench/train_bench.py --gpu [--steps 10] [--gpu-batch 8] [--deadline-s 480] [--frameworks torch,jax,...]
 
 The measurement processes inherit XLA_FLAGS, so XLA:CPU options can be compared with `--measure`, e.g.
 `XLA_FLAGS=--xla_cpu_experimental_onednn_custom_call=true python bench/train_bench.py --measure jax,bench,float32,4,3`
@@ -31,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -67,9 +80,16 @@ BENCH_UNET = dict(
     cross_attention_dim=256,
 )
 SD15_UNET = dict(BENCH_UNET, sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768)
-CONFIGS = {"bench": (BENCH_UNET, 32), "sd15": (SD15_UNET, 32)}  # (UNet kwargs, latent side)
+CONFIGS = {"bench": (BENCH_UNET, 32), "sd15": (SD15_UNET, 32), "sd15_512": (SD15_UNET, 64)}  # (UNet kwargs, latent)
 BENCH_BATCH, TOKENS, CLIP_DIM = 4, 77, 1024
 JAX_CHUNKED = "jax-chunked-attn"  # our step with config.model.memory_efficient_attention
+JAX_CUDNN = "jax-cudnn-attn"  # our step with config.model.attention_implementation = "cudnn"
+JAX_UNET_OPTIONS = {  # framework name -> the UNet options of `training.components.step_models`
+    "jax": {},
+    JAX_CHUNKED: {"use_memory_efficient_attention": True},
+    JAX_CUDNN: {"attention_implementation": "cudnn"},
+}
+DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # datasheet peaks (SXM), by a substring of the device kind
 
 
 def median_seconds(fn, steps: int) -> float:
@@ -100,13 +120,11 @@ def adapter_inputs(cross: int, batch: int, latent: int, seed: int = 0) -> dict:
     }
 
 
-def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str, chunked_attention: bool = False):
-    """Our compiled train step (`training.step`, as `training/train.py` builds it) -> (step(), compile seconds).
-    `chunked_attention`: `config.model.memory_efficient_attention` (diffusers' chunked attention)."""
+def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str, unet_options: dict):
+    """Our compiled train step (`training.step`, as `training/train.py` builds it) -> (step(), compile seconds,
+    FLOPs per step by XLA's cost analysis). `unet_options`: the attention options of `JAX_UNET_OPTIONS`."""
     cross = unet_kwargs["cross_attention_dim"]
-    unet = IPUNet2DConditionModel(
-        **unet_kwargs, dtype=jnp.dtype(dtype), use_memory_efficient_attention=chunked_attention
-    )
+    unet = IPUNet2DConditionModel(**unet_kwargs, dtype=jnp.dtype(dtype), **unet_options)
     abstract = abstract_params(unet, jnp.zeros((1, 4, latent, latent)), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, 1, cross)), image_tokens=jnp.zeros((1, 4, cross)))
     frozen_unet, ip_layers = split_unet_params(numpy_init(abstract, seed=0))  # params float32, as in training
@@ -130,23 +148,35 @@ def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str, chunked_
     frozen, cached = jax.device_put(frozen), jax.device_put(cached)
     holder = {"state": init_train_state(jax.device_put(adapter), optimizer, seed=0)}
     start = time.perf_counter()
-    compiled = step.lower(holder["state"], frozen, cached).compile()
+    lowered = step.lower(holder["state"], frozen, cached)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
     def run():
         holder["state"], metrics = compiled(holder["state"], frozen, cached)
         jax.block_until_ready(metrics["loss"])
 
-    return run, compile_s
+    return run, compile_s, cost_flops(lowered)
+
+
+def cost_flops(program: jax.stages.Lowered | jax.stages.Compiled) -> float:
+    """FLOPs of a program by XLA's cost analysis. Count the lowered program for model FLOPs: after compilation
+    XLA:GPU's convolutions and matmuls are library calls that count 0 (an SD1.5 step: 1.7 TFLOP for batch 8),
+    as do cuDNN attention calls before and after."""
+    analysis = program.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"]) if analysis else None
 
 
 def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
     """The PyTorch reference step (REFERENCE.md s.3's loop body): diffusers UNet + IPAdapterAttnProcessor2_0 +
-    AdamW on the projection and K'/V'; `dtype` bfloat16 = CPU autocast, as the reference's mixed precision."""
+    AdamW on the projection and K'/V', on the GPU when there is one; `dtype` bfloat16 = autocast, as the
+    reference's mixed precision (fp32 weights)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_kwargs)
     cross = unet_kwargs["cross_attention_dim"]
@@ -164,6 +194,7 @@ def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
             official["ip_adapter"][f"{layer_id}.to_k_ip.weight"] = attn.to_k.weight.detach().numpy().copy()
             official["ip_adapter"][f"{layer_id}.to_v_ip.weight"] = attn.to_v.weight.detach().numpy().copy()
     unet._load_ip_adapter_weights([{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}])
+    unet.to(device)
     unet.train()
     unet.requires_grad_(False)
     trained = [p for n, p in unet.named_parameters() if "to_k_ip" in n or "to_v_ip" in n or "encoder_hid_proj" in n]
@@ -171,13 +202,13 @@ def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
     scheduler = DDPMScheduler(**SD_SCHEDULE)
-    inputs = {k: torch.from_numpy(v) for k, v in adapter_inputs(cross, batch, latent).items()}
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in adapter_inputs(cross, batch, latent).items()}
     latents = inputs["latent_mean"] * 0.18215
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def run():
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
         with autocast:
             pred = unet(noisy, t, inputs["text_embeds"],
@@ -186,8 +217,10 @@ def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    return run, 0.0
+    return run, 0.0, None
 
 
 def measure(framework: str, config: str, dtype: str, batch: int, steps: int) -> dict:
@@ -195,9 +228,9 @@ def measure(framework: str, config: str, dtype: str, batch: int, steps: int) -> 
     unet_kwargs, latent = CONFIGS[config]
     base_mib = memory_mib("VmRSS")
     if framework == "torch":
-        run, compile_s = torch_step_fn(unet_kwargs, batch, latent, dtype)
+        run, compile_s, flops = torch_step_fn(unet_kwargs, batch, latent, dtype)
     else:
-        run, compile_s = jax_step_fn(unet_kwargs, batch, latent, dtype, chunked_attention=framework == JAX_CHUNKED)
+        run, compile_s, flops = jax_step_fn(unet_kwargs, batch, latent, dtype, JAX_UNET_OPTIONS[framework])
     built_mib = memory_mib("VmRSS")
     run()  # warm-up (PyTorch allocator, XLA thunks)
     build_peak_mib = memory_mib("VmHWM")  # JAX: XLA's compilation is the peak here
@@ -206,7 +239,8 @@ def measure(framework: str, config: str, dtype: str, batch: int, steps: int) -> 
     seconds = median_seconds(run, steps)
     return {
         "framework": framework, "config": config, "dtype": dtype, "batch": batch,
-        "compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds,
+        "compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds, "xla_flops": flops,
+        "device_peak_mib": device_peak_mib(framework),
         "built_mib": built_mib - base_mib,  # weights + optimizer state + batch (+ the compiled program)
         "build_peak_mib": build_peak_mib,  # whole process, interpreter and libraries included
         "step_peak_mib": memory_mib("VmHWM"),  # whole process, during the timed steps
@@ -214,13 +248,90 @@ def measure(framework: str, config: str, dtype: str, batch: int, steps: int) -> 
     }
 
 
-def measure_in_subprocess(*args) -> dict:
+def device_peak_mib(framework: str) -> float | None:
+    """Peak accelerator memory of this process (allocator statistics), MiB; None on a CPU."""
+    if framework == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    return stats["peak_bytes_in_use"] / 2**20 if stats else None
+
+
+def measure_in_subprocess(*args, timeout: float | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", ",".join(map(str, args))]
     print("  $", " ".join(cmd[2:]), flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gpu_bench(args: argparse.Namespace) -> None:
+    """SD1.5 at 512 px, bf16, on one GPU: PyTorch reference vs our step's attention kernels, with MFU.
+
+    Every measurement is its own process with a time limit inside `--deadline-s`; one that fails or runs out
+    of time is recorded with its error and the rest still run. The JSON is rewritten after each row."""
+    import torch
+
+    kind = jax.devices()[0].device_kind
+    peak = args.peak_tflops or next((v for k, v in DENSE_BF16_TFLOPS.items() if k in kind), None)
+    result = {
+        "machine": f"{kind}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+                   f"{os.cpu_count()} CPU cores",
+        "config": f"SD1.5 UNet, 512 px (64x64 latents), batch {args.gpu_batch}, bf16 compute, fp32 params",
+        "peak_dense_bf16_tflops": peak,
+        "runs": [],
+    }
+    start = time.monotonic()
+    for framework in args.frameworks.split(","):
+        left = args.deadline_s - (time.monotonic() - start)
+        row = {"framework": framework}
+        if left < 30:
+            row["error"] = "skipped: --deadline-s reached"
+        else:
+            try:
+                row = measure_in_subprocess(framework, "sd15_512", "bfloat16", args.gpu_batch, args.steps,
+                                            timeout=left)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                row["error"] = str(error)[-2000:]
+        result["runs"].append(row)
+        _gpu_summary(result)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"  {framework}: {row.get('images_per_s', row.get('error', ''))}", flush=True)
+    print(f"\n{'framework':<18} {'step ms':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
+          f"{'compile s':>9}")
+    for r in result["runs"]:
+        if "error" in r:
+            lines = r["error"].strip().splitlines()
+            reason = next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", line)), lines[-1])
+            print(f"{r['framework']:<18} failed: {reason[:110]}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        tflops = f"{r['achieved_tflops']:.1f}" if r.get("achieved_tflops") is not None else "-"
+        print(f"{r['framework']:<18} {r['step_s'] * 1e3:>8.1f} {r['images_per_s']:>9.2f} {tflops:>8} {mfu:>6} "
+              f"{(r['device_peak_mib'] or 0) / 1024:>9.1f} {r['compile_s']:>9.1f}")
+    for key, value in result.items():
+        if key.endswith("_over_torch_images_per_s") or key == "model_gflop_per_step":
+            print(f"{key:<45}  {value:.3f}")
+    print(f"wrote {args.out}")
+
+
+def _gpu_summary(result: dict) -> None:
+    """Adds the model FLOPs (see the module docstring), achieved TFLOP/s, MFU and ratios to torch's row."""
+    rows = [r for r in result["runs"] if "error" not in r]
+    model_flops = next((r["xla_flops"] for r in rows if r["framework"] == "jax"), None)
+    if model_flops is None:  # no XLA-attention row: REFERENCE.md s.4's count, 1666 GFLOP per 512 px example
+        model_flops = 1666e9 * next((r["batch"] for r in rows), 0) or None
+    result["model_gflop_per_step"] = model_flops / 1e9 if model_flops else None
+    torch_row = next((r for r in rows if r["framework"] == "torch"), None)
+    for r in rows:
+        r["achieved_tflops"] = model_flops / r["step_s"] / 1e12 if model_flops else None
+        r["mfu"] = r["achieved_tflops"] / result["peak_dense_bf16_tflops"] if (
+            r["achieved_tflops"] and result["peak_dense_bf16_tflops"]) else None
+        if torch_row is not None and r is not torch_row:
+            result[f"{r['framework']}_over_torch_images_per_s"] = r["images_per_s"] / torch_row["images_per_s"]
 
 
 def bench_sd15_flops() -> dict:
@@ -246,9 +357,7 @@ def bench_sd15_flops() -> dict:
         return jax.grad(loss)(ip_layers)
 
     def flops(fn, *args) -> float:
-        analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        return float(analysis["flops"])
+        return cost_flops(jax.jit(fn).lower(*args).compile())
 
     frozen, ip_layers = split_unet_params(abstract)
     forward_flops = flops(forward, abstract, sample, t, text, tokens)
@@ -267,12 +376,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--sd15-batch", type=int, default=2)
     parser.add_argument("--skip-sd15", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="SD1.5 512 px bf16 on one GPU, with MFU")
+    parser.add_argument("--gpu-batch", type=int, default=8)
+    parser.add_argument("--frameworks", default=f"torch,{JAX_CUDNN},jax,{JAX_CHUNKED}", help="--gpu: rows, in order")
+    parser.add_argument("--deadline-s", type=float, default=480.0, help="--gpu: time for all its measurements")
+    parser.add_argument("--peak-tflops", type=float, help="--gpu: the chip's dense bf16 peak (default by kind)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: framework,config,dtype,batch,steps
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "train_bench.json"))
+    parser.add_argument("--out", help="JSON output (default bench/train_bench.json; --gpu: train_bench_gpu.json)")
     args = parser.parse_args()
     if args.measure:
         framework, config, dtype, batch, steps = args.measure.split(",")
         print(json.dumps(measure(framework, config, dtype, int(batch), int(steps))))
+        return
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "train_bench_gpu.json" if args.gpu
+                                        else "train_bench.json")
+    if args.gpu:
+        gpu_bench(args)
         return
 
     load_average = os.getloadavg()

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ipadapter_jax.generate_cli import SCHEDULERS
+from ipadapter_jax.generate_cli import ATTENTION_IMPLEMENTATIONS, SCHEDULERS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="default ddim (the paper's)")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="generation dtype")
     models.add_argument("--cache-dir", help="keep converted Flax params of the base model here")
+    models.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="diffusers",
+                        help="UNet attention kernel; cudnn: cuDNN flash attention (NVIDIA GPUs, bfloat16)")
     sampling = run.add_argument_group("sampling (defaults: the paper's)")
     sampling.add_argument("--scale", type=float, action="append", help="IP-Adapter scale (default 1.0); repeat "
                           "for a sweep")
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     pipe = IPAdapterPipeline.from_pretrained(
         args.base, args.adapter, args.image_encoder, scheduler=args.scheduler, dtype=args.dtype,
-        cache_dir=args.cache_dir, progress=not args.quiet,
+        cache_dir=args.cache_dir, progress=not args.quiet, attention_implementation=args.attention,
     )
     scorer = CLIPScorer(load_eval_clip(args.eval_clip), batch_size=args.score_batch)
     identity = {

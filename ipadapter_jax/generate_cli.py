@@ -27,6 +27,7 @@ from typing import Any
 
 SCHEDULERS = ("ddim", "dpm-solver++", "euler")  # = ipadapter_jax.pipeline.SCHEDULERS (not imported: slow import)
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn")  # = ipadapter_jax.unet's (not imported: slow import)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="default ddim (the paper's)")
     models.add_argument("--dtype", choices=DTYPES, default="float32", help="computation dtype (params stay float32)")
     models.add_argument("--cache-dir", help="keep converted Flax params here (later runs skip the conversion)")
+    models.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="diffusers",
+                        help="UNet attention kernel; cudnn: cuDNN flash attention (NVIDIA GPUs, bfloat16)")
 
     prompt = parser.add_argument_group("prompt")
     prompt.add_argument("--image", action="append", required=True, help="image prompt; repeat for several images")
@@ -103,7 +106,7 @@ def generate(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
     pipe = IPAdapterPipeline.from_pretrained(
         args.base, args.adapter, args.image_encoder, scheduler=args.scheduler, dtype=args.dtype,
-        cache_dir=args.cache_dir, controlnet=args.controlnet,
+        cache_dir=args.cache_dir, controlnet=args.controlnet, attention_implementation=args.attention,
     )
     load_s = time.perf_counter() - start
     result = pipe(

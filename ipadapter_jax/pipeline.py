@@ -46,6 +46,7 @@ from ipadapter_jax.image_prompt import ImageInput, ImagePromptEncoder, as_image_
 from ipadapter_jax.sampling import Sampler, SamplingInputs, local_mesh, replicated
 from ipadapter_jax.scales import ScaleSpec, ip_scale_tree
 from ipadapter_jax.text_conditioning import PromptEncoder, TextEncoder
+from ipadapter_jax.unet import ATTENTION_IMPLEMENTATIONS
 
 # Scheduler names of the loaders and CLIs -> `conversion.diffusers_models.load_scheduler` kinds.
 SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "euler"}
@@ -176,6 +177,7 @@ class IPAdapterPipeline:
         controlnet: str | os.PathLike | None = None,
         devices: Sequence[jax.Device] | None = None,
         progress: bool = True,
+        attention_implementation: str = "diffusers",
     ) -> IPAdapterPipeline:
         """The pipeline from files, as the users' PyTorch side has them.
 
@@ -190,6 +192,8 @@ class IPAdapterPipeline:
           cache_dir: keep the converted Flax params here (later loads skip the conversion).
           controlnet: a diffusers `ControlNetModel` folder (SD1.5/SD2 family).
           progress: a progress bar over the base model's components.
+          attention_implementation: the UNet's attention kernel, "diffusers", "xla" or "cudnn" (NVIDIA GPUs with
+            bf16: cuDNN flash attention); see `ipadapter_jax.unet.Attention`.
         Raises:
           ValueError (ConversionError): a missing or malformed file, or models that do not fit each other.
           OSError: unreadable files.
@@ -203,6 +207,10 @@ class IPAdapterPipeline:
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
+        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention_implementation!r}"
+            )
         dtype = jnp.dtype(dtype)
         base, cache = Path(base), None if cache_dir is None else Path(cache_dir)
         loaded = load_pipeline(base, scheduler=SCHEDULERS[scheduler], dtype=dtype, cache_dir=cache, progress=progress)
@@ -212,6 +220,9 @@ class IPAdapterPipeline:
         except json.JSONDecodeError as err:
             raise ValueError(f"{index_path}: not valid JSON ({err})") from None
         base_model = BaseModel.from_flax_pipeline(loaded, index.get("force_zeros_for_empty_prompt"))
+        base_model = dataclasses.replace(
+            base_model, unet=base_model.unet.clone(attention_implementation=attention_implementation)
+        )
         encoder, encoder_params = load_clip_image_encoder(image_encoder, dtype=dtype)
         unet_shapes = abstract_ip_unet_params(base_model.unet)
         if Path(adapter).suffix == ".msgpack":

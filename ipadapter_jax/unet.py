@@ -62,15 +62,64 @@ class IPContext:
     image_tokens: jax.Array
 
 
-class IPAttention(FlaxAttention):
-    """diffusers' `FlaxAttention` plus the image branch of decoupled cross-attention.
+ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn")
+
+
+class Attention(FlaxAttention):
+    """diffusers' `FlaxAttention` with a choice of attention kernel; same params, same math.
+
+    `attention_implementation`:
+      "diffusers"  diffusers' own `__call__` (einsum attention, or its chunked variant with
+                   `use_memory_efficient_attention`);
+      "xla"        `jax.nn.dot_product_attention(implementation="xla")`;
+      "cudnn"      self-attention through `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused
+                   flash attention, which never holds the (heads, L, L) scores; cross-attention through XLA (its
+                   L x 77 scores are small, and jax's cuDNN training path rejects odd key lengths such as 77).
+                   NVIDIA GPUs only, bf16/fp16 compute, head dim a multiple of 8 and at most 128 (256 on Hopper):
+                   SD1.5's 40/80/160 and SDXL's 64 fit on an H100.
+    """
+
+    attention_implementation: str = "diffusers"
+
+    def setup(self) -> None:
+        super().setup()
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.attention_implementation!r}"
+            )
+        if self.attention_implementation != "diffusers" and self.use_memory_efficient_attention:
+            raise ValueError(
+                "use_memory_efficient_attention is diffusers' chunked kernel; it cannot be combined with "
+                f"attention_implementation={self.attention_implementation!r} (a kernel of its own)"
+            )
+
+    def __call__(self, hidden_states: jax.Array, context: Any = None, deterministic: bool = True) -> jax.Array:
+        """hidden_states (B, L, query_dim); context (B, T, D) or None (self-attention) -> (B, L, query_dim)."""
+        if self.attention_implementation == "diffusers":
+            return super().__call__(hidden_states, context, deterministic=deterministic)
+        implementation = "xla" if context is not None else self.attention_implementation
+        context = hidden_states if context is None else context
+        batch = hidden_states.shape[0]
+        heads = (self.heads, self.dim_head)
+        query = self.query(hidden_states).reshape(batch, -1, *heads)
+        key = self.key(context).reshape(batch, -1, *heads)
+        value = self.value(context).reshape(batch, -1, *heads)
+        attended = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+        attended = self.proj_attn(attended.reshape(batch, -1, self.heads * self.dim_head))
+        return self.dropout_layer(attended, deterministic=deterministic)
+
+
+class IPAttention(Attention):
+    """`Attention` plus the image branch of decoupled cross-attention.
 
     Params added: `to_k_ip/kernel`, `to_v_ip/kernel`, each (cross_attention_dim, heads * dim_head).
 
-    The text branch is diffusers' own `__call__` (including its `split_head_dim` and memory-efficient
-    variants). `to_out` is affine, so `to_out(a + s * b) == to_out(a) + s * (b @ W_out)`: the image branch is
-    added after diffusers' output projection using `to_out`'s kernel alone. With `s == 0` the result is the
-    text branch bit for bit. The image branch uses the same heads/head_dim and no mask, like the reference.
+    The text branch is `Attention.__call__` (by default diffusers' own, including its `split_head_dim` and
+    memory-efficient variants). `to_out` is affine, so `to_out(a + s * b) == to_out(a) + s * (b @ W_out)`: the
+    image branch is added after diffusers' output projection using `to_out`'s kernel alone. With `s == 0` the
+    result is the text branch bit for bit. The image branch uses the same heads/head_dim and no mask, like the
+    reference; its 4-16 keys make it cheap whatever the kernel, so it always uses XLA's.
     Dropout (0 in every Stable Diffusion config) is applied by diffusers to the text branch only.
     """
 
@@ -106,28 +155,30 @@ class IPAttention(FlaxAttention):
         return attended @ out_kernel
 
 
-class _SwapChildren:
+class _SwapChildren(nn.Module):
     """Mixin for a Flax container: as its (diffusers) `setup` attaches a child, swap in our subclass.
 
     `_SWAPS` maps an attribute name to {diffusers class: our subclass}. A child created in `setup` without a
     name is not registered until it is assigned to an attribute (Flax defers it), so here it can still be
-    exchanged for an instance of the subclass with identical dataclass fields.
+    exchanged for an instance of the subclass with identical dataclass fields. Fields that only our subclasses
+    declare (`attention_implementation`) are handed down from the container, which declares them too.
     """
 
     _SWAPS: ClassVar[dict[str, dict[type, type]]] = {}
+    attention_implementation: str = "diffusers"  # see `Attention`
 
     @nn.nowrap
     def __setattr__(self, name: str, value: Any) -> None:
         table = type(self)._SWAPS.get(name)
         if table:
             if isinstance(value, (list, tuple)):
-                value = type(value)(_swap(child, table) for child in value)
+                value = type(value)(_swap(child, table, self) for child in value)
             else:
-                value = _swap(value, table)
+                value = _swap(value, table, self)
         super().__setattr__(name, value)
 
 
-def _swap(child: Any, table: dict[type, type]) -> Any:
+def _swap(child: Any, table: dict[type, type], container: Any) -> Any:
     new_class = table.get(type(child))
     if new_class is None:
         return child
@@ -135,13 +186,15 @@ def _swap(child: Any, table: dict[type, type]) -> Any:
     fields = {
         f.name: getattr(child, f.name) for f in dataclasses.fields(child) if f.init and f.name not in ("parent", "name")
     }
-    return new_class(**fields, parent=child.parent)
+    ours = {f.name for f in dataclasses.fields(new_class) if f.init and f.name not in ("parent", "name")} - set(fields)
+    return new_class(**fields, **{name: getattr(container, name) for name in ours}, parent=child.parent)
 
 
 class IPBasicTransformerBlock(_SwapChildren, FlaxBasicTransformerBlock):
-    """`FlaxBasicTransformerBlock` whose attn2 (cross-attention) is an `IPAttention`; attn1 is unchanged."""
+    """`FlaxBasicTransformerBlock` whose attn1 (self-attention) is an `Attention` and attn2 (cross-attention) an
+    `IPAttention`."""
 
-    _SWAPS = {"attn2": {FlaxAttention: IPAttention}}
+    _SWAPS = {"attn1": {FlaxAttention: Attention}, "attn2": {FlaxAttention: IPAttention}}
 
 
 class IPTransformer2DModel(_SwapChildren, FlaxTransformer2DModel):

@@ -123,12 +123,12 @@ def run_torch(models: Models, case: Case, **extra) -> np.ndarray:
         ).images
 
 
-def run_flax(models: Models, case: Case, **extra) -> np.ndarray:
+def run_flax(models: Models, case: Case, pipe: IPAdapterPipeline | None = None, **extra) -> np.ndarray:
     if case.controlnet:
         extra.update(control_image=CONTROL_IMAGE, controlnet_conditioning_scale=0.8)
     if "image_embeds" not in extra:
         extra["image"] = list(case.images)
-    out = models.flax(case.variant, case.controlnet)(
+    out = (pipe or models.flax(case.variant, case.controlnet))(
         prompt=case.prompt,
         negative_prompt=case.negative_prompt,
         scale=case.scale,
@@ -159,6 +159,22 @@ def test_sd15_matches_diffusers(sd15: Models, name: str):
 def test_sdxl_matches_diffusers(sdxl: Models, name: str):
     case = SDXL_CASES[name]
     assert_images_close(run_flax(sdxl, case), run_torch(sdxl, case))
+
+
+def test_from_pretrained_with_xla_attention_matches_diffusers(sd15: Models):
+    """`from_pretrained(attention_implementation="xla")`: the UNet attends with jax.nn.dot_product_attention."""
+    case = SD15_CASES["text_and_image"]
+    pipe = IPAdapterPipeline.from_pretrained(
+        sd15.folder, tu.adapter_file(sd15.folder, case.variant), sd15.folder / "image_encoder",
+        attention_implementation="xla", progress=False,
+    )
+    assert pipe.base.unet.attention_implementation == "xla"
+    assert_images_close(run_flax(sd15, case, pipe=pipe), run_torch(sd15, case))
+
+
+def test_from_pretrained_with_an_unknown_attention_kernel_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"attention_implementation must be one of .*'cudnn'\), got 'flash'"):
+        IPAdapterPipeline.from_pretrained(tmp_path, "a.safetensors", tmp_path, attention_implementation="flash")
 
 
 def test_negative_image_matches_diffusers_negative_embeddings(sd15: Models):

@@ -29,6 +29,8 @@ from ipadapter_jax.adapter import split_unet_params
 from ipadapter_jax.random_init import abstract_params
 from ipadapter_jax.unet import IPUNet2DConditionModel
 from tests import tiny
+from training.components import step_models
+from training.config import get_config
 from training.step import (
     LossConfig,
     StepModels,
@@ -93,11 +95,18 @@ def setup():
     }
     schedule = learning_rate_schedule(1e-4)
     optimizer = make_optimizer(schedule, weight_decay=1e-2)
-    steps = {}  # the default step and the memory options, which must not change the result
+    steps = {}  # the default step, the attention kernels and remat, which must not change the result
+
+    def configured(**model_options) -> StepModels:  # as training/train.py builds them from config.model
+        config = get_config("tiny")
+        config.model.update(model_options)
+        return step_models(config, unet, image_proj)
+
     for option, models in {
-        "default": StepModels(unet, image_proj),
-        "memory_efficient_attention": StepModels(unet.clone(use_memory_efficient_attention=True), image_proj),
-        "remat": StepModels(unet, image_proj, remat=True),
+        "default": configured(),
+        "memory_efficient_attention": configured(memory_efficient_attention=True),
+        "xla_attention": configured(attention_implementation="xla"),
+        "remat": configured(remat=True),
     }.items():
         step = jax.jit(make_train_step(models, optimizer, schedule, LossConfig()))
         steps[option] = step(init_train_state(adapter, optimizer, seed=SEED), frozen, batch)
@@ -150,7 +159,7 @@ def _official_layout(torch_unet, read) -> dict:
     return out
 
 
-OPTIONS = ["default", "memory_efficient_attention", "remat"]
+OPTIONS = ["default", "memory_efficient_attention", "xla_attention", "remat"]
 
 
 @pytest.mark.parametrize("option", OPTIONS)

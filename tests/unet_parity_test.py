@@ -228,13 +228,11 @@ def test_changing_scale_does_not_recompile(case: Case):
     assert case.predict._cache_size() == compiled
 
 
-def test_bf16_compute_stays_close_to_fp32(case: Case):
-    """`dtype=bfloat16` computes in bf16 with the same fp32 params; noise prediction within 2e-2 relative."""
-    bf16 = IPUNet2DConditionModel(**case.config, dtype=jnp.bfloat16)
-    tokens = case.torch_image_tokens(case.image_embeds(1))
+def predict_with(case: Case, unet: IPUNet2DConditionModel, image_tokens: np.ndarray, dtype=jnp.float32) -> jax.Array:
+    """`unet` (another module over the case's params) at scale 1.0, text and image tokens cast to `dtype`."""
     added = None if case.added is None else {k: jnp.asarray(v) for k, v in case.added.items()}
-    out = jax.jit(
-        lambda p, s, x, t, c, i: bf16.apply(
+    return jax.jit(
+        lambda p, s, x, t, c, i: unet.apply(
             {"params": p, "ip_scale": s}, x, t, c, added_cond_kwargs=added, image_tokens=i
         ).sample
     )(
@@ -242,11 +240,41 @@ def test_bf16_compute_stays_close_to_fp32(case: Case):
         ip_scale_tree(case.params, 1.0),
         jnp.asarray(case.sample),
         jnp.asarray(case.timesteps),
-        jnp.asarray(case.text, jnp.bfloat16),
-        jnp.asarray(tokens, jnp.bfloat16),
+        jnp.asarray(case.text, dtype),
+        jnp.asarray(image_tokens, dtype),
     )
+
+
+def test_bf16_compute_stays_close_to_fp32(case: Case):
+    """`dtype=bfloat16` computes in bf16 with the same fp32 params; noise prediction within 2e-2 relative."""
+    tokens = case.torch_image_tokens(case.image_embeds(1))
+    out = predict_with(case, IPUNet2DConditionModel(**case.config, dtype=jnp.bfloat16), tokens, jnp.bfloat16)
     assert out.dtype == jnp.bfloat16
     assert_close(np.asarray(out, np.float32), case.flax_predict(tokens, 1.0), rtol=2e-2)
+
+
+def test_xla_attention_kernel_matches_diffusers(case: Case):
+    """`attention_implementation="xla"` (jax.nn.dot_product_attention in attn1 and attn2) == diffusers PyTorch."""
+    embeds = case.image_embeds(1)
+    unet = IPUNet2DConditionModel(**case.config, attention_implementation="xla")
+    out = predict_with(case, unet, case.torch_image_tokens(embeds))
+    assert_close(np.asarray(out), case.torch_predict(embeds, 1.0))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"attention_implementation": "flash"}, r"attention_implementation must be one of \('diffusers', 'xla', "
+                                                r"'cudnn'\), got 'flash'"),
+        ({"attention_implementation": "xla", "use_memory_efficient_attention": True},
+         r"use_memory_efficient_attention .* cannot be combined with attention_implementation='xla'"),
+    ],
+)
+def test_bad_attention_options_are_one_clear_error(options: dict, message: str):
+    unet = IPUNet2DConditionModel(**tiny.SD15_TINY, **options)
+    with pytest.raises(ValueError, match=message):
+        abstract_params(unet, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2, 32)),
+                        image_tokens=jnp.zeros((1, 4, 32)))
 
 
 def _flat(tree) -> dict:

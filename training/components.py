@@ -53,8 +53,11 @@ def alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float,
 
 
 def step_models(config: ml_collections.ConfigDict, unet: nn.Module, image_proj: nn.Module) -> StepModels:
-    """The modules the step applies, with `config.model`'s memory options (attention chunking, remat)."""
-    unet = unet.clone(use_memory_efficient_attention=config.model.memory_efficient_attention)
+    """The modules the step applies, with `config.model`'s attention kernel and memory options (remat)."""
+    unet = unet.clone(
+        use_memory_efficient_attention=config.model.memory_efficient_attention,
+        attention_implementation=config.model.attention_implementation,
+    )
     return StepModels(unet=unet, image_proj=image_proj, remat=config.model.remat)
 
 

@@ -29,6 +29,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # whole (SD1.5 at 512 px: 4096 tokens, 0.5 GB per example in fp32). Same step to 1e-5; on a CPU also
     # faster where attention dominates (bench/train_bench.py: 1.5x on the REFERENCE UNet, 3% on SD1.5 at 256 px).
     c.model.memory_efficient_attention = False
+    # The attention kernel of the UNet's self- and cross-attention (`ipadapter_jax.unet.Attention`): "diffusers"
+    # (its einsum attention, or the chunked one above), "xla" (jax.nn.dot_product_attention) or "cudnn" (cuDNN's
+    # fused flash attention: NVIDIA GPUs, bf16; on an H200 1.57x the default's images/s with a third of its memory,
+    # bench/train_bench.py --gpu). "xla" is tested to give the PyTorch reference step to 1e-5.
+    c.model.attention_implementation = "diffusers"
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # built TFDS dataset dir or embedding cache dir (`ipadapter-jax data build/cache`)
