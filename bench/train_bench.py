@@ -159,10 +159,10 @@ def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str, unet_opt
     return run, compile_s, cost_flops(lowered)
 
 
-def cost_flops(program: jax.stages.Lowered | jax.stages.Compiled) -> float:
+def cost_flops(program: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
     """FLOPs of a program by XLA's cost analysis. Count the lowered program for model FLOPs: after compilation
     XLA:GPU's convolutions and matmuls are library calls that count 0 (an SD1.5 step: 1.7 TFLOP for batch 8),
-    as do cuDNN attention calls before and after."""
+    as do cuDNN attention calls before and after. None where the backend gives no analysis."""
     analysis = program.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"]) if analysis else None

@@ -46,7 +46,7 @@ from ipadapter_jax.image_prompt import ImageInput, ImagePromptEncoder, as_image_
 from ipadapter_jax.sampling import Sampler, SamplingInputs, local_mesh, replicated
 from ipadapter_jax.scales import ScaleSpec, ip_scale_tree
 from ipadapter_jax.text_conditioning import PromptEncoder, TextEncoder
-from ipadapter_jax.unet import ATTENTION_IMPLEMENTATIONS
+from ipadapter_jax.unet import check_attention_implementation
 
 # Scheduler names of the loaders and CLIs -> `conversion.diffusers_models.load_scheduler` kinds.
 SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "euler"}
@@ -207,10 +207,7 @@ class IPAdapterPipeline:
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
-        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention_implementation!r}"
-            )
+        check_attention_implementation(attention_implementation)  # before loading gigabytes
         dtype = jnp.dtype(dtype)
         base, cache = Path(base), None if cache_dir is None else Path(cache_dir)
         loaded = load_pipeline(base, scheduler=SCHEDULERS[scheduler], dtype=dtype, cache_dir=cache, progress=progress)

@@ -65,6 +65,12 @@ class IPContext:
 ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn")
 
 
+def check_attention_implementation(name: str) -> None:
+    """ValueError unless `name` is one of `ATTENTION_IMPLEMENTATIONS`."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+
+
 class Attention(FlaxAttention):
     """diffusers' `FlaxAttention` with a choice of attention kernel; same params, same math.
 
@@ -83,11 +89,7 @@ class Attention(FlaxAttention):
 
     def setup(self) -> None:
         super().setup()
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                f"got {self.attention_implementation!r}"
-            )
+        check_attention_implementation(self.attention_implementation)
         if self.attention_implementation != "diffusers" and self.use_memory_efficient_attention:
             raise ValueError(
                 "use_memory_efficient_attention is diffusers' chunked kernel; it cannot be combined with "
@@ -98,16 +100,24 @@ class Attention(FlaxAttention):
         """hidden_states (B, L, query_dim); context (B, T, D) or None (self-attention) -> (B, L, query_dim)."""
         if self.attention_implementation == "diffusers":
             return super().__call__(hidden_states, context, deterministic=deterministic)
-        implementation = "xla" if context is not None else self.attention_implementation
-        context = hidden_states if context is None else context
+        if context is None:
+            attended = self.attend(hidden_states, hidden_states, self.key, self.value, self.attention_implementation)
+        else:
+            attended = self.attend(hidden_states, context, self.key, self.value, "xla")
+        return self.dropout_layer(self.proj_attn(attended), deterministic=deterministic)
+
+    def attend(
+        self, hidden_states: jax.Array, context: jax.Array, to_k: nn.Module, to_v: nn.Module, implementation: str
+    ) -> jax.Array:
+        """Multi-head `Attn(to_q(hidden_states), to_k(context), to_v(context))` with `jax.nn.dot_product_attention`
+        (scale dim_head**-0.5), before the output projection: (B, L, heads * dim_head)."""
         batch = hidden_states.shape[0]
         heads = (self.heads, self.dim_head)
         query = self.query(hidden_states).reshape(batch, -1, *heads)
-        key = self.key(context).reshape(batch, -1, *heads)
-        value = self.value(context).reshape(batch, -1, *heads)
+        key = to_k(context).reshape(batch, -1, *heads)
+        value = to_v(context).reshape(batch, -1, *heads)
         attended = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
-        attended = self.proj_attn(attended.reshape(batch, -1, self.heads * self.dim_head))
-        return self.dropout_layer(attended, deterministic=deterministic)
+        return attended.reshape(batch, -1, self.heads * self.dim_head)
 
 
 class IPAttention(Attention):
@@ -143,13 +153,7 @@ class IPAttention(Attention):
         Q is diffusers' `to_q` of the same hidden states; under `jit` XLA's common-subexpression pass
         shares that matmul with the text branch.
         """
-        batch = hidden_states.shape[0]
-        heads = (self.heads, self.dim_head)
-        query = self.query(hidden_states).reshape(batch, -1, *heads)
-        key = self.to_k_ip(image_tokens).reshape(batch, -1, *heads)
-        value = self.to_v_ip(image_tokens).reshape(batch, -1, *heads)
-        attended = jax.nn.dot_product_attention(query, key, value)  # (B, L, heads, dim_head), scale dim_head**-0.5
-        attended = attended.reshape(batch, -1, self.heads * self.dim_head)
+        attended = self.attend(hidden_states, image_tokens, self.to_k_ip, self.to_v_ip, "xla")
         out_kernel = self.proj_attn.variables["params"]["kernel"]
         attended, out_kernel = nn.dtypes.promote_dtype(attended, out_kernel, dtype=self.dtype)
         return attended @ out_kernel

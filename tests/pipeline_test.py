@@ -424,6 +424,15 @@ def test_outputs_images_settings_and_grid(sd15: Models):
 # --- CLI -------------------------------------------------------------------------------------------------------
 
 
+def test_cli_choices_are_the_library_names():
+    """The CLIs hold copies of these names (the library modules import slowly); they must not drift."""
+    from ipadapter_jax.pipeline import SCHEDULERS
+    from ipadapter_jax.unet import ATTENTION_IMPLEMENTATIONS
+
+    assert set(generate_cli.SCHEDULERS) == set(SCHEDULERS)
+    assert generate_cli.ATTENTION_IMPLEMENTATIONS == ATTENTION_IMPLEMENTATIONS
+
+
 def test_generate_cli_writes_the_images_a_grid_and_every_setting(sd15: Models, tmp_path):
     image_path = tmp_path / "prompt.png"
     IMAGE.save(image_path)
