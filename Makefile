@@ -5,8 +5,10 @@ VENV := .venv
 # torch 2.13.0 is the CPU build on this machine's disk; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+# Tests and the demo run on the CPU, also where libtpu (the `tpu` extra, for compiling TPU programs) is installed.
+export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test demo
+.PHONY: venv test test-fast lint demo
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +19,18 @@ $(VENV)/.installed: setup.py
 
 venv: $(VENV)/.installed
 
+# The whole suite: what CI runs (.ci/run).
 test: venv
 	$(VENV)/bin/python -m pytest tests -q
+
+# The quick subset for development: no slow or multi-process tests (< 5 min on 2 cores).
+test-fast: venv
+	$(VENV)/bin/python -m pytest tests -q -m "not slow and not multiprocess"
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 # The main job on the embedded tiny default (training/demo.py): procedural data -> TFDS -> embedding cache ->
 # IP-Adapter training -> official export checked in diffusers -> image-prompted samples -> report in out/demo.
 demo: venv
-	$(VENV)/bin/python -m training.demo --out out/demo
+	$(VENV)/bin/python training/demo.py --out out/demo

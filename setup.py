@@ -33,7 +33,7 @@ extras_require = {
     # torch only reads `.bin` checkpoints and runs diffusers' PyTorch models in the parity tests. 2.13.0 is the
     # CPU build available on our development/CI machines; any 2.x that diffusers 0.39 supports works.
     "torch": ["torch>=2.4"],
-    "test": ["pytest>=8", "torch>=2.4"],
+    "test": ["pytest>=8", "torch>=2.4", "ruff>=0.6"],
 }
 
 setup(
@@ -41,9 +41,12 @@ setup(
     version="0.1.0",
     description="IP-Adapter (image prompt adapter for text-to-image diffusion) in JAX/Flax",
     python_requires=">=3.10",
-    packages=find_packages(include=["ipadapter_jax*", "conversion*", "training*", "evaluation*"]),
-    package_data={"training": ["assets/tiny_base/*"]},  # the trained tiny base of the `tiny` preset / demo
+    # One installed namespace. The presets live as files in the repository's training/configs/ (where users of a
+    # checkout look for them) and are installed as the subpackage ipadapter_jax.presets.
+    packages=find_packages(include=["ipadapter_jax", "ipadapter_jax.*"]) + ["ipadapter_jax.presets"],
+    package_dir={"ipadapter_jax.presets": "training/configs"},
+    package_data={"ipadapter_jax.weights": ["assets/tiny_base/*"]},  # the trained tiny base of `tiny` / the demo
     install_requires=install_requires,
     extras_require=extras_require,
-    entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli:main"]},
+    entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli.main:main"]},
 )

@@ -35,6 +35,8 @@ sys.path.insert(0, ROOT)
 
 import ipadapter_jax  # noqa: E402,F401  (the Flax deprecation log filter, before diffusers is imported)
 
+# isort: split
+
 # runwayml/stable-diffusion-v1-5 unet/config.json
 SD15_UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
@@ -107,7 +109,7 @@ def measure(folder: str, name: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from conversion import diffusers_models
+    from ipadapter_jax.weights import diffusers_models
 
     options = MEASUREMENTS[name]
     cache_dir = os.path.join(folder, options["cache"]) if "cache" in options else None
@@ -195,8 +197,15 @@ def main() -> None:
         disk = f"{row['stored_bytes'] / gb:.2f}" if row["stored_bytes"] else "-"
         convert = f"{row['convert_s']:.1f}" if row["convert_s"] is not None else "-"
         cache = f"{row['cache_s']:.1f}" if row["cache_s"] is not None else "-"
-        values = (f"{row['seconds']:.1f}", convert, cache, disk, f"{row['peak_rss'] / gb:.2f}",
-                  f"{row['extra_rss'] / gb:.2f}", f"{row['ratio']:.2f}")
+        values = (
+            f"{row['seconds']:.1f}",
+            convert,
+            cache,
+            disk,
+            f"{row['peak_rss'] / gb:.2f}",
+            f"{row['extra_rss'] / gb:.2f}",
+            f"{row['ratio']:.2f}",
+        )
         print(f"{name:<14}" + "".join(f"{v:>12}" for v in values))
     print(f"wrote {args.json}")
     worst = max(rows.values(), key=lambda row: row["ratio"])["ratio"]

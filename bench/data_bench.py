@@ -31,14 +31,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ipadapter_jax  # noqa: E402,F401  (log filter first)
+
+# isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ipadapter_jax.image_encoder import preprocess as clip_preprocess  # noqa: E402
-from tests import data_testutil  # noqa: E402
-from training import data_build, data_loader, embedding_cache, preprocess  # noqa: E402
+from ipadapter_jax.data import (
+    builder,  # noqa: E402
+    embedding_cache,  # noqa: E402
+    loader,  # noqa: E402
+    preprocess,  # noqa: E402
+)
+from ipadapter_jax.models.image_encoder import preprocess as clip_preprocess  # noqa: E402
+from ipadapter_jax.testing import data_files  # noqa: E402
 
 TINY_STEP_S, TINY_STEP_BATCH = 3.17, 4  # REFERENCE.md s.5, measured on this kind of machine
 SD15_GFLOP_PER_EXAMPLE = 1666  # REFERENCE.md s.4, frozen-UNet adapter training forward+backward
@@ -59,14 +66,13 @@ def sd15_examples_per_s(peak_tflops: float) -> float:
     return peak_tflops * 1e12 * ASSUMED_MFU / (SD15_GFLOP_PER_EXAMPLE * 1e9)
 
 
-
 def make_images(root: str, count: int) -> str:
     rng = np.random.default_rng(0)
     images = os.path.join(root, "images")
     os.makedirs(images)
     entries = []
     for i in range(count):
-        pixels = data_testutil.smooth_rgb(rng, 480, 640)
+        pixels = data_files.smooth_rgb(rng, 480, 640)
         Image.fromarray(pixels).save(os.path.join(images, f"{i}.jpg"), quality=90)
         entries.append({"image_file": f"{i}.jpg", "text": " ".join(rng.choice(WORDS, 10))})
     path = os.path.join(root, "captions.json")
@@ -95,7 +101,7 @@ def stand_in_encoders(config: dict) -> dict:
 
 def time_loader(data, examples: int, threads: int, workers: int, batch: int = 8) -> float:
     """Steady-state examples/s of DataIterator (first 2 batches are warm-up)."""
-    it = data_loader.DataIterator(
+    it = loader.DataIterator(
         data,
         global_batch_size=batch,
         seed=0,
@@ -147,19 +153,19 @@ def main() -> None:
 
     root = tempfile.mkdtemp(prefix="data_bench-")
     annotations = make_images(root, args.images)
-    raw_dir, _ = data_build.build_dataset(annotations, os.path.join(root, "images"), os.path.join(root, "out"))
-    tokenizer = data_testutil.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
+    raw_dir, _ = builder.build_dataset(annotations, os.path.join(root, "images"), os.path.join(root, "out"))
+    tokenizer = data_files.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
 
     rows, stages = [], {}
     for name, config in CONFIGS.items():
         pre = preprocess.Preprocessor([tokenizer], resolution=config["resolution"])
-        raw = data_loader.open_dataset(raw_dir, pre)
+        raw = loader.open_dataset(raw_dir, pre)
         stages[name] = time_stages(raw, pre)
         cache_dir = os.path.join(root, f"cache-{name}")
         embedding_cache.build_embedding_cache(
             raw_dir, cache_dir, pre, stand_in_encoders(config), batch_size=8, num_threads=args.threads, progress=False
         )
-        cached = data_loader.open_dataset(cache_dir)
+        cached = loader.open_dataset(cache_dir)
         for kind, data in (("raw", raw), ("cached", cached)):
             rate = time_loader(data, args.examples, args.threads, args.workers)
             row = {"config": name, "resolution": config["resolution"], "data": kind, "examples_per_s": rate}

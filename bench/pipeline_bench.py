@@ -32,13 +32,19 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ipadapter_jax  # noqa: E402,F401  (log filter first)
+
+# isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 
-from tests import pipeline_testutil, tiny, tiny_folders  # noqa: E402
+from ipadapter_jax.testing import (
+    pipeline_fixtures,  # noqa: E402
+    tiny,  # noqa: E402
+    tiny_folders,  # noqa: E402
+)
 
 SIZE = 256  # pixels; 32x32 latents
 TEXT_TOKENS = 77
@@ -98,7 +104,11 @@ def build_model(folder: Path) -> tuple[object, Path]:
     )
     image_encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
-            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, patch_size=32,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            patch_size=32,
             projection_dim=256,
         )
     )
@@ -107,7 +117,7 @@ def build_model(folder: Path) -> tuple[object, Path]:
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=tiny.torch_unet(UNET),
-        scheduler=DDIMScheduler(**pipeline_testutil.DDIM),
+        scheduler=DDIMScheduler(**pipeline_fixtures.DDIM),
         safety_checker=None,
         feature_extractor=CLIPImageProcessor(),
         image_encoder=image_encoder.eval(),
@@ -121,14 +131,11 @@ def build_model(folder: Path) -> tuple[object, Path]:
 
 
 def bench_pipelines(steps: int, repeats: int) -> dict:
-    from conversion.clip import load_clip_image_encoder
-    from conversion.diffusers_models import load_pipeline
-    from conversion.ip_adapter_files import load_ip_adapter
-    from conversion.unet_config import abstract_ip_unet_params
-    from ipadapter_jax.pipeline import BaseModel, IPAdapterPipeline
+    from ipadapter_jax.pipelines import IPAdapterPipeline
+    from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
 
     batch = 2
-    image = pipeline_testutil.test_image(0, (320, 240))
+    image = pipeline_fixtures.test_image(0, (320, 240))
     latents = np.random.default_rng(0).standard_normal((batch, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
     request = dict(num_inference_steps=steps, guidance_scale=7.5, height=SIZE, width=SIZE)
 
@@ -139,15 +146,15 @@ def bench_pipelines(steps: int, repeats: int) -> dict:
         torch_pipe.set_ip_adapter_scale(0.6)
         torch_pipe.set_progress_bar_config(disable=True)
 
-        base = BaseModel.from_flax_pipeline(load_pipeline(folder, progress=False))
-        encoder, encoder_params = load_clip_image_encoder(folder / "image_encoder")
-        _, image_proj, adapter = load_ip_adapter(adapter_path, abstract_ip_unet_params(base.unet))
-        pipe = IPAdapterPipeline(base, encoder, encoder_params, image_proj, adapter)
+        base = load_base(folder, progress=False)
+        encoder = load_image_encoder(folder / "image_encoder")
+        pipe = IPAdapterPipeline(base, encoder, load_adapter(adapter_path, base, image_encoder=encoder))
 
         def run_jax() -> tuple[float, dict, np.ndarray]:
             start = time.perf_counter()
-            out = pipe(image, prompt="a photo of a cat", scale=0.6, num_images_per_prompt=batch, latents=latents,
-                       **request)
+            out = pipe(
+                image, prompt="a photo of a cat", scale=0.6, num_images_per_prompt=batch, latents=latents, **request
+            )
             return time.perf_counter() - start, out.timings, out.pixels
 
         def run_torch() -> tuple[float, np.ndarray]:
@@ -175,8 +182,16 @@ def bench_pipelines(steps: int, repeats: int) -> dict:
     jax_sample = min(r[1]["sample_s"] for r in jax_runs) / batch
     torch_call = min(torch_runs) / batch
     return {
-        "config": {"unet": UNET, "vae": VAE, "size": SIZE, "text_tokens": TEXT_TOKENS, "steps": steps, "batch": batch,
-                   "guidance": True, "repeats": repeats},
+        "config": {
+            "unet": UNET,
+            "vae": VAE,
+            "size": SIZE,
+            "text_tokens": TEXT_TOKENS,
+            "steps": steps,
+            "batch": batch,
+            "guidance": True,
+            "repeats": repeats,
+        },
         "jax_compile_s": first_timings["compile_s"],
         "jax_first_call_s": first_s,
         "jax_per_image_s": jax_call,
@@ -184,8 +199,11 @@ def bench_pipelines(steps: int, repeats: int) -> dict:
         "torch_per_image_s": torch_call,
         "torch_over_jax": torch_call / jax_call,
         "max_abs_pixel_diff": float(np.abs(jax_pixels - torch_pixels).max()),
-        "runs_s": {"jax_call": [r[0] for r in jax_runs], "jax_sample": [r[1]["sample_s"] for r in jax_runs],
-                   "torch_call": torch_runs},
+        "runs_s": {
+            "jax_call": [r[0] for r in jax_runs],
+            "jax_sample": [r[1]["sample_s"] for r in jax_runs],
+            "torch_call": torch_runs,
+        },
     }
 
 
@@ -193,10 +211,10 @@ def bench_sd15_unet_step(latent: int, repeats: int) -> dict:
     """One guided step of an SD1.5-sized UNet: forward on batch 2 (uncond + cond), 77 text + 4 image tokens."""
     from diffusers import UNet2DConditionModel
 
-    from conversion.unet_config import abstract_ip_unet_params
-    from ipadapter_jax.random_init import numpy_init
-    from ipadapter_jax.scales import ip_scale_tree
-    from ipadapter_jax.unet import IPUNet2DConditionModel
+    from ipadapter_jax.models.random_init import numpy_init
+    from ipadapter_jax.models.scales import ip_scale_tree
+    from ipadapter_jax.models.unet import IPUNet2DConditionModel
+    from ipadapter_jax.weights.unet_config import abstract_ip_unet_params
 
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2, 4, latent, latent)).astype(np.float32)
@@ -207,9 +225,7 @@ def bench_sd15_unet_step(latent: int, repeats: int) -> dict:
     unet = IPUNet2DConditionModel(**SD15_UNET)
     params = jax.device_put(numpy_init(abstract_ip_unet_params(unet)))
     scales = ip_scale_tree(params, 0.6)
-    step = jax.jit(
-        lambda p, s, x, t, c, i: unet.apply({"params": p, "ip_scale": s}, x, t, c, image_tokens=i).sample
-    )
+    step = jax.jit(lambda p, s, x, t, c, i: unet.apply({"params": p, "ip_scale": s}, x, t, c, image_tokens=i).sample)
     args = (params, scales, jnp.asarray(sample), jnp.asarray(timesteps), jnp.asarray(text), jnp.asarray(tokens))
     start = time.perf_counter()
     compiled = step.lower(*args).compile()
@@ -255,24 +271,36 @@ def main() -> None:
     args = parser.parse_args()
 
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()],
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_at_start": os.getloadavg(),
+        },
         "pipeline": bench_pipelines(args.steps, args.repeats),
     }
     result["machine"]["load_avg_after_pipelines"] = os.getloadavg()
     p = result["pipeline"]
     print(f"{'':34}{'JAX':>10}{'PyTorch':>10}{'PyTorch/JAX':>13}")
-    print(f"{'s per image, whole call':34}{p['jax_per_image_s']:10.3f}{p['torch_per_image_s']:10.3f}"
-          f"{p['torch_over_jax']:13.2f}")
+    print(
+        f"{'s per image, whole call':34}{p['jax_per_image_s']:10.3f}{p['torch_per_image_s']:10.3f}"
+        f"{p['torch_over_jax']:13.2f}"
+    )
     print(f"{'s per image, sampling+decode only':34}{p['jax_sampling_per_image_s']:10.3f}")
     print(f"{'compile (s, once per shape)':34}{p['jax_compile_s']:10.1f}")
-    print(f"({p['config']['steps']} DDIM steps, guidance, {SIZE}x{SIZE}, batch {p['config']['batch']}; "
-          f"max |JAX - PyTorch| pixel {p['max_abs_pixel_diff']:.1e})")
+    print(
+        f"({p['config']['steps']} DDIM steps, guidance, {SIZE}x{SIZE}, batch {p['config']['batch']}; "
+        f"max |JAX - PyTorch| pixel {p['max_abs_pixel_diff']:.1e})"
+    )
     if args.sd15_unet:
         s = result["sd15_unet_step"] = bench_sd15_unet_step(args.sd15_latent, args.repeats)
-        print(f"{'SD1.5 UNet step (s), batch 2':34}{s['jax_step_s']:10.2f}{s['torch_step_s']:10.2f}"
-              f"{s['torch_over_jax']:13.2f}   (latent {s['latent']}, compile {s['jax_compile_s']:.0f} s)")
+        print(
+            f"{'SD1.5 UNet step (s), batch 2':34}{s['jax_step_s']:10.2f}{s['torch_step_s']:10.2f}"
+            f"{s['torch_over_jax']:13.2f}   (latent {s['latent']}, compile {s['jax_compile_s']:.0f} s)"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"-> {args.json}")

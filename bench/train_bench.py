@@ -1,7 +1,7 @@
 """Training step speed and memory: our jitted JAX step vs the PyTorch reference step, side by side on this machine.
 
 Both sides train the base adapter (projection + K'/V', the paper's init) on a cached (encoded) batch: JAX with
-`training.step.make_train_step` as `training/train.py` compiles it, PyTorch with diffusers' UNet +
+`ipadapter_jax.training.step.make_train_step` as a training run compiles it, PyTorch with diffusers' UNet +
 `IPAdapterAttnProcessor2_0` + `torch.optim.AdamW` (REFERENCE.md s.3's loop body). Each measurement runs in a
 fresh process, so its peak resident memory (VmHWM) is its own. Reported: median of `--steps` timed steps after
 one warm-up step (JAX: compile time separately), images/s, memory after building (weights, optimizer state,
@@ -15,21 +15,11 @@ Configs:
 JAX runs both with diffusers' default attention and with `config.model.memory_efficient_attention`
 ("jax-chunked-attn": the attention scores are computed in chunks, never whole).
 
-`--gpu` (on a machine with one NVIDIA GPU) measures instead the SD1.5 UNet at 512 px (64x64 latents), bf16
-compute, batch `--gpu-batch` (the reference's 8 per device): PyTorch (CUDA autocast bf16, diffusers' default
-SDPA attention) vs our step with diffusers' attention, with `config.model.attention_implementation="cudnn"`
-("jax-cudnn-attn": cuDNN flash attention for self-attention) and chunked. Reported: images/s, device peak
-memory, achieved TFLOP/s and MFU = model FLOPs per step / step time / the chip's dense bf16 peak (H100/H200:
-989 TFLOP/s datasheet; `--peak-tflops`). Model FLOPs, the same work for every row: XLA's count of our lowered
-step with XLA attention where the backend gives one, else REFERENCE.md s.4's 1666 GFLOP per example (jax 0.11
-on GPU gives none for the lowered step, and its count after compilation misses cuDNN/cuBLAS calls).
-Measured on an H200: bench/train_bench_gpu.json (ours, both attention kernels) and train_bench_gpu_run1.json
-(PyTorch vs ours side by side; its cuDNN row predates the cross-attention fix).
+On one NVIDIA GPU: `bench/train_bench_gpu.py` (SD1.5 at 512 px, bf16, with MFU).
 Also: FLOPs of the SD1.5 UNet forward (64x64 latents, 77+4 tokens, batch 1) and of one SD1.5 training step
 from XLA's cost analysis of the compiled programs (abstract params: nothing allocated), vs REFERENCE.md s.4.
 
     python bench/train_bench.py [--steps 3] [--sd15-batch 2] [--skip-sd15] [--out bench/train_bench.json]
-    python bench/train_bench.py --gpu [--steps 10] [--gpu-batch 8] [--deadline-s 480] [--frameworks torch,jax,...]
 
 The measurement processes inherit XLA_FLAGS, so XLA:CPU options can be compared with `--measure`, e.g.
 `XLA_FLAGS=--xla_cpu_experimental_onednn_custom_call=true python bench/train_bench.py --measure jax,bench,float32,4,3`
@@ -43,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -56,19 +45,22 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ipadapter_jax  # noqa: E402,F401
-from conversion.image_proj import param_shapes  # noqa: E402
-from ipadapter_jax.adapter import split_unet_params  # noqa: E402
-from ipadapter_jax.image_proj import ImageProjModel  # noqa: E402
-from ipadapter_jax.random_init import abstract_params, numpy_init  # noqa: E402
-from ipadapter_jax.unet import IPUNet2DConditionModel  # noqa: E402
-from training.components import SD_SCHEDULE, alphas_cumprod  # noqa: E402
-from training.step import (  # noqa: E402
+
+# isort: split
+from ipadapter_jax.models.adapter import split_unet_params  # noqa: E402
+from ipadapter_jax.models.image_proj import ImageProjModel  # noqa: E402
+from ipadapter_jax.models.random_init import abstract_params, numpy_init  # noqa: E402
+from ipadapter_jax.models.unet import IPUNet2DConditionModel  # noqa: E402
+from ipadapter_jax.training.components import alphas_cumprod  # noqa: E402
+from ipadapter_jax.training.step import (  # noqa: E402
     StepModels,
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
 )
+from ipadapter_jax.weights.image_proj_keys import param_shapes  # noqa: E402
+from ipadapter_jax.weights.tiny_base import SCHEDULER as SD_SCHEDULER  # noqa: E402  (SD1.5's scheduler config)
 
 BENCH_UNET = dict(
     sample_size=32,
@@ -84,7 +76,7 @@ CONFIGS = {"bench": (BENCH_UNET, 32), "sd15": (SD15_UNET, 32), "sd15_512": (SD15
 BENCH_BATCH, TOKENS, CLIP_DIM = 4, 77, 1024
 JAX_CHUNKED = "jax-chunked-attn"  # our step with config.model.memory_efficient_attention
 JAX_CUDNN = "jax-cudnn-attn"  # our step with config.model.attention_implementation = "cudnn"
-JAX_UNET_OPTIONS = {  # framework name -> the UNet options of `training.components.step_models`
+JAX_UNET_OPTIONS = {  # framework name -> the UNet options of `ipadapter_jax.training.components.step_models`
     "jax": {},
     JAX_CHUNKED: {"use_memory_efficient_attention": True},
     JAX_CUDNN: {"attention_implementation": "cudnn"},
@@ -121,26 +113,36 @@ def adapter_inputs(cross: int, batch: int, latent: int, seed: int = 0) -> dict:
 
 
 def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str, unet_options: dict):
-    """Our compiled train step (`training.step`, as `training/train.py` builds it) -> (step(), compile seconds,
-    FLOPs per step by XLA's cost analysis). `unet_options`: the attention options of `JAX_UNET_OPTIONS`."""
+    """Our compiled train step (`ipadapter_jax.training.step`, as a training run builds it) -> (step(), compile
+    seconds, FLOPs per step by XLA's cost analysis). `unet_options`: the attention options of `JAX_UNET_OPTIONS`."""
     cross = unet_kwargs["cross_attention_dim"]
     unet = IPUNet2DConditionModel(**unet_kwargs, dtype=jnp.dtype(dtype), **unet_options)
-    abstract = abstract_params(unet, jnp.zeros((1, 4, latent, latent)), jnp.zeros((1,), jnp.int32),
-                               jnp.zeros((1, 1, cross)), image_tokens=jnp.zeros((1, 4, cross)))
+    abstract = abstract_params(
+        unet,
+        jnp.zeros((1, 4, latent, latent)),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, 1, cross)),
+        image_tokens=jnp.zeros((1, 4, cross)),
+    )
     frozen_unet, ip_layers = split_unet_params(numpy_init(abstract, seed=0))  # params float32, as in training
-    frozen_unet = jax.device_put(frozen_unet)  # and no host copy kept (as `training/train.py`)
-    image_proj = ImageProjModel(cross_attention_dim=cross, clip_embeddings_dim=CLIP_DIM, num_tokens=4,
-                                dtype=jnp.dtype(dtype))
+    frozen_unet = jax.device_put(frozen_unet)  # and no host copy kept (as a training run does)
+    image_proj = ImageProjModel(
+        cross_attention_dim=cross, clip_embeddings_dim=CLIP_DIM, num_tokens=4, dtype=jnp.dtype(dtype)
+    )
     frozen = {
         "unet": frozen_unet,
         "null_text_embeds": np.zeros((1, TOKENS, cross), np.float32),
         "null_image_embeds": np.zeros((1, CLIP_DIM), np.float32),
-        "alphas_cumprod": alphas_cumprod(**SD_SCHEDULE),
+        "alphas_cumprod": alphas_cumprod(SD_SCHEDULER),
         "vae_scaling_factor": np.float32(0.18215),
     }
     inputs = adapter_inputs(cross, batch, latent)
-    cached = dict(inputs, latent_std=np.zeros_like(inputs["latent_mean"]),
-                  drop_image=np.zeros(batch, bool), drop_text=np.zeros(batch, bool))
+    cached = dict(
+        inputs,
+        latent_std=np.zeros_like(inputs["latent_mean"]),
+        drop_image=np.zeros(batch, bool),
+        drop_text=np.zeros(batch, bool),
+    )
     adapter = {"image_proj": numpy_init(param_shapes(image_proj), seed=1), "ip_layers": ip_layers}
     schedule = learning_rate_schedule(1e-4)
     optimizer = make_optimizer(schedule)
@@ -181,12 +183,15 @@ def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
     unet = UNet2DConditionModel(**unet_kwargs)
     cross = unet_kwargs["cross_attention_dim"]
     rng = np.random.default_rng(0)
-    official = {"image_proj": {
-        "proj.weight": rng.standard_normal((4 * cross, CLIP_DIM)).astype(np.float32) * CLIP_DIM**-0.5,
-        "proj.bias": np.zeros(4 * cross, np.float32),
-        "norm.weight": np.ones(cross, np.float32),
-        "norm.bias": np.zeros(cross, np.float32),
-    }, "ip_adapter": {}}
+    official = {
+        "image_proj": {
+            "proj.weight": rng.standard_normal((4 * cross, CLIP_DIM)).astype(np.float32) * CLIP_DIM**-0.5,
+            "proj.bias": np.zeros(4 * cross, np.float32),
+            "norm.weight": np.ones(cross, np.float32),
+            "norm.bias": np.zeros(cross, np.float32),
+        },
+        "ip_adapter": {},
+    }
     modules = dict(unet.named_modules())
     for layer_id, name in enumerate(unet.attn_processors):
         if name.endswith("attn2.processor"):  # K'/V' start as copies of K/V (the paper's init)
@@ -201,7 +206,9 @@ def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
     for p in trained:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
-    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    scheduler = DDPMScheduler(
+        **{k: SD_SCHEDULER[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    )
     inputs = {k: torch.from_numpy(v).to(device) for k, v in adapter_inputs(cross, batch, latent).items()}
     latents = inputs["latent_mean"] * 0.18215
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
@@ -211,8 +218,9 @@ def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
         t = torch.randint(0, 1000, (batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
         with autocast:
-            pred = unet(noisy, t, inputs["text_embeds"],
-                        added_cond_kwargs={"image_embeds": [inputs["image_embeds"][:, None]]}).sample
+            pred = unet(
+                noisy, t, inputs["text_embeds"], added_cond_kwargs={"image_embeds": [inputs["image_embeds"][:, None]]}
+            ).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         opt.step()
@@ -238,8 +246,14 @@ def measure(framework: str, config: str, dtype: str, batch: int, steps: int) -> 
         f.write("5")
     seconds = median_seconds(run, steps)
     return {
-        "framework": framework, "config": config, "dtype": dtype, "batch": batch,
-        "compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds, "xla_flops": flops,
+        "framework": framework,
+        "config": config,
+        "dtype": dtype,
+        "batch": batch,
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "images_per_s": batch / seconds,
+        "xla_flops": flops,
         "device_peak_mib": device_peak_mib(framework),
         "built_mib": built_mib - base_mib,  # weights + optimizer state + batch (+ the compiled program)
         "build_peak_mib": build_peak_mib,  # whole process, interpreter and libraries included
@@ -267,79 +281,17 @@ def measure_in_subprocess(*args, timeout: float | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def gpu_bench(args: argparse.Namespace) -> None:
-    """SD1.5 at 512 px, bf16, on one GPU: PyTorch reference vs our step's attention kernels, with MFU.
-
-    Every measurement is its own process with a time limit inside `--deadline-s`; one that fails or runs out
-    of time is recorded with its error and the rest still run. The JSON is rewritten after each row."""
-    import torch
-
-    kind = jax.devices()[0].device_kind
-    peak = args.peak_tflops or next((v for k, v in DENSE_BF16_TFLOPS.items() if k in kind), None)
-    result = {
-        "machine": f"{kind}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-                   f"{os.cpu_count()} CPU cores",
-        "config": f"SD1.5 UNet, 512 px (64x64 latents), batch {args.gpu_batch}, bf16 compute, fp32 params",
-        "peak_dense_bf16_tflops": peak,
-        "runs": [],
-    }
-    start = time.monotonic()
-    for framework in args.frameworks.split(","):
-        left = args.deadline_s - (time.monotonic() - start)
-        row = {"framework": framework}
-        if left < 30:
-            row["error"] = "skipped: --deadline-s reached"
-        else:
-            try:
-                row = measure_in_subprocess(framework, "sd15_512", "bfloat16", args.gpu_batch, args.steps,
-                                            timeout=left)
-            except (RuntimeError, subprocess.TimeoutExpired) as error:
-                row["error"] = str(error)[-2000:]
-        result["runs"].append(row)
-        _gpu_summary(result)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"  {framework}: {row.get('images_per_s', row.get('error', ''))}", flush=True)
-    print(f"\n{'framework':<18} {'step ms':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
-          f"{'compile s':>9}")
-    for r in result["runs"]:
-        if "error" in r:
-            lines = r["error"].strip().splitlines()
-            reason = next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", line)), lines[-1])
-            print(f"{r['framework']:<18} failed: {reason[:110]}")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-        tflops = f"{r['achieved_tflops']:.1f}" if r.get("achieved_tflops") is not None else "-"
-        print(f"{r['framework']:<18} {r['step_s'] * 1e3:>8.1f} {r['images_per_s']:>9.2f} {tflops:>8} {mfu:>6} "
-              f"{(r['device_peak_mib'] or 0) / 1024:>9.1f} {r['compile_s']:>9.1f}")
-    for key, value in result.items():
-        if key.endswith("_over_torch_images_per_s") or key == "model_gflop_per_step":
-            print(f"{key:<45}  {value:.3f}")
-    print(f"wrote {args.out}")
-
-
-def _gpu_summary(result: dict) -> None:
-    """Adds the model FLOPs (see the module docstring), achieved TFLOP/s, MFU and ratios to torch's row."""
-    rows = [r for r in result["runs"] if "error" not in r]
-    model_flops = next((r["xla_flops"] for r in rows if r["framework"] == "jax"), None)
-    if model_flops is None:  # no XLA-attention row: REFERENCE.md s.4's count, 1666 GFLOP per 512 px example
-        model_flops = 1666e9 * next((r["batch"] for r in rows), 0) or None
-    result["model_gflop_per_step"] = model_flops / 1e9 if model_flops else None
-    torch_row = next((r for r in rows if r["framework"] == "torch"), None)
-    for r in rows:
-        r["achieved_tflops"] = model_flops / r["step_s"] / 1e12 if model_flops else None
-        r["mfu"] = r["achieved_tflops"] / result["peak_dense_bf16_tflops"] if (
-            r["achieved_tflops"] and result["peak_dense_bf16_tflops"]) else None
-        if torch_row is not None and r is not torch_row:
-            result[f"{r['framework']}_over_torch_images_per_s"] = r["images_per_s"] / torch_row["images_per_s"]
-
-
 def bench_sd15_flops() -> dict:
     """XLA cost analysis of SD1.5 programs on abstract params (compiles, allocates no weights)."""
     unet = IPUNet2DConditionModel(**SD15_UNET)
     cross = 768
-    abstract = abstract_params(unet, jnp.zeros((1, 4, 64, 64)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, cross)),
-                               image_tokens=jnp.zeros((1, 4, cross)))
+    abstract = abstract_params(
+        unet,
+        jnp.zeros((1, 4, 64, 64)),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, 1, cross)),
+        image_tokens=jnp.zeros((1, 4, cross)),
+    )
     sample = jax.ShapeDtypeStruct((1, 4, 64, 64), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     text = jax.ShapeDtypeStruct((1, TOKENS, cross), jnp.float32)
@@ -349,7 +301,7 @@ def bench_sd15_flops() -> dict:
         return unet.apply({"params": params}, sample, t, text, image_tokens=tokens).sample
 
     def train_grad(ip_layers, frozen, sample, t, text, tokens):
-        from ipadapter_jax.adapter import merge_unet_params
+        from ipadapter_jax.models.adapter import merge_unet_params
 
         def loss(ip_layers):
             return jnp.mean(forward(merge_unet_params(frozen, ip_layers), sample, t, text, tokens) ** 2)
@@ -376,46 +328,45 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--sd15-batch", type=int, default=2)
     parser.add_argument("--skip-sd15", action="store_true")
-    parser.add_argument("--gpu", action="store_true", help="SD1.5 512 px bf16 on one GPU, with MFU")
-    parser.add_argument("--gpu-batch", type=int, default=8)
-    parser.add_argument("--frameworks", default=f"torch,{JAX_CUDNN},jax,{JAX_CHUNKED}", help="--gpu: rows, in order")
-    parser.add_argument("--deadline-s", type=float, default=480.0, help="--gpu: time for all its measurements")
-    parser.add_argument("--peak-tflops", type=float, help="--gpu: the chip's dense bf16 peak (default by kind)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: framework,config,dtype,batch,steps
-    parser.add_argument("--out", help="JSON output (default bench/train_bench.json; --gpu: train_bench_gpu.json)")
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "train_bench.json"), help="JSON output"
+    )
     args = parser.parse_args()
     if args.measure:
         framework, config, dtype, batch, steps = args.measure.split(",")
         print(json.dumps(measure(framework, config, dtype, int(batch), int(steps))))
         return
-    args.out = args.out or os.path.join(os.path.dirname(__file__), "train_bench_gpu.json" if args.gpu
-                                        else "train_bench.json")
-    if args.gpu:
-        gpu_bench(args)
-        return
-
     load_average = os.getloadavg()
     runs = [(fw, "bench", "float32", BENCH_BATCH) for fw in ("jax", JAX_CHUNKED, "torch")]
     if not args.skip_sd15:
         runs += [(fw, "sd15", "float32", args.sd15_batch) for fw in ("jax", JAX_CHUNKED, "torch")]
         runs += [(fw, "sd15", "bfloat16", args.sd15_batch) for fw in ("jax", "torch")]
     rows = [measure_in_subprocess(*run, args.steps) for run in runs]
-    print(f"\n{'framework':<16} {'config':<6} {'dtype':<8} {'batch':>5} {'compile s':>9} {'step s':>8} "
-          f"{'images/s':>8} {'built MiB':>9} {'build peak':>10} {'step peak':>9}")
+    print(
+        f"\n{'framework':<16} {'config':<6} {'dtype':<8} {'batch':>5} {'compile s':>9} {'step s':>8} "
+        f"{'images/s':>8} {'built MiB':>9} {'build peak':>10} {'step peak':>9}"
+    )
     for r in rows:
-        print(f"{r['framework']:<16} {r['config']:<6} {r['dtype']:<8} {r['batch']:>5} {r['compile_s']:>9.1f} "
-              f"{r['step_s']:>8.2f} {r['images_per_s']:>8.3f} {r['built_mib']:>9.0f} {r['build_peak_mib']:>10.0f} "
-              f"{r['step_peak_mib']:>9.0f}")
+        print(
+            f"{r['framework']:<16} {r['config']:<6} {r['dtype']:<8} {r['batch']:>5} {r['compile_s']:>9.1f} "
+            f"{r['step_s']:>8.2f} {r['images_per_s']:>8.3f} {r['built_mib']:>9.0f} {r['build_peak_mib']:>10.0f} "
+            f"{r['step_peak_mib']:>9.0f}"
+        )
     ratios = {}
     for r in rows:
         if r["framework"] != "torch":
-            torch_row = next(t for t in rows if t["framework"] == "torch" and
-                             (t["config"], t["dtype"], t["batch"]) == (r["config"], r["dtype"], r["batch"]))
+            torch_row = next(
+                t
+                for t in rows
+                if t["framework"] == "torch"
+                and (t["config"], t["dtype"], t["batch"]) == (r["config"], r["dtype"], r["batch"])
+            )
             key = f"{r['config']}_{r['dtype']}_{r['framework']}_over_torch_step_time"
             ratios[key] = r["step_s"] / torch_row["step_s"]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
         "load_average_at_start": load_average,
         "runs": rows,
         **dict(sorted(ratios.items())),

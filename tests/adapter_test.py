@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conversion.ip_adapter import official_layer_ids
-from ipadapter_jax.adapter import (
+from ipadapter_jax.models.adapter import (
     count_params,
     ip_layer_paths,
     ip_layers_from_unet,
     merge_unet_params,
     split_unet_params,
 )
-from ipadapter_jax.random_init import abstract_params, numpy_init
-from ipadapter_jax.scales import ip_scale_tree
-from ipadapter_jax.unet import IPUNet2DConditionModel
-from tests import tiny
+from ipadapter_jax.models.random_init import abstract_params, numpy_init
+from ipadapter_jax.models.scales import ip_scale_tree
+from ipadapter_jax.models.unet import IPUNet2DConditionModel
+from ipadapter_jax.testing import tiny
+from ipadapter_jax.weights.official_layout import official_layer_ids
 
 # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields
 # that shape the params).

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import data_testutil
-from training import data_build
+from ipadapter_jax.data import builder
+from ipadapter_jax.testing import data_files
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    spec = data_testutil.make_dataset(root)
+    spec = data_files.make_dataset(root)
     out = os.path.join(root, "out")
-    path, report = data_build.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5)
+    path, report = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5)
     return spec, path, report
 
 
@@ -48,7 +48,7 @@ def test_counts_and_skip_report(built):
 
 def test_records_in_annotation_order_with_stored_values(built):
     spec, path, _ = built
-    source = data_build.raw_source(path)
+    source = builder.raw_source(path)
     assert len(source) == 18
     with open(spec["json"], "rb") as f:
         entries = json.loads(f.read().decode("utf-8", "surrogateescape"))
@@ -90,9 +90,9 @@ def _read_png_rgb16_high_bytes(path: str) -> np.ndarray:
 def test_fails_past_max_skip_fraction_and_publishes_nothing(built, tmp_path):
     spec, _, _ = built
     out = str(tmp_path / "out")
-    with pytest.raises(data_build.BuildError, match="13 of 31|more than"):
-        data_build.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.2)
-    assert not os.path.exists(data_build.dataset_dir(out))
+    with pytest.raises(builder.BuildError, match="13 of 31|more than"):
+        builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.2)
+    assert not os.path.exists(builder.dataset_dir(out))
     assert not [n for n in os.listdir(out) if n.startswith(".building-")]
     with open(os.path.join(out, "build_report.json")) as f:
         report = json.load(f)
@@ -102,11 +102,11 @@ def test_fails_past_max_skip_fraction_and_publishes_nothing(built, tmp_path):
 def test_interrupted_rebuild_keeps_old_dataset_and_restarts_clean(built, tmp_path, monkeypatch):
     spec, _, _ = built
     out = str(tmp_path / "out")
-    path, _ = data_build.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5)
-    before = [dict(r) for r in data_build.raw_source(path)]
+    path, _ = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5)
+    before = [dict(r) for r in builder.raw_source(path)]
 
     calls = []
-    check_image = data_build.check_image
+    check_image = builder.check_image
 
     def interrupted(*args):
         calls.append(1)
@@ -114,21 +114,21 @@ def test_interrupted_rebuild_keeps_old_dataset_and_restarts_clean(built, tmp_pat
             raise KeyboardInterrupt
         return check_image(*args)
 
-    monkeypatch.setattr(data_build, "check_image", interrupted)
+    monkeypatch.setattr(builder, "check_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data_build.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, num_threads=1, overwrite=True)
-    monkeypatch.setattr(data_build, "check_image", check_image)
+        builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, num_threads=1, overwrite=True)
+    monkeypatch.setattr(builder, "check_image", check_image)
     # The published dataset is untouched and no partial build is left behind.
-    _assert_same_records(data_build.raw_source(path), before)
-    assert sorted(os.listdir(out)) == ["build_report.json", data_build.DATASET_NAME]
+    _assert_same_records(builder.raw_source(path), before)
+    assert sorted(os.listdir(out)) == ["build_report.json", builder.DATASET_NAME]
     with open(os.path.join(out, "build_report.json")) as f:
         assert json.load(f)["status"] == "interrupted"
     # A clean restart gives the uninterrupted result.
-    path, report = data_build.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, overwrite=True)
+    path, report = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, overwrite=True)
     assert report["status"] == "complete"
-    _assert_same_records(data_build.raw_source(path), before)
+    _assert_same_records(builder.raw_source(path), before)
     with pytest.raises(FileExistsError):
-        data_build.build_dataset(spec["json"], spec["root"], out)
+        builder.build_dataset(spec["json"], spec["root"], out)
 
 
 def _assert_same_records(source, expected):
@@ -155,11 +155,13 @@ def test_coco_captions_format(built, tmp_path):
     }  # fmt: skip
     path = tmp_path / "captions_val.json"
     path.write_text(json.dumps(coco))
-    out, report = data_build.build_dataset(path, spec["root"], tmp_path / "out", max_skip_fraction=0.5)
+    out, report = builder.build_dataset(path, spec["root"], tmp_path / "out", max_skip_fraction=0.5)
     assert report["written"] == 3
     assert {s["index"]: s["reason"] for s in report["skipped_examples"]} == {
-        3: "unknown_image_id", 4: "empty_file", 5: "empty_caption"
+        3: "unknown_image_id",
+        4: "empty_file",
+        5: "empty_caption",
     }
-    source = data_build.raw_source(out)
+    source = builder.raw_source(out)
     assert [r["text"].decode() for r in source] == ["first caption", "second caption of the same image", "a cmyk image"]
     assert [r["image_file"].decode() for r in source] == ["good_0.png", "good_0.png", "cmyk.jpg"]

@@ -5,6 +5,8 @@ import os
 
 import ipadapter_jax  # noqa: F401  (log filter before diffusers/transformers)
 
+# isort: split
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,9 @@ import pytest
 from diffusers import FlaxAutoencoderKL
 from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
-from ipadapter_jax.random_init import numpy_init
-from tests import data_testutil
-from training import data_build, data_loader, embedding_cache, preprocess
+from ipadapter_jax.data import builder, embedding_cache, loader, preprocess
+from ipadapter_jax.models.random_init import numpy_init
+from ipadapter_jax.testing import data_files
 
 NUM_RECORDS = 18
 RESOLUTION = 32
@@ -56,9 +58,9 @@ def _encoders(vocab_size: int) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    spec = data_testutil.make_dataset(root)
-    raw_dir, _ = data_build.build_dataset(spec["json"], spec["root"], os.path.join(root, "out"), max_skip_fraction=0.5)
-    tokenizer = data_testutil.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
+    spec = data_files.make_dataset(root)
+    raw_dir, _ = builder.build_dataset(spec["json"], spec["root"], os.path.join(root, "out"), max_skip_fraction=0.5)
+    tokenizer = data_files.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
     pre = preprocess.Preprocessor([tokenizer], resolution=RESOLUTION, clip_size=24)
     encoders = _encoders(len(tokenizer))
     cache_dir = os.path.join(root, "cache")
@@ -84,7 +86,7 @@ def test_cache_holds_the_encoders_outputs(setup):
     assert info["num_records"] == NUM_RECORDS and len(info["files"]) == 4
     assert info["features"]["latent_mean"] == {"shape": [16, 16, 4], "dtype": "float32"}
     assert info["features"]["text_states"] == {"shape": [77, 32], "dtype": "bfloat16"}
-    raw = data_build.raw_source(raw_dir)
+    raw = builder.raw_source(raw_dir)
     cached = embedding_cache.CachedSource(cache_dir)
     assert len(cached) == NUM_RECORDS
     examples = [pre(raw[i]) for i in range(NUM_RECORDS)]
@@ -138,11 +140,11 @@ def test_interrupted_pass_resumes_missing_chunks_only(setup, tmp_path):
 
 def test_loader_reads_raw_or_cached_in_the_same_order(setup):
     raw_dir, cache_dir, pre, encoders, _ = setup
-    raw = data_loader.open_dataset(raw_dir, pre)
-    cached = data_loader.open_dataset(cache_dir)
+    raw = loader.open_dataset(raw_dir, pre)
+    cached = loader.open_dataset(cache_dir)
     assert cached.cached and not raw.cached
-    raw_it = data_loader.DataIterator(raw, global_batch_size=6, seed=4, num_threads=2)
-    cached_it = data_loader.DataIterator(cached, global_batch_size=6, seed=4, num_threads=2)
+    raw_it = loader.DataIterator(raw, global_batch_size=6, seed=4, num_threads=2)
+    cached_it = loader.DataIterator(cached, global_batch_size=6, seed=4, num_threads=2)
     for _ in range(4):  # crosses an epoch boundary (18 records)
         raw_batch, cached_batch = next(raw_it), next(cached_it)
         for key in ("index", "drop_image", "drop_text", "original_size", "crop_top_left", "target_size"):

@@ -1,27 +1,28 @@
-"""`ipadapter-jax data build` (training.data_cli.main) and `python -m training.data_cli`."""
+"""`ipadapter-jax data build` (ipadapter_jax.cli.data.main) and `python -m ipadapter_jax.cli.data`."""
 
 import os
 import subprocess
 import sys
 
-from tests import data_testutil
-from training import data_build, data_cli
+from ipadapter_jax.cli import data as data_cli
+from ipadapter_jax.data import builder
+from ipadapter_jax.testing import data_files
 
 
 def test_build_command(tmp_path, capsys):
-    spec = data_testutil.make_dataset(str(tmp_path))
+    spec = data_files.make_dataset(str(tmp_path))
     out = str(tmp_path / "out")
     argv = ["build", "--json", spec["json"], "--root", spec["root"], "--out", out]
     # 13 of 31 entries are bad: the default limit (5%) fails the build and publishes nothing.
     assert data_cli.main(argv) == 1
     assert "more than max_skip_fraction=0.05" in capsys.readouterr().err
-    assert not os.path.exists(data_build.dataset_dir(out))
+    assert not os.path.exists(builder.dataset_dir(out))
 
     assert data_cli.main([*argv, "--max-skip-fraction", "0.5", "--threads", "2"]) == 0
     printed = capsys.readouterr().out
-    assert f"dataset: {data_build.dataset_dir(out)}" in printed
+    assert f"dataset: {builder.dataset_dir(out)}" in printed
     assert "written: 18" in printed and "skipped: 13" in printed and "missing_file: 1" in printed
-    assert len(data_build.raw_source(data_build.dataset_dir(out))) == 18
+    assert len(builder.raw_source(builder.dataset_dir(out))) == 18
 
     assert data_cli.main([*argv, "--max-skip-fraction", "0.5"]) == 1  # exists: needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
@@ -31,6 +32,6 @@ def test_build_command(tmp_path, capsys):
 def test_module_entry_point():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-m", "training.data_cli", "build", "--help"], cwd=repo, capture_output=True, text=True
+        [sys.executable, "-m", "ipadapter_jax.cli.data", "build", "--help"], cwd=repo, capture_output=True, text=True
     )
     assert result.returncode == 0 and "--max-skip-fraction" in result.stdout

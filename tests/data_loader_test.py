@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests import data_testutil
-from training import data_build, data_loader, preprocess
+from ipadapter_jax.data import builder, loader, preprocess
+from ipadapter_jax.testing import data_files
 
 NUM_RECORDS = 18
 
@@ -15,16 +15,16 @@ NUM_RECORDS = 18
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    spec = data_testutil.make_dataset(root)
-    path, _ = data_build.build_dataset(spec["json"], spec["root"], os.path.join(root, "out"), max_skip_fraction=0.5)
-    tokenizer = data_testutil.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
-    dataset = data_loader.open_dataset(path, preprocess.Preprocessor([tokenizer], resolution=32, clip_size=24))
+    spec = data_files.make_dataset(root)
+    path, _ = builder.build_dataset(spec["json"], spec["root"], os.path.join(root, "out"), max_skip_fraction=0.5)
+    tokenizer = data_files.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
+    dataset = loader.open_dataset(path, preprocess.Preprocessor([tokenizer], resolution=32, clip_size=24))
     assert len(dataset.source) == NUM_RECORDS and not dataset.cached
     return dataset
 
 
 def _run(data, steps, **kwargs):
-    it = data_loader.DataIterator(data, num_threads=2, **kwargs)
+    it = loader.DataIterator(data, num_threads=2, **kwargs)
     return [next(it) for _ in range(steps)], it
 
 
@@ -115,7 +115,7 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         state = manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
     assert state == {"step": 3, "seed": 3, "global_batch_size": 4, "num_records": NUM_RECORDS}
-    resumed = data_loader.DataIterator(data, global_batch_size=4, seed=3, num_threads=2)
+    resumed = loader.DataIterator(data, global_batch_size=4, seed=3, num_threads=2)
     resumed.set_state(state)
     rest = [next(resumed) for _ in range(5)]
     _assert_batches_equal(first + rest, uninterrupted)
@@ -132,14 +132,14 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
 
 
 def test_set_state_rejects_a_different_run(data):
-    it = data_loader.DataIterator(data, global_batch_size=4, seed=3)
+    it = loader.DataIterator(data, global_batch_size=4, seed=3)
     with pytest.raises(ValueError, match="seed"):
         it.set_state({"step": 2, "seed": 4, "global_batch_size": 4, "num_records": NUM_RECORDS})
 
 
 def test_worker_processes_give_the_same_batches(data):
     expected, _ = _run(data, 4, global_batch_size=4, seed=2)
-    it = data_loader.DataIterator(data, global_batch_size=4, seed=2, num_threads=1, worker_count=2)
+    it = loader.DataIterator(data, global_batch_size=4, seed=2, num_threads=1, worker_count=2)
     got = [next(it) for _ in range(2)]
     state = it.get_state()
     it.close()
@@ -163,5 +163,7 @@ def test_global_arrays_with_named_sharding(data):
 
 @pytest.mark.parametrize("threads", [0, 5])
 def test_threads_outside_the_prefetch_buffer_are_one_clear_error(data, threads):
-    with pytest.raises(ValueError, match=rf"num_threads must be between 1 and prefetch_buffer_size \(4\), got {threads}"):
-        data_loader.DataIterator(data, global_batch_size=4, seed=0, num_threads=threads, prefetch_buffer_size=4)
+    with pytest.raises(
+        ValueError, match=rf"num_threads must be between 1 and prefetch_buffer_size \(4\), got {threads}"
+    ):
+        loader.DataIterator(data, global_batch_size=4, seed=0, num_threads=threads, prefetch_buffer_size=4)

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from tests import data_testutil
+from ipadapter_jax.testing import data_files
 
 STEPS, GLOBAL_BATCH, SEED, RESOLUTION = 3, 8, 11, 16
 
@@ -32,13 +32,13 @@ def _worker(process_id: int, port: int, dataset: str, out: str) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     from jax.experimental import multihost_utils
 
-    from training import data_loader, embedding_cache, preprocess
+    from ipadapter_jax.data import embedding_cache, loader, preprocess
 
     pre = preprocess.Preprocessor([], resolution=RESOLUTION, clip_size=8)
-    data = data_loader.open_dataset(dataset, pre)
+    data = loader.open_dataset(dataset, pre)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))  # 4 devices, 2 per process
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    it = data_loader.DataIterator(data, global_batch_size=GLOBAL_BATCH, seed=SEED, sharding=sharding, num_threads=1)
+    it = loader.DataIterator(data, global_batch_size=GLOBAL_BATCH, seed=SEED, sharding=sharding, num_threads=1)
     gathered = []
     for _ in range(STEPS):
         batch = next(it)
@@ -60,10 +60,10 @@ def _worker(process_id: int, port: int, dataset: str, out: str) -> None:
 
 
 def test_two_processes_assemble_global_batches_and_build_a_cache(tmp_path):
-    from training import data_build, data_loader, embedding_cache, preprocess
+    from ipadapter_jax.data import builder, embedding_cache, loader, preprocess
 
-    spec = data_testutil.make_dataset(str(tmp_path))
-    dataset, _ = data_build.build_dataset(spec["json"], spec["root"], tmp_path / "out", max_skip_fraction=0.5)
+    spec = data_files.make_dataset(str(tmp_path))
+    dataset, _ = builder.build_dataset(spec["json"], spec["root"], tmp_path / "out", max_skip_fraction=0.5)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -73,7 +73,11 @@ def test_two_processes_assemble_global_batches_and_build_a_cache(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.data_multiprocess_test", str(i), str(port), dataset, out],
-            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for i in range(2)
     ]
@@ -83,8 +87,8 @@ def test_two_processes_assemble_global_batches_and_build_a_cache(tmp_path):
     with open(out) as f:
         gathered = json.load(f)
     pre = preprocess.Preprocessor([], resolution=RESOLUTION, clip_size=8)
-    data = data_loader.open_dataset(dataset, pre)
-    it = data_loader.DataIterator(data, global_batch_size=GLOBAL_BATCH, seed=SEED, process_count=1, process_index=0)
+    data = loader.open_dataset(dataset, pre)
+    it = loader.DataIterator(data, global_batch_size=GLOBAL_BATCH, seed=SEED, process_count=1, process_index=0)
     for step in range(STEPS):
         expected = next(it)
         np.testing.assert_array_equal(gathered[step]["index"], expected["index"])

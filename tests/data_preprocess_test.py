@@ -9,11 +9,13 @@ import torch
 from PIL import Image
 
 import ipadapter_jax  # noqa: F401  (log filter before transformers)
-from ipadapter_jax.image_encoder import OPENAI_CLIP_STD
-from tests import data_testutil
-from training import preprocess
 
+# isort: split
 from transformers import CLIPImageProcessor  # noqa: E402
+
+from ipadapter_jax.data import preprocess
+from ipadapter_jax.models.image_encoder import OPENAI_CLIP_STD
+from ipadapter_jax.testing import data_files
 
 PIXEL = 1 / 255
 
@@ -22,7 +24,7 @@ def _images() -> list[Image.Image]:
     """Smooth images of varied sizes (odd, portrait, landscape, smaller than the outputs) and modes."""
     rng = np.random.default_rng(0)
     sizes = [(480, 640), (333, 500), (700, 331), (61, 100), (224, 224), (97, 151), (1023, 517), (40, 41)]
-    images = [Image.fromarray(data_testutil.smooth_rgb(rng, h, w)) for h, w in sizes]
+    images = [Image.fromarray(data_files.smooth_rgb(rng, h, w)) for h, w in sizes]
     base = images[1]
     images += [base.convert("L"), base.convert("RGBA"), base.convert("P"), base.convert("CMYK")]
     return images
@@ -85,7 +87,7 @@ def test_target_geometry_hand_derived():
 
 
 def test_to_rgb_modes():
-    gray16 = Image.fromarray((np.arange(12, dtype=np.uint16).reshape(3, 4) * 257 * 20))
+    gray16 = Image.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 257 * 20)
     assert gray16.mode == "I;16"
     rgb = np.asarray(preprocess.to_rgb(gray16))
     np.testing.assert_array_equal(rgb[..., 0], np.arange(12).reshape(3, 4) * 20)  # 65535 -> 255, not clipped
@@ -97,7 +99,7 @@ def test_to_rgb_modes():
 
 
 def test_tokenize_pads_and_truncates_to_77(tmp_path):
-    tokenizer = data_testutil.tiny_clip_tokenizer(str(tmp_path))
+    tokenizer = data_files.tiny_clip_tokenizer(str(tmp_path))
     vocab = tokenizer.get_vocab()
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     ids = preprocess.tokenize(tokenizer, "A photo")

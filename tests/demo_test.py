@@ -1,7 +1,7 @@
 """The demo (`make demo`) end to end at a reduced size: every step runs, every report file is written, and the
 image prompt has a measured effect on the samples (CLIP-I at scale 1 above scale 0 by a margin). On its trained
-adapter, the evaluation protocol (`evaluation.evaluate`, what `ipadapter-jax eval run` runs) ranks a scale sweep
-in order.
+adapter, the evaluation protocol (`ipadapter_jax.evaluation.evaluate`, what `ipadapter-jax eval run` runs) ranks a
+scale sweep in order.
 
 The full-size demo is `make demo`'s job; this run shrinks the data, the steps and the grid to stay within a few
 minutes on a 2-core CPU.
@@ -12,14 +12,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import evaluate
-from evaluation.clip_score import CLIPScorer
-from training import demo, synthetic_data, tiny_components
+from ipadapter_jax.data import synthetic
+from ipadapter_jax.evaluation import evaluate, results, statistics
+from ipadapter_jax.evaluation.clip_score import CLIPScorer
+from ipadapter_jax.evaluation.tiny_clip import tiny_eval_clip
+from ipadapter_jax.weights import load_base, load_image_encoder
+
+
+def _load_script(path: Path):
+    """training/demo.py is a script, not an installed module: import it from its file."""
+    spec = importlib.util.spec_from_file_location("demo", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_script(Path(__file__).resolve().parents[1] / "training" / "demo.py")
 
 # The demo's data and training at 4/5 of its steps; a smaller grid, fewer sampling steps.
 SETTINGS = demo.DemoSettings(steps=400, checkpoint_every=200, samples_per_prompt=2, inference_steps=20)
@@ -68,24 +84,33 @@ def test_demo_writes_the_report_and_the_image_prompt_shows(demo_run):
 
 def test_eval_scale_sweep_on_the_demo_adapter_is_monotone_in_clip_i(demo_run, tmp_path):
     out, _ = demo_run
-    tiny = tiny_components.build(str(tmp_path / "components"))
-    pipe, _ = demo.make_pipeline(tiny, str(out / demo.ADAPTER_FILE))
-    scorer = CLIPScorer(tiny_components.eval_clip(tiny), batch_size=16)
-    annotations = synthetic_data.write_dataset(str(tmp_path / "data"), 8, size=64, seed=7)  # unseen images
+    base, image_encoder = load_base("tiny", progress=False), load_image_encoder("tiny")
+    pipe, _ = demo.make_pipeline(base, image_encoder, str(out / demo.ADAPTER_FILE))
+    scorer = CLIPScorer(tiny_eval_clip(base, image_encoder), batch_size=16)
+    annotations = synthetic.write_dataset(str(tmp_path / "data"), 8, size=64, seed=7)  # unseen images
     prompts, _ = evaluate.eval_prompts(annotations)
     runs = {}
     for scale in SWEEP:
         settings = evaluate.SamplingSettings(
-            num_inference_steps=SETTINGS.inference_steps, guidance_scale=SETTINGS.guidance_scale, scale=scale,
+            num_inference_steps=SETTINGS.inference_steps,
+            guidance_scale=SETTINGS.guidance_scale,
+            scale=scale,
             num_samples=2,
         )
         runs[scale] = tmp_path / f"scale_{scale:g}"
         evaluate.run_evaluation(
-            pipe, scorer, prompts, tmp_path / "data" / "images", settings, runs[scale],
+            pipe,
+            scorer,
+            prompts,
+            tmp_path / "data" / "images",
+            settings,
+            runs[scale],
             identity={"annotations": annotations, "image_root": "images", "eval_clip": "tiny", "adapter": "demo"},
-            batch_images=8, num_resamples=200, progress=False,
+            batch_images=8,
+            num_resamples=200,
+            progress=False,
         )
-    summaries = {s: json.loads((runs[s] / evaluate.SUMMARY_NAME).read_text())["metrics"] for s in SWEEP}
+    summaries = {s: json.loads((runs[s] / results.SUMMARY_NAME).read_text())["metrics"] for s in SWEEP}
     clip_i = [summaries[s]["clip_i"]["mean"] for s in SWEEP]
     clip_t = [summaries[s]["clip_t"]["mean"] for s in SWEEP]
     print("eval sweep", SWEEP, "CLIP-I", np.round(clip_i, 3), "CLIP-T", np.round(clip_t, 3))
@@ -94,5 +119,5 @@ def test_eval_scale_sweep_on_the_demo_adapter_is_monotone_in_clip_i(demo_run, tm
     # 0.12 -> 0.41 from scale 0 to 1).
     assert clip_t[-1] > clip_t[0] + 0.1, clip_t
     # Paired on the same prompts and noise: scale 1 beats scale 0 with a 95% interval above zero.
-    difference = evaluate.compare_runs(runs[0.0], runs[1.0], num_resamples=200)["metrics"]["clip_i"]
+    difference = statistics.compare_runs(runs[0.0], runs[1.0], num_resamples=200)["metrics"]["clip_i"]
     assert difference["ci95"][0] > 0, difference

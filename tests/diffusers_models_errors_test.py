@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from conversion.diffusers_models import (
+from ipadapter_jax.testing import tiny, tiny_folders
+from ipadapter_jax.weights.diffusers_models import (
     load_controlnet,
     load_pipeline,
     load_scheduler,
@@ -18,8 +19,7 @@ from conversion.diffusers_models import (
     load_unet,
     load_vae,
 )
-from conversion.torch_layout import ConversionError
-from tests import tiny, tiny_folders
+from ipadapter_jax.weights.torch_layout import ConversionError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -2,7 +2,7 @@
 
 Tiny random SD1.5-like and SDXL-like pipelines, an SD2-like UNet and a ControlNet are saved with
 `save_pretrained` (safetensors; the SD2 UNet as `.bin`; a UNet sharded and as an fp16 variant), loaded with
-`conversion.diffusers_models`, and run on the same inputs as the PyTorch models, fp32 on CPU.
+`ipadapter_jax.weights.diffusers_models`, and run on the same inputs as the PyTorch models, fp32 on CPU.
 Tolerance: max |flax - torch| <= 1e-4 * max |torch| (the UNet parity tolerance of tests/unet_parity_test.py;
 diffusers' Flax UNet differs from PyTorch by ~6e-5 there because Flax's GEGLU uses tanh-approximate GELU).
 """
@@ -16,14 +16,14 @@ import pytest
 import torch
 from flax import traverse_util
 
-from conversion.diffusers_models import (
+from ipadapter_jax.testing import tiny, tiny_folders
+from ipadapter_jax.weights.diffusers_models import (
     SCHEDULERS,
     load_controlnet,
     load_pipeline,
     load_scheduler,
     load_unet,
 )
-from tests import tiny, tiny_folders
 
 RTOL = 1e-4
 BATCH, TEXT_TOKENS = 2, 7
@@ -128,6 +128,7 @@ def test_vae_encode_decode_match_pytorch(base, request):
     with torch.no_grad():
         posterior = torch_pipe.vae.encode(torch.from_numpy(images)).latent_dist
         decoded = torch_pipe.vae.decode(torch.from_numpy(latents)).sample.numpy()
+
     def encode(p, x):
         latent_dist = module.apply({"params": p}, x, method=module.encode).latent_dist
         return latent_dist.mean, latent_dist.std
@@ -160,7 +161,7 @@ def test_vae_old_attention_names_load_the_same(sd15, tmp_path):
         renamed[key] = value
     assert renamed.keys() != state.keys()
     safetensors.torch.save_file(renamed, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
-    from conversion.diffusers_models import load_vae
+    from ipadapter_jax.weights.diffusers_models import load_vae
 
     loaded = load_vae(tmp_path / "vae")
     for path, value in flat(pipe.vae.params).items():
@@ -284,8 +285,15 @@ def test_dpm_solver_from_an_sdxl_scheduler_config_has_diffusers_timesteps(tmp_pa
 
     from diffusers import DPMSolverMultistepScheduler
 
-    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                  steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    config = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
     (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler", **config}))
     scheduler, state = load_scheduler(tmp_path, "dpm_solver_multistep")
     state = scheduler.set_timesteps(state, 10, (1, 4, 8, 8))

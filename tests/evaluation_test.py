@@ -1,9 +1,10 @@
 """CLIP-I / CLIP-T evaluation: metric code vs transformers' PyTorch `CLIPModel`, and `ipadapter-jax eval` end to end.
 
 Metric parity: a tiny random `CLIPModel` (+ the tiny tokenizer) saved with `save_pretrained`, loaded by
-`evaluation.clip_score`, vs the same folder in PyTorch: embeddings and cosines within 1e-5.
+`ipadapter_jax.evaluation.clip_score`, vs the same folder in PyTorch: embeddings and cosines within 1e-5.
 End to end: a tiny SD1.5-like pipeline with DDIM, a CLIP image encoder and a random base adapter
-(`tests.pipeline_testutil`), 3 prompt images from `training.synthetic_data`, 2 DDIM steps, 2 samples, 64 px.
+(`ipadapter_jax.testing.pipeline_fixtures`), 3 prompt images from `ipadapter_jax.data.synthetic`, 2 DDIM steps, 2
+samples, 64 px.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import cli, evaluate
-from evaluation.clip_score import CLIPScorer, clipscore, cosine, load_eval_clip
-from tests import pipeline_testutil, tiny_folders
-from training import synthetic_data
+from ipadapter_jax.cli import evaluate as cli
+from ipadapter_jax.data import synthetic
+from ipadapter_jax.evaluation import evaluate, results, statistics
+from ipadapter_jax.evaluation.clip_score import CLIPScorer, clipscore, cosine, load_eval_clip
+from ipadapter_jax.testing import pipeline_fixtures, tiny_folders
 
 TOLERANCE = 1e-5
 CAPTIONS = ["a red circle", "the dog and the cat", "", "z" * 40]  # the empty and the over-long caption included
@@ -34,12 +36,22 @@ def save_tiny_clip(folder: Path):
     vocab = 58
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=tiny_folders.MAX_TOKENS, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tiny_folders.MAX_TOKENS,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
             pad_token_id=vocab - 1,
         ),
         vision_config=dict(
-            hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+            hidden_size=40,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
             patch_size=32,
         ),
         projection_dim=24,
@@ -62,7 +74,7 @@ def test_embeddings_and_cosines_match_pytorch_clip(clip_folder):
 
     folder, torch_model = clip_folder
     sizes = [(96, 80), (64, 64), (50, 120), (224, 224), (300, 200)]
-    images = [pipeline_testutil.test_image(i, size) for i, size in enumerate(sizes)]
+    images = [pipeline_fixtures.test_image(i, size) for i, size in enumerate(sizes)]
     scorer = CLIPScorer(load_eval_clip(folder), batch_size=2)  # 5 images: 3 batches, the last one padded
     ours_image = scorer.image_embeddings(images)
     ours_text = scorer.text_embeddings(CAPTIONS)
@@ -97,23 +109,23 @@ def test_embeddings_and_cosines_match_pytorch_clip(clip_folder):
 
 
 def test_read_results_keeps_whole_prompts_only(tmp_path):
-    path = tmp_path / evaluate.RESULTS_NAME
+    path = tmp_path / results.RESULTS_NAME
     caption = 'a, "quoted" caption'
-    rows = [evaluate.Row(i, f"{i}.png", caption, s, 10 + i, 0.5 + i / 10, 0.25) for i in range(3) for s in range(2)]
-    evaluate._write_rows(path, rows[:-1])  # prompt 2 lacks its second sample
+    rows = [results.Row(i, f"{i}.png", caption, s, 10 + i, 0.5 + i / 10, 0.25) for i in range(3) for s in range(2)]
+    results.write_rows(path, rows[:-1])  # prompt 2 lacks its second sample
     with open(path, "a") as f:
         f.write("3,3.png,torn,0,13,0.7")  # a line cut off mid-write: no newline
-    complete = evaluate.read_results(path, num_samples=2)
+    complete = results.read_results(path, num_samples=2)
     assert sorted(complete) == [0, 1] and complete[1] == rows[2:4]
-    assert evaluate.read_results(path, num_samples=2) == complete  # the file was rewritten without the rest
+    assert results.read_results(path, num_samples=2) == complete  # the file was rewritten without the rest
     assert path.read_text().count("\n") == 5
 
 
 def test_bootstrap_interval():
     values = np.random.default_rng(0).normal(0.8, 0.05, 400)
-    low, high = evaluate.bootstrap_interval(values)
+    low, high = statistics.bootstrap_interval(values)
     assert low < values.mean() < high and high - low == pytest.approx(2 * 1.96 * 0.05 / 20, rel=0.2)
-    assert evaluate.bootstrap_interval(np.full(10, 0.3)) == pytest.approx((0.3, 0.3))
+    assert statistics.bootstrap_interval(np.full(10, 0.3)) == pytest.approx((0.3, 0.3))
 
 
 def test_eval_prompts_one_per_image_first_caption(tmp_path):
@@ -140,24 +152,48 @@ def test_eval_prompts_one_per_image_first_caption(tmp_path):
 def eval_inputs(tmp_path_factory, clip_folder) -> dict:
     """A tiny SD1.5-like pipeline (DDIM, image encoder, random base adapter) and 4 synthetic captioned images."""
     models = tmp_path_factory.mktemp("eval_models")
-    pipeline_testutil.save_pipeline(models, "sd15")
+    pipeline_fixtures.save_pipeline(models, "sd15")
     data = tmp_path_factory.mktemp("eval_data")
-    annotations = synthetic_data.write_dataset(str(data), 4, size=64)
+    annotations = synthetic.write_dataset(str(data), 4, size=64)
     return {
         "annotations": annotations,
         "root": str(data / "images"),
         "args": [
-            "--annotations", annotations, "--image-root", str(data / "images"), "--base", str(models),
-            "--adapter", str(pipeline_testutil.adapter_file(models, "base")),
-            "--image-encoder", str(models / "image_encoder"),
-            "--eval-clip", str(clip_folder[0]), "--steps", "2", "--num-samples", "2", "--height", "64", "--width", "64",
-            "--batch-images", "2", "--contact-sheet", "2", "--bootstrap", "200", "--compile-cache", "none", "--quiet",
+            "--annotations",
+            annotations,
+            "--image-root",
+            str(data / "images"),
+            "--base",
+            str(models),
+            "--adapter",
+            str(pipeline_fixtures.adapter_file(models, "base")),
+            "--image-encoder",
+            str(models / "image_encoder"),
+            "--eval-clip",
+            str(clip_folder[0]),
+            "--steps",
+            "2",
+            "--num-samples",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--batch-images",
+            "2",
+            "--contact-sheet",
+            "2",
+            "--bootstrap",
+            "200",
+            "--compile-cache",
+            "none",
+            "--quiet",
         ],
     }
 
 
 def _rows(folder: Path) -> list[dict]:
-    with open(folder / evaluate.RESULTS_NAME, newline="") as f:
+    with open(folder / results.RESULTS_NAME, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -173,7 +209,7 @@ def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     assert [r["caption"] for r in rows[::2]] == [c["text"] for c in captions[:3]]
     for r in rows:
         assert -1 <= float(r["clip_i"]) <= 1 and -1 <= float(r["clip_t"]) <= 1
-    summary = json.loads((run_dir / evaluate.SUMMARY_NAME).read_text())
+    summary = json.loads((run_dir / results.SUMMARY_NAME).read_text())
     assert summary["images"] == 3 and summary["samples"] == 6 and summary["prompts_scored_this_run"] == 3
     for name, metric in summary["metrics"].items():
         low, high = metric["ci95"]
@@ -181,17 +217,17 @@ def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     clip_i = [float(r["clip_i"]) for r in rows]
     assert summary["metrics"]["clip_i"]["mean"] == pytest.approx(np.mean(clip_i), abs=1e-6)
     assert summary["settings"]["num_inference_steps"] == 2 and summary["settings"]["prompt"] == ""
-    assert Image.open(run_dir / evaluate.SHEET_NAME).size == (3 * 64, 2 * 64)  # [prompt image, 2 samples] x 2 prompts
-    samples = sorted(p.name for p in (run_dir / evaluate.SAMPLES_DIR).iterdir())
+    assert Image.open(run_dir / results.SHEET_NAME).size == (3 * 64, 2 * 64)  # [prompt image, 2 samples] x 2 prompts
+    samples = sorted(p.name for p in (run_dir / results.SAMPLES_DIR).iterdir())
     assert samples == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png"]
 
     # Resume: nothing new to score; a torn last prompt is scored again, with the same numbers (same seed).
     assert cli.main(["run", *args, "--limit", "3", "--out", str(run_dir)]) == 0
-    assert json.loads((run_dir / evaluate.SUMMARY_NAME).read_text())["prompts_scored_this_run"] == 0
-    text = (run_dir / evaluate.RESULTS_NAME).read_text()
-    (run_dir / evaluate.RESULTS_NAME).write_text(text[: text.rstrip("\n").rfind("\n") + 1] + "2,00002.png,torn")
+    assert json.loads((run_dir / results.SUMMARY_NAME).read_text())["prompts_scored_this_run"] == 0
+    text = (run_dir / results.RESULTS_NAME).read_text()
+    (run_dir / results.RESULTS_NAME).write_text(text[: text.rstrip("\n").rfind("\n") + 1] + "2,00002.png,torn")
     assert cli.main(["run", *args, "--limit", "3", "--out", str(run_dir)]) == 0
-    assert json.loads((run_dir / evaluate.SUMMARY_NAME).read_text())["prompts_scored_this_run"] == 1
+    assert json.loads((run_dir / results.SUMMARY_NAME).read_text())["prompts_scored_this_run"] == 1
     again = _rows(run_dir)
     np.testing.assert_allclose([float(r["clip_i"]) for r in again], clip_i, atol=1e-5)
 
@@ -216,9 +252,9 @@ def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     out = tmp_path / "compare.json"
     assert cli.main(["compare", str(sweep / "scale_0"), str(run_dir), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["comparisons"][0]["paired_images"] == 2
-    run_json = json.loads((sweep / "scale_0" / evaluate.RUN_NAME).read_text())
+    run_json = json.loads((sweep / "scale_0" / results.RUN_NAME).read_text())
     run_json["settings"]["seed"] = 5
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / evaluate.RUN_NAME).write_text(json.dumps(run_json))
+    (tmp_path / "other" / results.RUN_NAME).write_text(json.dumps(run_json))
     assert cli.main(["compare", str(run_dir), str(tmp_path / "other"), "--out", str(out)]) == 1
     assert "seed (0 vs 5)" in capsys.readouterr().err

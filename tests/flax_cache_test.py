@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conversion import diffusers_models, flax_cache
-from conversion.diffusers_models import load_pipeline, load_unet
-from tests import tiny, tiny_folders
+from ipadapter_jax.testing import tiny, tiny_folders
+from ipadapter_jax.weights import diffusers_models, flax_cache
+from ipadapter_jax.weights.diffusers_models import load_pipeline, load_unet
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def assert_trees_equal(actual, expected) -> None:
 
 def test_round_trip_is_exact_and_skips_conversion(unet_folder, tmp_path, request, caplog):
     cache = tmp_path / "out" / "flax_cache" / "unet"
-    with caplog.at_level(logging.INFO, logger="conversion.diffusers_models"):
+    with caplog.at_level(logging.INFO, logger="ipadapter_jax.weights.diffusers_models"):
         first = load_unet(unet_folder, cache_dir=cache)
     report = first.report
     assert report.cache == "saved" and report.convert_s > 0 and report.cache_s > 0
@@ -103,7 +103,7 @@ def test_unreadable_cache_is_rebuilt(unet_folder, tmp_path, caplog):
     for path in (cache / "params").rglob("*"):
         if path.is_file() and path.stat().st_size > 1000:
             path.write_bytes(b"\0" * 10)
-    with caplog.at_level(logging.WARNING, logger="conversion.flax_cache"):
+    with caplog.at_level(logging.WARNING, logger="ipadapter_jax.weights.flax_cache"):
         rebuilt = load_unet(unet_folder, cache_dir=cache)
     assert rebuilt.report.cache == "saved"
     assert any("unreadable Flax cache" in r.getMessage() for r in caplog.records)

@@ -13,9 +13,9 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.image_utils import PILImageResampling
 
-from conversion.clip import clip_state_to_flax, load_clip_image_encoder, read_weights
-from conversion.torch_layout import ConversionError
-from ipadapter_jax.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_proj_inputs, preprocess
+from ipadapter_jax.models.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_proj_inputs, preprocess
+from ipadapter_jax.weights.clip_image_encoder import clip_state_to_flax, load_clip_image_encoder, read_weights
+from ipadapter_jax.weights.torch_layout import ConversionError
 
 
 def tiny_clip(hidden_act: str = "quick_gelu") -> CLIPVisionModelWithProjection:
@@ -132,7 +132,9 @@ def test_conversion_errors_name_key_and_shapes(saved_clip):
         clip_state_to_flax(state, module, source="clip")
 
     state = dict(good, **{"visual_projection.weight": np.zeros((24, 33), np.float32)})
-    message = "'visual_projection.weight': expected Flax visual_projection/kernel (32, 24), found (33, 24) (PyTorch (24, 33))"
+    message = (
+        "'visual_projection.weight': expected Flax visual_projection/kernel (32, 24), found (33, 24) (PyTorch (24, 33))"
+    )
     with pytest.raises(ConversionError, match=re.escape(message)):
         clip_state_to_flax(state, module, source="clip")
 
@@ -189,18 +191,18 @@ def test_preprocess_batch():
     assert np.array_equal(preprocess(images), np.concatenate([preprocess(image) for image in images]))
 
 
-@pytest.mark.parametrize("variant", ["base", "plus", "full"])
-def test_negative_embedding_rules_match_diffusers(variant, saved_clip):
+@pytest.mark.parametrize("kind", ["base", "plus", "full"])
+def test_negative_embedding_rules_match_diffusers(kind, saved_clip):
     """Our (conditional, unconditional) projection inputs vs diffusers' `encode_image`, PIL images in."""
     folder, model = saved_clip
     module, params = load_clip_image_encoder(folder)
     images = [IMAGES["rgb-portrait"], IMAGES["rgba"]]
     pipe = SimpleNamespace(image_encoder=model, feature_extractor=clip_processor())
     with torch.no_grad():
-        theirs = StableDiffusionPipeline.encode_image(pipe, images, "cpu", 1, output_hidden_states=variant != "base")
-    ours = jax.jit(lambda p, x: image_proj_inputs(module, p, x, variant))(params, preprocess(images))
+        theirs = StableDiffusionPipeline.encode_image(pipe, images, "cpu", 1, output_hidden_states=kind != "base")
+    ours = jax.jit(lambda p, x: image_proj_inputs(module, p, x, kind))(params, preprocess(images))
     assert_close(ours[0], theirs[0])
-    if variant == "base":
+    if kind == "base":
         assert not np.any(np.asarray(ours[1])) and ours[1].shape == tuple(theirs[1].shape)
     else:
         assert_close(ours[1], theirs[1])
@@ -208,5 +210,5 @@ def test_negative_embedding_rules_match_diffusers(variant, saved_clip):
 
 def test_unknown_variant(saved_clip):
     module, params = load_clip_image_encoder(saved_clip[0])
-    with pytest.raises(ValueError, match="unknown image projection variant 'faceid'"):
+    with pytest.raises(ValueError, match="unknown image projection kind 'faceid'"):
         image_proj_inputs(module, params, np.zeros((1, 224, 224, 3), np.float32), "faceid")

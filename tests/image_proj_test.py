@@ -22,18 +22,18 @@ from diffusers.models.embeddings import (
 )
 from flax import traverse_util
 
-from conversion.image_proj import (
+from ipadapter_jax.models.image_proj import ImageProjModel, MLPProjModel, Resampler
+from ipadapter_jax.models.random_init import numpy_init
+from ipadapter_jax.weights.image_proj_keys import (
     ConversionError,
     build_image_proj,
-    detect_variant,
+    detect_kind,
     flax_to_official,
     load_image_proj,
     official_key,
     official_to_flax,
     param_shapes,
 )
-from ipadapter_jax.image_proj import ImageProjModel, MLPProjModel, Resampler
-from ipadapter_jax.random_init import numpy_init
 
 # diffusers' loader reads heads as to_q rows / 64 and renames exactly layers 0..3: dim_head 64, depth 4.
 TINY = {
@@ -70,19 +70,19 @@ def assert_close(ours, theirs):
 
 
 @pytest.mark.parametrize("num_images", [None, 3])
-@pytest.mark.parametrize("variant", ["base", "plus", "full"])
-def test_matches_diffusers(variant, num_images):
-    state = random_official_state(TINY[variant])
+@pytest.mark.parametrize("kind", ["base", "plus", "full"])
+def test_matches_diffusers(kind, num_images):
+    state = random_official_state(TINY[kind])
     spec, module, params = load_image_proj(state)
-    assert spec.variant == variant
+    assert spec.kind == kind
     torch_module = diffusers_projection(state)
     expected_class = {"base": ImageProjection, "plus": IPAdapterPlusImageProjection}.get(
-        variant, IPAdapterFullImageProjection
+        kind, IPAdapterFullImageProjection
     )
     assert type(torch_module) is expected_class
 
     batch = (2,) if num_images is None else (2, num_images)
-    x = np.random.default_rng(1).standard_normal(batch + PER_IMAGE[variant]).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal(batch + PER_IMAGE[kind]).astype(np.float32)
     ours = jax.jit(module.apply)({"params": params}, x)
     with torch.no_grad():
         if num_images is None:
@@ -154,14 +154,14 @@ def test_param_count_at_real_size(name):
     shapes = param_shapes(ours)
     assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) == expected
 
-    # Variant detection reads shapes only: a zero-stride stand-in for every official tensor suffices.
+    # Kind detection reads shapes only: a zero-stride stand-in for every official tensor suffices.
     state = {
         official_key(path): np.broadcast_to(np.float32(0), leaf.shape[::-1] if path[-1] == "kernel" else leaf.shape)
         for path, leaf in traverse_util.flatten_dict(shapes).items()
     }
-    spec = detect_variant(state)
+    spec = detect_kind(state)
     assert build_image_proj(spec) == ours
-    assert spec.num_tokens == {"base": 4, "plus": 16, "full": 257}[spec.variant]
+    assert spec.num_tokens == {"base": 4, "plus": 16, "full": 257}[spec.kind]
 
 
 def test_official_key_names():
@@ -190,7 +190,7 @@ def test_official_key_names():
 )
 def test_round_trip_and_detection(module):
     state = random_official_state(module, seed=3)
-    spec = detect_variant(state)
+    spec = detect_kind(state)
     assert build_image_proj(spec) == module
     back = flax_to_official(official_to_flax(state, module))
     assert back.keys() == state.keys()
@@ -252,14 +252,14 @@ def test_conversion_errors_name_key_and_shapes():
 )
 def test_detect_variant_errors(state, message):
     with pytest.raises(ConversionError, match=re.escape(message)):
-        detect_variant(state)
+        detect_kind(state)
 
 
 @pytest.mark.parametrize(
-    "variant, shape", [("base", (2, 31)), ("base", (2, 1, 1, 32)), ("plus", (2, 32)), ("full", (257, 32, 2))]
+    "kind, shape", [("base", (2, 31)), ("base", (2, 1, 1, 32)), ("plus", (2, 32)), ("full", (257, 32, 2))]
 )
-def test_wrong_input_shape(variant, shape):
-    module = TINY[variant]
+def test_wrong_input_shape(kind, shape):
+    module = TINY[kind]
     params = numpy_init(param_shapes(module))
     with pytest.raises(ValueError, match=re.escape(f"got shape {shape}")):
         module.apply({"params": params}, np.zeros(shape, np.float32))

@@ -1,8 +1,8 @@
 """`IPAdapterPipeline` vs diffusers' PyTorch pipelines with the same IP-Adapter, end to end, fp32 on CPU.
 
 Tiny random SD1.5-like and SDXL-like pipelines (DDIM, a CLIP image encoder, a ControlNet) and random base/Plus
-adapters in the official layout are saved to disk (`tests.pipeline_testutil`). diffusers' pipelines load the
-adapter with `load_ip_adapter`; ours loads every component with the project's loaders. Both start from the same
+adapters in the official layout are saved to disk (`ipadapter_jax.testing.pipeline_fixtures`). diffusers' pipelines load
+the adapter with `load_ip_adapter`; ours loads every component with the project's loaders. Both start from the same
 initial latents. Tolerance: max |ours - diffusers| <= 1e-3 on [0, 1] pixels, 64x64, 4 DDIM steps.
 Measured: 1e-5 to 8e-5 for every case (so no GELU patch of the PyTorch reference was needed: diffusers' Flax
 GEGLU uses the tanh GELU, PyTorch's the exact one, ~6e-5 relative per UNet call, and it does not grow over 4
@@ -12,7 +12,6 @@ steps); the image branch moves the images by 0.2-0.4 (`test_parity_is_discrimina
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -22,16 +21,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from jax._src.dispatch import JAXPR_TO_MLIR_MODULE_EVENT
 
-from conversion.diffusers_models import load_pipeline
-from conversion.ip_adapter_files import load_ip_adapter
-from conversion.unet_config import abstract_ip_unet_params
-from ipadapter_jax import generate_cli
-from ipadapter_jax.pipeline import BaseModel, IPAdapterPipeline, image_grid
-from ipadapter_jax.sampling import Sampler
-from tests import pipeline_testutil as tu
+from ipadapter_jax.pipelines import IPAdapterPipeline
+from ipadapter_jax.pipelines.sampling import Sampler
+from ipadapter_jax.testing import pipeline_fixtures as tu
 
 TOLERANCE = 1e-3
 SIZE, STEPS = 64, 4
@@ -42,40 +35,9 @@ LATENTS = np.random.default_rng(0).standard_normal((1, 4, SIZE // 8, SIZE // 8))
 PER_BLOCK = {"down": {"block_1": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}, "mid": 0.5}
 
 
-class Models:
-    """One saved tiny pipeline: the PyTorch pipeline per adapter variant and ours, built on first use."""
-
-    def __init__(self, folder: Path, kind: str):
-        self.folder, self.kind = folder, kind
-        self.torch_base = tu.save_pipeline(folder, kind, controlnet=kind == "sd15")
-        self._torch, self._flax = {}, {}
-
-    def torch(self, variant: str, controlnet: bool = False):
-        key = (variant, controlnet)
-        if key not in self._torch:
-            self._torch[key] = tu.torch_pipeline_with_adapter(self.folder, self.torch_base, variant, controlnet)
-        return self._torch[key]
-
-    def flax(self, variant: str, controlnet: bool = False) -> IPAdapterPipeline:
-        key = (variant, controlnet)
-        if key not in self._flax:
-            self._flax[key] = tu.flax_pipeline(self.folder, variant, controlnet)
-        return self._flax[key]
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory) -> Models:
-    return Models(tmp_path_factory.mktemp("sd15"), "sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory) -> Models:
-    return Models(tmp_path_factory.mktemp("sdxl"), "sdxl")
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
-    variant: str = "base"
+    kind: str = "base"
     images: tuple = (IMAGE,)
     prompt: str = "a red cat"
     negative_prompt: str | None = None
@@ -92,8 +54,8 @@ SD15_CASES = {
     "scale_1": Case(scale=1.0),
     "per_block_scale": Case(scale=PER_BLOCK),
     "two_images": Case(images=(IMAGE, GRAY_IMAGE)),
-    "plus": Case(variant="plus"),
-    "plus_two_images": Case(variant="plus", images=(IMAGE, GRAY_IMAGE)),
+    "plus": Case(kind="plus"),
+    "plus_two_images": Case(kind="plus", images=(IMAGE, GRAY_IMAGE)),
     "controlnet": Case(controlnet=True),
 }
 SDXL_CASES = {
@@ -102,8 +64,8 @@ SDXL_CASES = {
 }
 
 
-def run_torch(models: Models, case: Case, **extra) -> np.ndarray:
-    pipe = models.torch(case.variant, case.controlnet)
+def run_torch(models: tu.SavedPipelines, case: Case, **extra) -> np.ndarray:
+    pipe = models.torch(case.kind, case.controlnet)
     pipe.set_ip_adapter_scale(case.scale)
     if case.controlnet:
         extra.update(image=CONTROL_IMAGE, controlnet_conditioning_scale=0.8)
@@ -123,12 +85,12 @@ def run_torch(models: Models, case: Case, **extra) -> np.ndarray:
         ).images
 
 
-def run_flax(models: Models, case: Case, pipe: IPAdapterPipeline | None = None, **extra) -> np.ndarray:
+def run_flax(models: tu.SavedPipelines, case: Case, pipe: IPAdapterPipeline | None = None, **extra) -> np.ndarray:
     if case.controlnet:
         extra.update(control_image=CONTROL_IMAGE, controlnet_conditioning_scale=0.8)
     if "image_embeds" not in extra:
         extra["image"] = list(case.images)
-    out = (pipe or models.flax(case.variant, case.controlnet))(
+    out = (pipe or models.flax(case.kind, case.controlnet))(
         prompt=case.prompt,
         negative_prompt=case.negative_prompt,
         scale=case.scale,
@@ -150,23 +112,26 @@ def assert_images_close(actual: np.ndarray, expected: np.ndarray, tolerance: flo
 
 
 @pytest.mark.parametrize("name", list(SD15_CASES))
-def test_sd15_matches_diffusers(sd15: Models, name: str):
+def test_sd15_matches_diffusers(sd15: tu.SavedPipelines, name: str):
     case = SD15_CASES[name]
     assert_images_close(run_flax(sd15, case), run_torch(sd15, case))
 
 
 @pytest.mark.parametrize("name", list(SDXL_CASES))
-def test_sdxl_matches_diffusers(sdxl: Models, name: str):
+def test_sdxl_matches_diffusers(sdxl: tu.SavedPipelines, name: str):
     case = SDXL_CASES[name]
     assert_images_close(run_flax(sdxl, case), run_torch(sdxl, case))
 
 
-def test_from_pretrained_with_xla_attention_matches_diffusers(sd15: Models):
+def test_from_pretrained_with_xla_attention_matches_diffusers(sd15: tu.SavedPipelines):
     """`from_pretrained(attention_implementation="xla")`: the UNet attends with jax.nn.dot_product_attention."""
     case = SD15_CASES["text_and_image"]
     pipe = IPAdapterPipeline.from_pretrained(
-        sd15.folder, tu.adapter_file(sd15.folder, case.variant), sd15.folder / "image_encoder",
-        attention_implementation="xla", progress=False,
+        sd15.folder,
+        tu.adapter_file(sd15.folder, case.kind),
+        sd15.folder / "image_encoder",
+        attention_implementation="xla",
+        progress=False,
     )
     assert pipe.base.unet.attention_implementation == "xla"
     assert_images_close(run_flax(sd15, case, pipe=pipe), run_torch(sd15, case))
@@ -177,7 +142,7 @@ def test_from_pretrained_with_an_unknown_attention_kernel_is_one_clear_error(tmp
         IPAdapterPipeline.from_pretrained(tmp_path, "a.safetensors", tmp_path, attention_implementation="flash")
 
 
-def test_negative_image_matches_diffusers_negative_embeddings(sd15: Models):
+def test_negative_image_matches_diffusers_negative_embeddings(sd15: tu.SavedPipelines):
     """A negative image replaces the zero embedding; diffusers takes it as precomputed [negative, positive]."""
     case = Case()
     pipe = sd15.flax("base")
@@ -188,11 +153,11 @@ def test_negative_image_matches_diffusers_negative_embeddings(sd15: Models):
     assert np.abs(ours - run_flax(sd15, case)).max() > 100 * TOLERANCE
 
 
-def test_precomputed_embeddings_equal_images(sd15: Models):
+def test_precomputed_embeddings_equal_images(sd15: tu.SavedPipelines):
     pipe = sd15.flax("plus")
     features = pipe.encode_image([IMAGE, GRAY_IMAGE])
     assert features.shape == (2, tu.tiny.PLUS_TOKENS, tu.tiny.PLUS_HIDDEN)
-    case = Case(variant="plus", images=(IMAGE, GRAY_IMAGE))
+    case = Case(kind="plus", images=(IMAGE, GRAY_IMAGE))
     np.testing.assert_array_equal(run_flax(sd15, case, image_embeds=features), run_flax(sd15, case))
     zero_features = pipe.image_prompt_encoder.negative_features(2)
     np.testing.assert_array_equal(
@@ -200,7 +165,7 @@ def test_precomputed_embeddings_equal_images(sd15: Models):
     )
 
 
-def test_per_prompt_images_match_diffusers_one_call_per_prompt(sd15: Models):
+def test_per_prompt_images_match_diffusers_one_call_per_prompt(sd15: tu.SavedPipelines):
     """Two prompts, each with its own image prompt, in one call == diffusers run once per prompt with that
     prompt's image and noise. (diffusers has no per-row image prompts in one call: it repeats precomputed image
     embeddings `batch_size * num_images_per_prompt` times, as one image prompt for the whole batch.)"""
@@ -214,15 +179,20 @@ def test_per_prompt_images_match_diffusers_one_call_per_prompt(sd15: Models):
     theirs = []
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         with torch.no_grad():
-            theirs.append(torch_pipe(
-                prompt=prompt, ip_adapter_image=image, latents=torch.from_numpy(latents[i : i + 1]), output_type="np",
-                **settings,
-            ).images)
+            theirs.append(
+                torch_pipe(
+                    prompt=prompt,
+                    ip_adapter_image=image,
+                    latents=torch.from_numpy(latents[i : i + 1]),
+                    output_type="np",
+                    **settings,
+                ).images
+            )
     assert_images_close(ours, np.concatenate(theirs))
     assert np.abs(ours[0] - ours[1]).max() > 0.05
 
 
-def test_per_prompt_images_and_seeds_equal_one_call_per_prompt(sd15: Models):
+def test_per_prompt_images_and_seeds_equal_one_call_per_prompt(sd15: tu.SavedPipelines):
     """What batched evaluation relies on: prompt p of a per-prompt call (images, seed[p]) = a call for p alone."""
     pipe = sd15.flax("plus")
     settings = dict(scale=1.0, num_inference_steps=STEPS, height=SIZE, width=SIZE, num_images_per_prompt=2)
@@ -244,14 +214,14 @@ def test_per_prompt_images_and_seeds_equal_one_call_per_prompt(sd15: Models):
         pipe(prompts, per_prompt_images=True, prompt=["", ""], seed=[1], **settings)
 
 
-def test_parity_is_discriminating(sd15: Models):
+def test_parity_is_discriminating(sd15: tu.SavedPipelines):
     """The image branch moves the images far beyond the tolerance, so the parity tests can see it."""
     base = run_flax(sd15, Case(scale=0.0))
     assert np.abs(run_flax(sd15, Case(scale=1.0)) - base).max() > 100 * TOLERANCE
     assert np.abs(run_flax(sd15, Case(images=(GRAY_IMAGE,), scale=1.0)) - run_flax(sd15, Case(scale=1.0))).max() > 0.05
 
 
-def test_image_step_range_turns_the_image_branch_off_outside_it(sd15: Models):
+def test_image_step_range_turns_the_image_branch_off_outside_it(sd15: tu.SavedPipelines):
     case = Case(scale=1.0)
     never = run_flax(sd15, case, image_step_range=(0.0, 0.0))
     np.testing.assert_array_equal(never, run_flax(sd15, Case(scale=0.0)))
@@ -260,14 +230,18 @@ def test_image_step_range_turns_the_image_branch_off_outside_it(sd15: Models):
     assert np.abs(first_half - never).max() > 0.01 and np.abs(first_half - run_flax(sd15, case)).max() > 0.01
 
 
-def test_text_to_image_without_image_prompt_is_scale_0(sd15: Models):
+def test_text_to_image_without_image_prompt_is_scale_0(sd15: tu.SavedPipelines):
     pipe = sd15.flax("base")
     plain = pipe(prompt="a red cat", num_inference_steps=STEPS, height=SIZE, width=SIZE, latents=LATENTS)
     assert plain.settings["num_prompt_images"] == 0
     assert_images_close(plain.pixels, run_flax(sd15, Case(scale=0.0)), tolerance=1e-5)
 
 
-def test_changing_scale_guidance_prompt_or_seed_does_not_recompile(sd15: Models):
+# jax.monitoring's event for lowering a jaxpr to MLIR (every compilation, cached or not, starts with it).
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def test_changing_scale_guidance_prompt_or_seed_does_not_recompile(sd15: tu.SavedPipelines):
     pipe = sd15.flax("base")
     request = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
     pipe(IMAGE, prompt="a red cat", **request)  # compiles (or finds) every function this structure needs
@@ -275,11 +249,14 @@ def test_changing_scale_guidance_prompt_or_seed_does_not_recompile(sd15: Models)
     lowered = []
 
     def listener(event: str, duration: float, **kwargs) -> None:
-        if event == JAXPR_TO_MLIR_MODULE_EVENT:
+        if event == LOWERING_EVENT:
             lowered.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
+        jax.jit(lambda x: x + 1)(1.0)  # a new function: the listener must see its lowering
+        assert lowered, f"no {LOWERING_EVENT} event: the check below could not fail"
+        lowered.clear()
         for change in (
             dict(scale=0.3),
             dict(scale=PER_BLOCK),
@@ -296,7 +273,7 @@ def test_changing_scale_guidance_prompt_or_seed_does_not_recompile(sd15: Models)
     assert pipe.sampler.num_compiled == compiled
 
 
-def test_step_progress_reports_every_step_and_changes_nothing(sd15: Models, monkeypatch):
+def test_step_progress_reports_every_step_and_changes_nothing(sd15: tu.SavedPipelines, monkeypatch):
     steps = []
     report = Sampler._report_step  # the loop's host callback binds it when it is traced: patch before that
     monkeypatch.setattr(Sampler, "_report_step", lambda self, done: (steps.append(int(done)), report(self, done)))
@@ -308,14 +285,14 @@ def test_step_progress_reports_every_step_and_changes_nothing(sd15: Models, monk
     assert pipe.sampler.num_compiled >= 2  # the executables with and without the callback
 
 
-def test_one_and_eight_devices_give_the_same_images(sd15: Models, tmp_path):
+def test_one_and_eight_devices_give_the_same_images(sd15: tu.SavedPipelines, tmp_path):
     """The same request on this process's single CPU device and, in a subprocess, on 8 host devices (6 images:
     one per device plus 2 padding rows there)."""
     out = tmp_path / "eight.npy"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     cache = jax.config.jax_compilation_cache_dir or ".jax_cache"
     result = subprocess.run(
-        [sys.executable, "-m", "tests.pipeline_testutil", str(sd15.folder), str(out), cache],
+        [sys.executable, "-m", "ipadapter_jax.testing.pipeline_fixtures", str(sd15.folder), str(out), cache],
         env=env,
         capture_output=True,
         text=True,
@@ -331,7 +308,7 @@ def test_one_and_eight_devices_give_the_same_images(sd15: Models, tmp_path):
     assert one.shape == (6, SIZE, SIZE, 3)
 
 
-def test_dpm_solver_and_euler_match_diffusers(sd15: Models):
+def test_dpm_solver_and_euler_match_diffusers(sd15: tu.SavedPipelines):
     """The other two schedulers (linspace spacing, which diffusers' Flax DPM-Solver and Euler both implement).
     DPM-Solver++ measured 6.5e-4 (its Flax coefficients are float32, PyTorch's partly float64), Euler 6e-5."""
     from diffusers import (
@@ -362,113 +339,3 @@ def test_dpm_solver_and_euler_match_diffusers(sd15: Models):
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "image",
-    [
-        tu.test_image(2, (60, 90), "L"),
-        tu.test_image(3, (80, 80), "RGBA"),
-        tu.test_image(4, (3, 2)),
-        tu.test_image(6, (2400, 1600)),
-        np.asarray(tu.test_image(7, (40, 30), "L")),  # (H, W) uint8 array
-    ],
-    ids=["grayscale", "rgba", "tiny", "huge", "gray_array"],
-)
-def test_any_image_mode_and_size_is_encoded_as_clip_preprocessing_would(sd15: Models, image):
-    pipe = sd15.flax("base")
-    torch_pipe = sd15.torch("base")
-    # transformers reads a 2-D array as channels-first garbage; as a PIL image ("L") it is what we are given.
-    as_pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    pixels = torch_pipe.feature_extractor(as_pil, return_tensors="pt").pixel_values
-    with torch.no_grad():
-        expected = torch_pipe.image_encoder(pixels).image_embeds.numpy()
-    actual = pipe.encode_image(image)
-    assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
-
-
-def test_scale_dict_naming_a_missing_block_is_one_clear_error(sd15: Models):
-    with pytest.raises(ValueError, match=r"down\.block_2 has no cross-attention layers"):
-        sd15.flax("base")(IMAGE, scale={"down": {"block_2": 1.0}}, num_inference_steps=STEPS, height=SIZE, width=SIZE)
-
-
-def test_adapter_for_another_cross_attention_width_is_one_clear_error(sd15: Models, sdxl: Models):
-    """An SDXL adapter (64-d tokens) on the SD1.5 UNet (32-d cross-attention)."""
-    base_sd15 = sd15.flax("base")
-    base = BaseModel.from_flax_pipeline(load_pipeline(sdxl.folder, progress=False))
-    _, image_proj, adapter = load_ip_adapter(tu.adapter_file(sdxl.folder, "base"), abstract_ip_unet_params(base.unet))
-    encoder = base_sd15.image_prompt_encoder
-    with pytest.raises(ValueError, match="makes 64-d tokens but this UNet's cross-attention takes 32-d"):
-        IPAdapterPipeline(base_sd15.base, encoder.encoder, encoder.encoder_params, image_proj, adapter)
-
-
-@pytest.mark.parametrize("size", [(60, 64), (64, 36)])
-def test_size_not_a_multiple_of_8_is_one_clear_error(sd15: Models, size):
-    height, width = size
-    with pytest.raises(ValueError, match=rf"multiples of 32 .* got {height}x{width}"):
-        sd15.flax("base")(IMAGE, height=height, width=width)
-
-
-def test_outputs_images_settings_and_grid(sd15: Models):
-    out = sd15.flax("base")(IMAGE, **tu.SHARDED_REQUEST)  # 2 prompts x 3 images
-    assert len(out.images) == 6 and out.pixels.shape == (6, SIZE, SIZE, 3)
-    np.testing.assert_array_equal(np.asarray(out.images[4]), (out.pixels[4] * 255).round().astype(np.uint8))
-    assert out.settings["prompt"] == ["a red cat", "the dog"] and out.settings["seed"] == 3
-    assert out.settings["num_images_per_prompt"] == 3 and out.settings["scale"] == 0.6
-    assert np.abs(out.pixels[0] - out.pixels[1]).max() > 0.01  # each image its own noise
-    grid = image_grid(out.images)  # 3 columns x 2 rows, row-major
-    assert grid.size == (3 * SIZE, 2 * SIZE)
-    np.testing.assert_array_equal(np.asarray(grid)[SIZE:, SIZE : 2 * SIZE], np.asarray(out.images[4]))
-
-
-# --- CLI -------------------------------------------------------------------------------------------------------
-
-
-def test_cli_choices_are_the_library_names():
-    """The CLIs hold copies of these names (the library modules import slowly); they must not drift."""
-    from ipadapter_jax.pipeline import SCHEDULERS
-    from ipadapter_jax.unet import ATTENTION_IMPLEMENTATIONS
-
-    assert set(generate_cli.SCHEDULERS) == set(SCHEDULERS)
-    assert generate_cli.ATTENTION_IMPLEMENTATIONS == ATTENTION_IMPLEMENTATIONS
-
-
-def test_generate_cli_writes_the_images_a_grid_and_every_setting(sd15: Models, tmp_path):
-    image_path = tmp_path / "prompt.png"
-    IMAGE.save(image_path)
-    out = tmp_path / "out"
-    request = tu.SHARDED_REQUEST  # 2 prompts x 3 images: the structure other tests compiled already
-    argv = ["--base", str(sd15.folder), "--adapter", str(tu.adapter_file(sd15.folder, "base"))]
-    argv += ["--image-encoder", str(sd15.folder / "image_encoder"), "--image", str(image_path)]
-    for prompt in request["prompt"]:
-        argv += ["--prompt", prompt]
-    argv += ["--num-images", "3", "--scale", "0.6", "--steps", "3", "--height", "64", "--width", "64", "--seed", "3"]
-    argv += ["--out", str(out), "--compile-cache", jax.config.jax_compilation_cache_dir]
-    assert generate_cli.main(argv) == 0
-
-    settings = json.loads((out / "settings.json").read_text())
-    assert settings["outputs"] == [f"image_{i:02d}.png" for i in range(6)]
-    assert settings["prompt"] == request["prompt"] and settings["seed"] == 3 and settings["scale"] == 0.6
-    assert settings["num_inference_steps"] == 3 and settings["scheduler"] == "FlaxDDIMScheduler"
-    assert settings["base"] == str(sd15.folder) and settings["images"] == [str(image_path)]
-    assert set(settings["timings"]) == {"load_s", "prepare_s", "compile_s", "sample_s"}
-    expected = sd15.flax("base")(IMAGE, **request).images
-    for name, image in zip(settings["outputs"], expected):
-        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(image))
-    assert Image.open(out / "grid.png").size == (3 * SIZE, 2 * SIZE)  # one row per prompt
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (["--image", "missing.png"], "missing.png"),
-        (["--scale", "{not json"], "--scale must be a number or a JSON object"),
-        (["--control-image", "c.png"], "--controlnet and --control-image go together"),
-    ],
-)
-def test_generate_cli_bad_input_is_one_error_line(tmp_path, capsys, change, message):
-    argv = ["--base", str(tmp_path), "--adapter", "a.safetensors", "--image-encoder", str(tmp_path)]
-    argv += ["--image", "missing.png"] if "--image" not in change else []
-    assert generate_cli.main(argv + change) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]

@@ -20,11 +20,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conversion.torch_layout import torch_key_to_flax_module_path
-from tests import tiny, tiny_folders
-from training import cache_cli, components, data_build, synthetic_data, tiny_components
-from training.config import get_config
-from training.train import train
+from ipadapter_jax.cli import cache as cache_encodings_cli
+from ipadapter_jax.cli.main import EXIT_PREEMPTED
+from ipadapter_jax.data import builder, synthetic
+from ipadapter_jax.presets import get_preset
+from ipadapter_jax.testing import tiny, tiny_folders
+from ipadapter_jax.training import components
+from ipadapter_jax.training.config import TrainConfig
+from ipadapter_jax.training.loop import train
+from ipadapter_jax.weights import tiny_base
+from ipadapter_jax.weights.torch_layout import torch_key_to_flax_module_path
 
 STEPS = 4
 GLOBAL_BATCH = 8
@@ -32,8 +37,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _build(root, num_images: int, seed: int) -> str:
-    captions = synthetic_data.write_dataset(str(root / "src"), num_images=num_images, size=64, seed=seed)
-    path, _ = data_build.build_dataset(captions, str(root / "src" / "images"), str(root / "built"))
+    captions = synthetic.write_dataset(str(root / "src"), num_images=num_images, size=64, seed=seed)
+    path, _ = builder.build_dataset(captions, str(root / "src" / "images"), str(root / "built"))
     return path
 
 
@@ -56,7 +61,7 @@ def _overrides(dataset: str, steps: int, per_device: int, **extra) -> list[str]:
 
 
 def _config(dataset: str, steps: int, per_device: int = GLOBAL_BATCH, **extra):
-    config = get_config("tiny")
+    config = get_preset("tiny")
     for flag in _overrides(dataset, steps, per_device, **extra):
         key, value = flag[len("--config.") :].split("=", 1)
         node = config
@@ -70,8 +75,12 @@ def _config(dataset: str, steps: int, per_device: int = GLOBAL_BATCH, **extra):
 def _train_subprocess(workdir: str, args: list[str], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(extra_env or {}))
     return subprocess.Popen(
-        [sys.executable, "-m", "training.train", f"--workdir={workdir}", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "ipadapter_jax.cli.train", f"--workdir={workdir}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -126,7 +135,7 @@ def test_sharding_is_invisible(dataset, single_device_run, tmp_path):
 def test_training_on_the_embedding_cache_equals_raw(dataset, single_device_run, tmp_path):
     """`ipadapter-jax cache` then training on the cache == training on raw data (encoders run in the step)."""
     cache = str(tmp_path / "cache")
-    assert cache_cli.main([f"--raw={dataset}", f"--out={cache}", "--batch_size=8"]) == 0
+    assert cache_encodings_cli.main([f"--raw={dataset}", f"--out={cache}", "--batch_size=8"]) == 0
     workdir = str(tmp_path / "cached_run")
     train(_config(cache, STEPS), workdir)
     _assert_states_close(_final_state(workdir), single_device_run)
@@ -140,15 +149,29 @@ def test_trains_from_diffusers_model_folders(dataset, tmp_path):
     base = tmp_path / "sd15"
     torch_pipe = tiny_folders.sd15_pipeline(base)
     encoder = tmp_path / "image_encoder"
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224,
-        patch_size=32, projection_dim=24,
-    )).save_pretrained(encoder)
-    config = _config(dataset, 2, per_device=2, **{
-        "model.base": str(base), "model.image_encoder": str(encoder), "data.resolution": 16,
-    })
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=32,
+            projection_dim=24,
+        )
+    ).save_pretrained(encoder)
+    config = _config(
+        dataset,
+        2,
+        per_device=2,
+        **{
+            "model.base": str(base),
+            "model.image_encoder": str(encoder),
+            "data.resolution": 16,
+        },
+    )
     workdir = str(tmp_path / "run")
-    comps = components.load(config, workdir)
+    comps = components.load(TrainConfig.from_config_dict(config), workdir)
     for name, module in torch_pipe.unet.named_modules():
         if name.endswith("attn2"):
             layer = comps.adapter["ip_layers"]
@@ -192,7 +215,7 @@ def test_sigterm_then_resume_equals_uninterrupted(dataset, single_device_run, tm
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    assert proc.returncode == EXIT_PREEMPTED, out  # distinct from success: a scheduler reruns the command
     assert "SIGTERM: checkpointed step" in out
     stopped_at = int(_final_state(workdir)["['step']"])
     assert 2 <= stopped_at < 1000
@@ -211,8 +234,9 @@ def test_sigterm_then_resume_equals_uninterrupted(dataset, single_device_run, tm
 def test_loss_of_a_held_out_batch_falls(dataset, tmp_path):
     held_out = _build(tmp_path / "held_out", num_images=8, seed=1)
     workdir = str(tmp_path / "learn")
-    config = _config(dataset, 200, per_device=8, log_every=25, eval_every=25, checkpoint_every=200,
-                     **{"optim.lr": 1e-3})  # the trained tiny base: 1e-4 moves the loss only ~1% in 200 steps
+    config = _config(
+        dataset, 200, per_device=8, log_every=25, eval_every=25, checkpoint_every=200, **{"optim.lr": 1e-3}
+    )  # the trained tiny base: 1e-4 moves the loss only ~1% in 200 steps
     config.data.eval_path = held_out
     train(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -227,9 +251,10 @@ def test_loss_of_a_held_out_batch_falls(dataset, tmp_path):
 
     # The exported adapter loads in diffusers (PyTorch) with exactly the trained K'/V' weights.
     exported = os.path.join(workdir, "ip-adapter.safetensors")
-    pipe = tiny.torch_pipeline(tiny.torch_unet(tiny_components.UNET))
-    pipe.load_ip_adapter(workdir, subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None,
-                         local_files_only=True)
+    pipe = tiny.torch_pipeline(tiny.torch_unet(tiny_base.UNET))
+    pipe.load_ip_adapter(
+        workdir, subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None, local_files_only=True
+    )
     trained = _final_state(workdir)
     checked = 0
     for name, processor in pipe.unet.attn_processors.items():

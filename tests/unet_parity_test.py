@@ -22,13 +22,18 @@ import pytest
 import torch
 from diffusers.loaders.ip_adapter import IPAdapterMixin
 
-from conversion.ip_adapter import adapter_from_official, ip_layers_from_official, ip_layers_to_official, official_layer_ids
-from conversion.torch_layout import torch_key_to_flax_module_path, torch_state_to_flax
-from ipadapter_jax.adapter import merge_unet_params, split_unet_params
-from ipadapter_jax.random_init import abstract_params
-from ipadapter_jax.scales import ip_scale_tree
-from ipadapter_jax.unet import IPUNet2DConditionModel
-from tests import tiny
+from ipadapter_jax.models.adapter import merge_unet_params, split_unet_params
+from ipadapter_jax.models.random_init import abstract_params
+from ipadapter_jax.models.scales import ip_scale_tree
+from ipadapter_jax.models.unet import IPUNet2DConditionModel
+from ipadapter_jax.testing import tiny
+from ipadapter_jax.weights.official_layout import (
+    adapter_from_official,
+    ip_layers_from_official,
+    ip_layers_to_official,
+    official_layer_ids,
+)
+from ipadapter_jax.weights.torch_layout import torch_key_to_flax_module_path, torch_state_to_flax
 
 BATCH, TEXT_TOKENS, CLIP_DIM, NUM_TOKENS = 2, 7, 48, 4
 RTOL = 1e-4
@@ -42,15 +47,15 @@ class Case:
         self.name, self.config = name, config
         pristine = tiny.torch_unet(config)
         base_state = {k: v.numpy() for k, v in pristine.state_dict().items()}
-        # One PyTorch UNet per adapter variant, each loaded by diffusers' own loader.
+        # One PyTorch UNet per adapter kind, each loaded by diffusers' own loader.
         self.officials, self.torch_unets = {}, {}
-        for variant in ("base", "plus"):
-            official = tiny.random_official_adapter(pristine, clip_dim=CLIP_DIM, num_tokens=NUM_TOKENS, variant=variant)
+        for kind in ("base", "plus"):
+            official = tiny.random_official_adapter(pristine, clip_dim=CLIP_DIM, num_tokens=NUM_TOKENS, kind=kind)
             torch_unet = copy.deepcopy(pristine)
             torch_unet._load_ip_adapter_weights(
                 [{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}]
             )
-            self.officials[variant], self.torch_unets[variant] = official, torch_unet
+            self.officials[kind], self.torch_unets[kind] = official, torch_unet
         self.official, self.torch_unet = self.officials["base"], self.torch_unets["base"]
 
         rng = np.random.default_rng(0)
@@ -71,7 +76,9 @@ class Case:
             jnp.zeros((1, 4, 16, 16)),
             jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, 1, cross)),
-            added_cond_kwargs=None if self.added is None else {k: jnp.zeros((1,) + v.shape[1:]) for k, v in self.added.items()},
+            added_cond_kwargs=None
+            if self.added is None
+            else {k: jnp.zeros((1,) + v.shape[1:]) for k, v in self.added.items()},
             image_tokens=jnp.zeros((1, NUM_TOKENS, cross)),
         )
         self.abstract = abstract
@@ -88,13 +95,13 @@ class Case:
 
         self.predict = jax.jit(predict)
 
-    def image_embeds(self, num_images: int, seed: int = 5, variant: str = "base") -> np.ndarray:
+    def image_embeds(self, num_images: int, seed: int = 5, kind: str = "base") -> np.ndarray:
         """base: (B, num_images, CLIP_DIM) embeddings; plus: (B, num_images, PLUS_TOKENS, PLUS_HIDDEN)."""
-        per_image = (CLIP_DIM,) if variant == "base" else (tiny.PLUS_TOKENS, tiny.PLUS_HIDDEN)
+        per_image = (CLIP_DIM,) if kind == "base" else (tiny.PLUS_TOKENS, tiny.PLUS_HIDDEN)
         return np.random.default_rng(seed).standard_normal((BATCH, num_images) + per_image).astype(np.float32)
 
-    def torch_predict(self, image_embeds: np.ndarray, scale, variant: str = "base") -> np.ndarray:
-        torch_unet = self.torch_unets[variant]
+    def torch_predict(self, image_embeds: np.ndarray, scale, kind: str = "base") -> np.ndarray:
+        torch_unet = self.torch_unets[kind]
         # diffusers' pipeline method, applied to a stand-in object that only has the UNet.
         IPAdapterMixin.set_ip_adapter_scale(types.SimpleNamespace(unet=torch_unet), scale)
         added = {"image_embeds": [torch.from_numpy(image_embeds)]}
@@ -162,14 +169,14 @@ def test_noise_prediction_matches_diffusers(case: Case, scale_name: str, num_ima
     assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("variant", ["base", "plus"])
-def test_projection_and_unet_end_to_end_match_diffusers(case: Case, variant: str):
+@pytest.mark.parametrize("kind", ["base", "plus"])
+def test_projection_and_unet_end_to_end_match_diffusers(case: Case, kind: str):
     """Our image projection + UNet, loaded from the official state by our mapping, vs diffusers' whole path
     (MultiIPAdapterImageProjection + IPAdapterAttnProcessor2_0), two images per prompt."""
-    embeds = case.image_embeds(2, variant=variant)
-    expected = case.torch_predict(embeds, 0.6, variant)
-    spec, image_proj, adapter = adapter_from_official(case.officials[variant], case.abstract)
-    assert spec.variant == variant and spec.num_tokens == NUM_TOKENS
+    embeds = case.image_embeds(2, kind=kind)
+    expected = case.torch_predict(embeds, 0.6, kind)
+    spec, image_proj, adapter = adapter_from_official(case.officials[kind], case.abstract)
+    assert spec.kind == kind and spec.num_tokens == NUM_TOKENS
     tokens = image_proj.apply({"params": adapter["image_proj"]}, jnp.asarray(embeds))
     assert tokens.shape == (BATCH, 2 * NUM_TOKENS, case.config["cross_attention_dim"])
     actual = case.flax_predict(tokens, 0.6, merge_unet_params(case.frozen, adapter["ip_layers"]))
@@ -179,9 +186,10 @@ def test_projection_and_unet_end_to_end_match_diffusers(case: Case, variant: str
 def test_image_branch_is_not_negligible(case: Case):
     """Guards the parity tests' power: the image branch moves the output far beyond the tolerance."""
     embeds = case.image_embeds(1)
-    assert np.abs(case.torch_predict(embeds, 0.7) - case.torch_predict(embeds, 0.0)).max() > 100 * RTOL * np.abs(
-        case.torch_predict(embeds, 0.0)
-    ).max()
+    assert (
+        np.abs(case.torch_predict(embeds, 0.7) - case.torch_predict(embeds, 0.0)).max()
+        > 100 * RTOL * np.abs(case.torch_predict(embeds, 0.0)).max()
+    )
 
 
 def test_layer_ids_match_diffusers_loader(case: Case):
@@ -211,9 +219,9 @@ def test_scale_zero_is_the_unmodified_diffusers_unet_bit_for_bit(case: Case):
     base = FlaxUNet2DConditionModel(**case.config)
     frozen, _ = split_unet_params(case.params)
     added = None if case.added is None else {k: jnp.asarray(v) for k, v in case.added.items()}
-    base_out = jax.jit(
-        lambda p, x, t, c: base.apply({"params": p}, x, t, c, added_cond_kwargs=added).sample
-    )(frozen, jnp.asarray(case.sample), jnp.asarray(case.timesteps), jnp.asarray(case.text))
+    base_out = jax.jit(lambda p, x, t, c: base.apply({"params": p}, x, t, c, added_cond_kwargs=added).sample)(
+        frozen, jnp.asarray(case.sample), jnp.asarray(case.timesteps), jnp.asarray(case.text)
+    )
     tokens = case.torch_image_tokens(case.image_embeds(1))
     np.testing.assert_array_equal(case.flax_predict(tokens, 0.0), np.asarray(base_out))
     np.testing.assert_array_equal(case.flax_predict(None, 1.0), np.asarray(base_out))
@@ -232,9 +240,9 @@ def predict_with(case: Case, unet: IPUNet2DConditionModel, image_tokens: np.ndar
     """`unet` (another module over the case's params) at scale 1.0, text and image tokens cast to `dtype`."""
     added = None if case.added is None else {k: jnp.asarray(v) for k, v in case.added.items()}
     return jax.jit(
-        lambda p, s, x, t, c, i: unet.apply(
-            {"params": p, "ip_scale": s}, x, t, c, added_cond_kwargs=added, image_tokens=i
-        ).sample
+        lambda p, s, x, t, c, i: (
+            unet.apply({"params": p, "ip_scale": s}, x, t, c, added_cond_kwargs=added, image_tokens=i).sample
+        )
     )(
         case.params,
         ip_scale_tree(case.params, 1.0),
@@ -264,17 +272,27 @@ def test_xla_attention_kernel_matches_diffusers(case: Case):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"attention_implementation": "flash"}, r"attention_implementation must be one of \('diffusers', 'xla', "
-                                                r"'cudnn'\), got 'flash'"),
-        ({"attention_implementation": "xla", "use_memory_efficient_attention": True},
-         r"use_memory_efficient_attention .* cannot be combined with attention_implementation='xla'"),
+        (
+            {"attention_implementation": "flash"},
+            r"attention_implementation must be one of \('diffusers', 'xla', "
+            r"'cudnn'\), got 'flash'",
+        ),
+        (
+            {"attention_implementation": "xla", "use_memory_efficient_attention": True},
+            r"use_memory_efficient_attention .* cannot be combined with attention_implementation='xla'",
+        ),
     ],
 )
 def test_bad_attention_options_are_one_clear_error(options: dict, message: str):
     unet = IPUNet2DConditionModel(**tiny.SD15_TINY, **options)
     with pytest.raises(ValueError, match=message):
-        abstract_params(unet, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2, 32)),
-                        image_tokens=jnp.zeros((1, 4, 32)))
+        abstract_params(
+            unet,
+            jnp.zeros((1, 4, 8, 8)),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 2, 32)),
+            image_tokens=jnp.zeros((1, 4, 32)),
+        )
 
 
 def _flat(tree) -> dict:

@@ -13,8 +13,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from conversion.torch_layout import ConversionError
-from conversion.weight_files import open_state_dict, with_variant
+from ipadapter_jax.weights.torch_layout import ConversionError
+from ipadapter_jax.weights.weight_files import open_state_dict, with_variant
 
 NAME = "diffusion_pytorch_model"
 

@@ -1,7 +1,7 @@
-"""Trains the `tiny` preset's frozen base model on the procedural dataset and writes it to training/assets/tiny_base.
+"""Trains the `tiny` preset's frozen base model on the procedural dataset (-> ipadapter_jax/weights/assets/tiny_base).
 
-    python -m training.tiny_base_train          # the committed weights (~25-40 min on 2 shared CPU cores)
-    python -m training.tiny_base_train --out /tmp/base --steps_scale 0.05    # a quick smoke run
+    python training/tiny_base_train.py      # the committed weights (~25-40 min on 2 shared CPU cores)
+    python training/tiny_base_train.py --out /tmp/base --steps_scale 0.05    # a quick smoke run
 
 Random tiny components cannot show what an IP-Adapter does (a random VAE cannot even reconstruct an image),
 so the demo's embedded default is a small base model trained here, in Stable Diffusion's order:
@@ -13,10 +13,11 @@ so the demo's embedded default is a small base model trained here, in Stable Dif
 3. unet: text-conditioned epsilon prediction on the scaled latents with SD1.5's DDPM schedule; 10% of the
    captions are dropped to "" so the empty prompt gives unconditional samples (image-only generation's start).
 
-Each stage trains on a fixed pool of procedural images (`synthetic_data.sample`) and is scored on held-out
+Each stage trains on a fixed pool of procedural images (`synthetic.sample`) and is scored on held-out
 images of another seed. Every random draw derives from `--seed`: rerunning gives the same weights (same
 software and CPU). Outputs in `--out`: {text_encoder,image_encoder,vae,unet}.msgpack (float16, loaded by
-`tiny_components.build`) and base.json (scaling factor, settings, loss curves, held-out metrics, times).
+`ipadapter_jax.weights.tiny_base.load_base`) and base.json (scaling factor, settings, loss curves, held-out metrics,
+times).
 """
 
 from __future__ import annotations
@@ -38,15 +39,18 @@ import optax
 import tqdm
 
 import ipadapter_jax  # noqa: F401  (log filter before any Flax model import)
-from ipadapter_jax.image_encoder import CLIP_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPImageEncoder
-from training import synthetic_data, tiny_components
-from training.components import SD_SCHEDULE, alphas_cumprod
-from training.preprocess import tokenize
-from training.step import sample_noise_and_timesteps
 
+# isort: split
 from diffusers import FlaxUNet2DConditionModel  # noqa: E402  (after the log filter)
 from transformers import CLIPVisionConfig  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
+
+from ipadapter_jax.data import synthetic
+from ipadapter_jax.data.preprocess import tokenize
+from ipadapter_jax.models.image_encoder import CLIP_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPImageEncoder
+from ipadapter_jax.training.components import alphas_cumprod
+from ipadapter_jax.training.step import sample_noise_and_timesteps
+from ipadapter_jax.weights import tiny_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +84,9 @@ class Pool:
 
 def make_pools(settings: Settings) -> tuple[Pool, Pool]:
     """(training pool, held-out pool); the held-out images come from another seed."""
-    size = tiny_components.VAE["sample_size"]
-    train_images, train_text = synthetic_data.sample(settings.pool_images, size, settings.seed)
-    test_images, test_text = synthetic_data.sample(settings.held_out_images, size, settings.seed + 1)
+    size = tiny_base.VAE["sample_size"]
+    train_images, train_text = synthetic.sample(settings.pool_images, size, settings.seed)
+    test_images, test_text = synthetic.sample(settings.held_out_images, size, settings.seed + 1)
     captions = sorted(set(train_text) | set(test_text)) + [""]
     index = {text: i for i, text in enumerate(captions)}
     return (
@@ -149,8 +153,14 @@ def in_chunks(fn: Callable[[jax.Array], Any], data: np.ndarray, size: int = 256)
 
 
 def train_encoders(
-    settings: Settings, steps: int, pool: Pool, held_out: Pool, tokens: np.ndarray, text_encoder: FlaxCLIPTextModule,
-    image_encoder: CLIPImageEncoder, init: dict,
+    settings: Settings,
+    steps: int,
+    pool: Pool,
+    held_out: Pool,
+    tokens: np.ndarray,
+    text_encoder: FlaxCLIPTextModule,
+    image_encoder: CLIPImageEncoder,
+    init: dict,
 ) -> tuple[dict, dict]:
     """Stage 1 -> ({"text_encoder", "image_encoder"} params, report). `tokens`: (captions, 77) ids."""
     positions = jnp.arange(tokens.shape[1])[None]
@@ -182,7 +192,7 @@ def train_encoders(
         caption = pool.caption_index[pick]
         return {"images": pool.images[pick], "ids": tokens[caption], "caption": caption}
 
-    width, dim = tiny_components.CROSS_DIM, tiny_components.TEXT["projection_dim"]
+    width, dim = tiny_base.CROSS_DIM, tiny_base.TEXT["projection_dim"]
     projection = np.random.default_rng(settings.seed).standard_normal((width, dim)).astype(np.float32) * width**-0.5
     # CLIP's initial temperature 0.07, learnt, capped at 100 in the loss.
     params = dict(init, text_projection=projection, logit_scale=np.float32(np.log(1 / 0.07)))
@@ -193,7 +203,9 @@ def train_encoders(
     image = normalise(in_chunks(jax.jit(lambda x: embed_images(params, x)), held_out.images))
     accuracy = float(np.mean(np.argmax(np.asarray(image @ text.T), axis=1) == held_out.caption_index))
     report = {
-        "loss_curve": curve, "held_out_caption_accuracy": accuracy, "logit_scale": float(np.exp(params["logit_scale"]))
+        "loss_curve": curve,
+        "held_out_caption_accuracy": accuracy,
+        "logit_scale": float(np.exp(params["logit_scale"])),
     }
     return {"text_encoder": params["text_encoder"], "image_encoder": params["image_encoder"]}, report
 
@@ -227,21 +239,36 @@ def train_vae(
     scaling = float(f"{1.0 / np.std(latents):.4g}")
     recon = in_chunks(reconstruct, held_out.images)
     mse = float(np.mean(np.square(recon - np.asarray(to_vae_input(held_out.images)))))
-    report = {"loss_curve": curve, "held_out_mse": mse, "held_out_psnr_db": float(10 * np.log10(4.0 / mse)),
-              "latent_mean": float(np.mean(latents)), "latent_std": float(np.std(latents))}
+    report = {
+        "loss_curve": curve,
+        "held_out_mse": mse,
+        "held_out_psnr_db": float(10 * np.log10(4.0 / mse)),
+        "latent_mean": float(np.mean(latents)),
+        "latent_std": float(np.std(latents)),
+    }
     return params, scaling, report
 
 
 def train_unet(
-    settings: Settings, steps: int, pool: Pool, held_out: Pool, tokens: np.ndarray, unet: FlaxUNet2DConditionModel,
-    vae: Any, text_encoder: FlaxCLIPTextModule, params: dict, init: dict,
+    settings: Settings,
+    steps: int,
+    pool: Pool,
+    held_out: Pool,
+    tokens: np.ndarray,
+    unet: FlaxUNet2DConditionModel,
+    vae: Any,
+    text_encoder: FlaxCLIPTextModule,
+    params: dict,
+    init: dict,
 ) -> tuple[dict, dict]:
     """Stage 3 -> (UNet params, report). `params` holds the trained encoders and VAE."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     # Every caption's hidden states, computed once: (captions + "", 77, cross).
-    text_table = jax.device_get(text_encoder.apply(
-        {"params": params["text_encoder"]}, jnp.asarray(tokens), jnp.ones_like(tokens), positions
-    ).last_hidden_state)
+    text_table = jax.device_get(
+        text_encoder.apply(
+            {"params": params["text_encoder"]}, jnp.asarray(tokens), jnp.ones_like(tokens), positions
+        ).last_hidden_state
+    )
 
     @jax.jit
     def posterior(images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -249,7 +276,7 @@ def train_unet(
         return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))  # NCHW for the UNet
 
     train_latents, test_latents = in_chunks(posterior, pool.images), in_chunks(posterior, held_out.images)
-    schedule = jnp.asarray(alphas_cumprod(**SD_SCHEDULE))
+    schedule = jnp.asarray(alphas_cumprod(tiny_base.SCHEDULER))
     scaling = np.float32(vae.scaling_factor)
 
     def loss_fn(unet_params: dict, batch: dict, key: jax.Array) -> jax.Array:
@@ -275,7 +302,9 @@ def train_unet(
     test_loss = jax.jit(loss_fn)(unet_params, held, jax.random.PRNGKey(0))
     test_loss_empty = jax.jit(loss_fn)(unet_params, held_empty, jax.random.PRNGKey(0))
     report = {
-        "loss_curve": curve, "held_out_loss": float(test_loss), "held_out_loss_empty_prompt": float(test_loss_empty)
+        "loss_curve": curve,
+        "held_out_loss": float(test_loss),
+        "held_out_loss_empty_prompt": float(test_loss_empty),
     }
     return unet_params, report
 
@@ -288,12 +317,12 @@ def train(settings: Settings, out: str, steps_scale: float = 1.0) -> dict:
         return max(1, round(n * steps_scale))
 
     with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its files once, when built
-        tokenizer = tiny_components.write_tokenizer(folder)
-    unet = FlaxUNet2DConditionModel(**tiny_components.UNET)
-    text_encoder = FlaxCLIPTextModule(tiny_components.text_config(tokenizer))
-    image_encoder = CLIPImageEncoder(CLIPVisionConfig(**tiny_components.IMAGE))
-    init = tiny_components.random_base_params(
-        tiny_components.abstract_base_params(unet, tiny_components.vae_module(1.0), text_encoder, image_encoder),
+        tokenizer = tiny_base.write_tokenizer(folder)
+    unet = FlaxUNet2DConditionModel(**tiny_base.UNET)
+    text_encoder = FlaxCLIPTextModule(tiny_base.text_config(tokenizer))
+    image_encoder = CLIPImageEncoder(CLIPVisionConfig(**tiny_base.IMAGE))
+    init = tiny_base.random_base_params(
+        tiny_base.abstract_base_params(unet, tiny_base.vae_module(1.0), text_encoder, image_encoder),
         settings.seed,
     )
     pool, held_out = make_pools(settings)
@@ -302,25 +331,39 @@ def train(settings: Settings, out: str, steps_scale: float = 1.0) -> dict:
 
     t = time.time()
     params, stages["encoders"] = train_encoders(
-        settings, steps(settings.encoder_steps), pool, held_out, tokens, text_encoder, image_encoder,
+        settings,
+        steps(settings.encoder_steps),
+        pool,
+        held_out,
+        tokens,
+        text_encoder,
+        image_encoder,
         {"text_encoder": init["text_encoder"], "image_encoder": init["image_encoder"]},
     )
     times["encoders_s"] = time.time() - t
 
     t = time.time()
     params["vae"], scaling, stages["vae"] = train_vae(
-        settings, steps(settings.vae_steps), pool, held_out, tiny_components.vae_module(1.0), init["vae"]
+        settings, steps(settings.vae_steps), pool, held_out, tiny_base.vae_module(1.0), init["vae"]
     )
     times["vae_s"] = time.time() - t
 
     t = time.time()
     params["unet"], stages["unet"] = train_unet(
-        settings, steps(settings.unet_steps), pool, held_out, tokens, unet, tiny_components.vae_module(scaling),
-        text_encoder, params, init["unet"],
+        settings,
+        steps(settings.unet_steps),
+        pool,
+        held_out,
+        tokens,
+        unet,
+        tiny_base.vae_module(scaling),
+        text_encoder,
+        params,
+        init["unet"],
     )
     times["unet_s"] = time.time() - t
 
-    sizes = tiny_components.save_base_params(params, out)
+    sizes = tiny_base.save_base_params(params, out)
     times["total_s"] = time.time() - start
     summary = {
         "vae_scaling_factor": scaling,
@@ -329,17 +372,17 @@ def train(settings: Settings, out: str, steps_scale: float = 1.0) -> dict:
         "stages": stages,
         "times": times,
         "file_bytes": sizes,
-        "params": {name: int(sum(x.size for x in jax.tree.leaves(params[name]))) for name in tiny_components.FROZEN},
+        "params": {name: int(sum(x.size for x in jax.tree.leaves(params[name]))) for name in tiny_base.FROZEN},
         "software": {"jax": jax.__version__, "device": jax.devices()[0].device_kind},
     }
-    with open(os.path.join(out, tiny_components.SUMMARY), "w") as f:
+    with open(os.path.join(out, tiny_base.SUMMARY), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=tiny_components.ASSETS, help="output folder (default: the committed assets)")
+    parser.add_argument("--out", default=tiny_base.ASSETS, help="output folder (default: the committed assets)")
     parser.add_argument("--seed", type=int, default=Settings.seed)
     parser.add_argument("--steps_scale", type=float, default=1.0, help="multiply every stage's steps (quick runs)")
     args = parser.parse_args(argv)
@@ -347,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, stage in summary["stages"].items():
         print(name, {k: v for k, v in stage.items() if k != "loss_curve"}, f"{summary['times'][name + '_s']:.0f} s")
     megabytes = sum(summary["file_bytes"].values()) / 1e6
-    print(f"wrote {args.out} ({megabytes:.2f} MB) in {summary['times']['total_s']:.0f} s; "
-          f"VAE scaling factor {summary['vae_scaling_factor']}")
+    print(
+        f"wrote {args.out} ({megabytes:.2f} MB) in {summary['times']['total_s']:.0f} s; "
+        f"VAE scaling factor {summary['vae_scaling_factor']}"
+    )
     return 0
 
 

@@ -1,1 +1,0 @@
-"""Weights between PyTorch formats (official IP-Adapter files, diffusers model folders) and our Flax trees."""

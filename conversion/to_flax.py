@@ -1,0 +1,11 @@
+"""Official IP-Adapter file (.safetensors/.bin) -> our Flax adapter (.msgpack), checked against a UNet config.
+
+python conversion/to_flax.py --help      (the same as `ipadapter-jax convert to-flax --help`)
+"""
+
+import sys
+
+from ipadapter_jax.cli.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main(["to-flax", *sys.argv[1:]]))

@@ -1,0 +1,11 @@
+"""Our Flax adapter (.msgpack) -> an official file that diffusers' load_ip_adapter reads.
+
+python conversion/to_torch.py --help      (the same as `ipadapter-jax convert to-torch --help`)
+"""
+
+import sys
+
+from ipadapter_jax.cli.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main(["to-torch", *sys.argv[1:]]))

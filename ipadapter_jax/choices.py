@@ -1,0 +1,19 @@
+"""The names of the choices users make on command lines and in configs, importable without jax or the models.
+
+The library modules that implement each choice import their names from here, and so do the CLIs (which stay fast
+to start) and the training config's validation: one list per choice.
+"""
+
+# The UNet's attention kernels (`ipadapter_jax.models.unet.Attention`).
+ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn")
+
+# Sampling schedulers of the loaders and CLIs -> diffusers Flax scheduler kinds
+# (`ipadapter_jax.weights.diffusers_models.SCHEDULERS`).
+SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "euler"}
+
+# IP-Adapter kinds: which image features the projection reads and how it makes tokens
+# (`ipadapter_jax.models.image_proj`).
+ADAPTER_KINDS = ("base", "plus", "full")
+
+# Computation dtypes (params stay float32).
+DTYPES = ("float32", "bfloat16", "float16")

@@ -1,0 +1,220 @@
+"""`ipadapter-jax generate`: images from an image prompt (and optional text, ControlNet) with an IP-Adapter.
+
+    ipadapter-jax generate --base MODEL_DIR --adapter ip-adapter_sd15.safetensors --image-encoder ENCODER_DIR \\
+        --image a.png [--image b.png] [--prompt "best quality"] [--scale 0.6] [--num-images 4] [--out DIR]
+
+MODEL_DIR is a diffusers pipeline folder (SD1.5/SD2 family or SDXL, PyTorch weights); the adapter is an official
+IP-Adapter file (.safetensors/.bin) or our Flax adapter (.msgpack); ENCODER_DIR a `CLIPVisionModelWithProjection`
+folder. Writes `image_NN.png` per image, `grid.png` and `settings.json` (every setting, model paths, timings)
+into --out (default `outputs/<date>-<time>`; files there are overwritten). Progress goes to stderr; a bad input
+ends in one "error: ..." line and exit status 1.
+
+XLA's persistent compilation cache is on (--compile-cache), so a repeated command with the same shapes skips
+most of the compile phase; --step-progress (a bar advancing per denoising step) opts that run's sampling
+function out of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS, SCHEDULERS
+from ipadapter_jax.cli.main import ArgumentParser, UsageError, finite_float, positive_int, report_errors
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="ipadapter-jax generate",
+        description="Generate images with an IP-Adapter: image prompt, optional text prompt and ControlNet.",
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--base", required=True, help="diffusers pipeline folder (unet/, vae/, text_encoder/, ...)")
+    models.add_argument("--adapter", required=True, help="IP-Adapter file: .safetensors/.bin (official) or .msgpack")
+    models.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder")
+    models.add_argument("--controlnet", help="diffusers ControlNetModel folder (SD1.5/SD2 family)")
+    models.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="default ddim (the paper's)")
+    models.add_argument("--dtype", choices=DTYPES, default="float32", help="computation dtype (params stay float32)")
+    models.add_argument("--cache-dir", help="keep converted Flax params here (later runs skip the conversion)")
+    models.add_argument(
+        "--attention",
+        choices=ATTENTION_IMPLEMENTATIONS,
+        default="diffusers",
+        help="UNet attention kernel; cudnn: cuDNN flash attention (NVIDIA GPUs, bfloat16)",
+    )
+
+    prompt = parser.add_argument_group("prompt")
+    prompt.add_argument("--image", action="append", required=True, help="image prompt; repeat for several images")
+    prompt.add_argument("--prompt", action="append", help="text prompt; repeat for several (default: empty)")
+    prompt.add_argument("--negative-prompt", help="negative text prompt")
+    prompt.add_argument("--negative-image", action="append", help="negative image prompt (1, or one per --image)")
+    prompt.add_argument(
+        "--scale",
+        default="1.0",
+        help="IP-Adapter scale: a number or a JSON per-block dict, e.g. "
+        '\'{"up": {"block_0": [0.0, 1.0, 0.0]}}\' (default 1.0)',
+    )
+    prompt.add_argument(
+        "--image-step-range",
+        type=finite_float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("START", "END"),
+        help="fractions of the steps in which the image prompt acts (default 0 1)",
+    )
+    prompt.add_argument("--control-image", help="ControlNet conditioning image (with --controlnet)")
+    prompt.add_argument(
+        "--controlnet-scale", type=finite_float, default=1.0, help="ControlNet residual scale (default 1)"
+    )
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument(
+        "--guidance-scale", type=finite_float, default=7.5, help="classifier-free guidance (default 7.5)"
+    )
+    sampling.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
+    sampling.add_argument("--height", type=positive_int, help="default: the UNet's sample size x 8")
+    sampling.add_argument("--width", type=positive_int, help="default: the UNet's sample size x 8")
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (default 1)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", help="output folder (default outputs/<date>-<time>)")
+    output.add_argument(
+        "--compile-cache",
+        default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+        help="XLA compilation cache folder (default $JAX_COMPILATION_CACHE_DIR or "
+        "~/.cache/ipadapter-jax/xla; 'none' disables it)",
+    )
+    output.add_argument("--step-progress", action="store_true", help="advance the sampling bar at every step")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    print(generate(_parser().parse_args(argv)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `ipadapter-jax generate` with the arguments after `generate`; returns the exit status."""
+    return report_errors(run, list(sys.argv[1:] if argv is None else argv))
+
+
+def generate(args: argparse.Namespace) -> Path:
+    """Loads the models, generates, writes images, grid and settings; returns the output folder."""
+    import jax
+
+    _configure_compile_cache(jax, args.compile_cache)
+    # After the log filter (`import ipadapter_jax`): the loaders import diffusers' and transformers' Flax classes.
+    from ipadapter_jax.pipelines import IPAdapterPipeline, image_grid
+
+    scale = _parse_scale(args.scale)
+    if (args.controlnet is None) != (args.control_image is None):
+        raise UsageError("--controlnet and --control-image go together")
+    images = [_open_image(path) for path in args.image]
+    negative_images = [_open_image(path) for path in args.negative_image or ()]
+    control_image = None if args.control_image is None else _open_image(args.control_image)
+    out_dir = Path(args.out or Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
+
+    start = time.perf_counter()
+    pipe = IPAdapterPipeline.from_pretrained(
+        args.base,
+        args.adapter,
+        args.image_encoder,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        controlnet=args.controlnet,
+        attention_implementation=args.attention,
+    )
+    load_s = time.perf_counter() - start
+    result = pipe(
+        images,
+        prompt=args.prompt or "",
+        negative_prompt=args.negative_prompt,
+        negative_image=negative_images or None,
+        scale=scale,
+        image_step_range=tuple(args.image_step_range),
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        num_images_per_prompt=args.num_images,
+        control_image=control_image,
+        controlnet_conditioning_scale=args.controlnet_scale,
+        progress=True,
+        step_progress=args.step_progress,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"image_{i:02d}.png" for i in range(len(result.images))]
+    for name, image in zip(names, result.images):
+        image.save(out_dir / name)
+    image_grid(result.images, cols=args.num_images if len(result.images) > args.num_images else None).save(
+        out_dir / "grid.png"
+    )
+    settings = {
+        **result.settings,
+        "base": str(args.base),
+        "adapter": str(args.adapter),
+        "image_encoder": str(args.image_encoder),
+        "images": list(args.image),
+        "negative_images": list(args.negative_image or ()),
+        "controlnet": args.controlnet,
+        "control_image": args.control_image,
+        "scheduler_option": args.scheduler,
+        "dtype": args.dtype,
+        "outputs": names,
+        "grid": "grid.png",
+        "timings": {"load_s": load_s, **result.timings},
+        "jax": {"version": jax.__version__, "devices": [str(d) for d in pipe.mesh.devices.flat]},
+    }
+    (out_dir / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    timings = settings["timings"]
+    print(
+        f"{len(names)} image(s) -> {out_dir}: load {timings['load_s']:.1f} s, compile {timings['compile_s']:.1f} s, "
+        f"sampling {timings['sample_s']:.1f} s",
+        file=sys.stderr,
+    )
+    return out_dir
+
+
+def _configure_compile_cache(jax: Any, folder: str | None) -> None:
+    if folder == "none":
+        return
+    jax.config.update("jax_compilation_cache_dir", folder or str(Path.home() / ".cache" / "ipadapter-jax" / "xla"))
+
+
+def _parse_scale(text: str) -> float | dict:
+    try:
+        return finite_float(text)
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"--scale {err}") from None
+    except ValueError:
+        pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError(f"--scale must be a number or a JSON object, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--scale must be a number or a JSON object, got {text!r}")
+    return value
+
+
+def _open_image(path: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file PIL can read") from None

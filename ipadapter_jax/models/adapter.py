@@ -1,0 +1,116 @@
+"""The adapter's own params: per-layer `to_k_ip`/`to_v_ip`, kept apart from the frozen UNet.
+
+An adapter is the pytree
+
+    {"image_proj": <image projection params>,
+     "ip_layers": {"down_blocks_0": {"attentions_0": {"transformer_blocks_0": {"attn2":
+                       {"to_k_ip": {"kernel": (cross_attention_dim, inner)}, "to_v_ip": {...}}}}}, ...}}
+
+`ip_layers` mirrors the UNet param tree but holds only the K'/V' kernels, so optimizer state exists for the
+adapter alone and `merge_unet_params` rebuilds the full UNet tree (a free restructuring under `jit`).
+
+Layer order: `ip_layer_paths` lists the cross-attention layers in PyTorch *module registration order*
+(down_blocks, up_blocks, mid_block; attentions, transformer_blocks in index order), the order the official
+checkpoint numbers them (REFERENCE s.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from ipadapter_jax.models.image_proj import AdapterKind, projection_kind, projection_token_dim
+
+IP_KERNELS = ("to_k_ip", "to_v_ip")
+FlaxPath = tuple[str, ...]
+
+# Registration order of the UNet's block containers in diffusers' PyTorch `UNet2DConditionModel.__init__`.
+_BLOCK_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+
+def _flat(tree: Any) -> dict[FlaxPath, Any]:
+    return traverse_util.flatten_dict(tree.unfreeze() if hasattr(tree, "unfreeze") else tree)
+
+
+def _registration_key(path: FlaxPath) -> tuple:
+    container = re.sub(r"_\d+$", "", path[0])
+    return (_BLOCK_ORDER[container],) + tuple(int(n) for part in path for n in re.findall(r"_(\d+)$", part))
+
+
+def ip_layer_paths(unet_params: Any) -> list[FlaxPath]:
+    """Paths of the attn2 modules holding `to_k_ip`, e.g. `('down_blocks_0', 'attentions_0',
+    'transformer_blocks_0', 'attn2')`, in registration order. Works on concrete or abstract trees, on full
+    UNet params or on an adapter's `ip_layers`."""
+    paths = {path[:-2] for path in _flat(unet_params) if path[-2] == "to_k_ip"}
+    return sorted(paths, key=_registration_key)
+
+
+def split_unet_params(params: Any) -> tuple[dict, dict]:
+    """Full IP-UNet params -> (frozen UNet params without K'/V', `ip_layers`)."""
+    frozen, ip_layers = {}, {}
+    for path, value in _flat(params).items():
+        (ip_layers if path[-2] in IP_KERNELS else frozen)[path] = value
+    return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(ip_layers)
+
+
+def merge_unet_params(unet_params: Any, ip_layers: Any) -> dict:
+    """Frozen UNet params + `ip_layers` -> the full IP-UNet param tree (`ip_layers` wins on overlap)."""
+    return traverse_util.unflatten_dict({**_flat(unet_params), **_flat(ip_layers)})
+
+
+def ip_layers_from_unet(unet_params: Any, dtype: Any = np.float32) -> dict:
+    """The paper's init (s.3.2): each layer's `to_k_ip`/`to_v_ip` is a copy of its frozen `to_k`/`to_v`.
+
+    `unet_params` is the base UNet's (or an IP-UNet's) param tree; returns `ip_layers` for every
+    cross-attention layer, i.e. every `attn2`.
+    """
+    flat = _flat(unet_params)
+    ip_layers = {}
+    for path, value in flat.items():
+        if len(path) >= 3 and path[-3] == "attn2" and path[-2] in ("to_k", "to_v") and path[-1] == "kernel":
+            ip_layers[path[:-2] + (path[-2] + "_ip", "kernel")] = np.array(value, dtype=dtype)
+    if not ip_layers:
+        raise ValueError("no cross-attention (attn2) layers found in the UNet params")
+    return traverse_util.unflatten_dict(ip_layers)
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a (concrete or abstract) param tree."""
+    return int(sum(np.prod(leaf.shape) for leaf in _flat(tree).values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """An IP-Adapter: its image projection module and its params {"image_proj": ..., "ip_layers": ...}.
+
+    `ipadapter_jax.weights.load_adapter` reads one from an official file or our msgpack; training makes one with
+    the paper's init (`ipadapter_jax.weights.new_adapter`).
+    """
+
+    image_proj: nn.Module
+    params: dict
+
+    @property
+    def kind(self) -> AdapterKind:
+        """The adapter kind, "base", "plus" or "full": which CLIP output the projection reads
+        (`ipadapter_jax.models.image_encoder.projection_input`)."""
+        return projection_kind(self.image_proj)
+
+    @property
+    def token_dim(self) -> int:
+        """The width of its image tokens: the cross-attention width of the UNet it was made for."""
+        return projection_token_dim(self.image_proj)
+
+    def image_tokens(self, features: jax.Array) -> jax.Array:
+        """Projection inputs (B, ...) or (B, K, ...) (K images per example) -> tokens (B, K * num_tokens, cross)."""
+        return self.image_proj.apply({"params": self.params["image_proj"]}, features)
+
+    def unet_params(self, frozen_unet_params: Any) -> dict:
+        """The IP-UNet's full params: the base's frozen UNet params with this adapter's K'/V' kernels."""
+        return merge_unet_params(frozen_unet_params, self.params["ip_layers"])

@@ -1,0 +1,293 @@
+"""diffusers' Flax UNet with IP-Adapter's decoupled cross-attention in every cross-attention layer.
+
+Every attn2 layer gains two bias-free projections, `to_k_ip` and `to_v_ip`, and computes
+
+    to_out(Attn(Q, K_text, V_text) + ip_scale * Attn(Q, to_k_ip(c_i), to_v_ip(c_i)))
+
+with the query Q shared by both branches (Ye et al., 2023, eq. 5).
+
+How the classes are built. diffusers 0.39 (the last release with Flax) constructs attn2 four containers deep:
+UNet -> cross-attention down/mid/up block -> `FlaxTransformer2DModel` -> `FlaxBasicTransformerBlock` -> attn2.
+Flax forbids re-creating a submodule that a parent `setup` already attached, so a subclass cannot simply
+replace attn2 after `super().setup()`. Instead each of our containers subclasses its diffusers twin and, as
+the diffusers `setup` attaches a child (`self.attn2 = FlaxAttention(...)`), swaps that not-yet-registered
+child for our subclass built from the very same dataclass fields (`_SwapChildren`). Not a line of diffusers'
+`setup` or `__call__` is restated and diffusers' modules are not patched: the UNet's own `isinstance` checks
+accept our subclasses, and `encoder_hidden_states` travels unchanged down to attn2.
+
+How image tokens and scales reach attn2.
+- Image tokens ride along with the text tokens: `IPUNet2DConditionModel.__call__(..., image_tokens=...)`
+  packs both into an `IPContext` that the blocks pass through untouched; only our attn2 unpacks it.
+  Without `image_tokens` the UNet is the plain diffusers UNet (text-to-image).
+- The scale is read by each attn2 from the variable collection "ip_scale" (see `ipadapter_jax.models.scales`),
+  so changing it, globally or per layer, changes only array values and never recompiles. A layer whose
+  scale is absent uses 1.0 (training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ipadapter_jax import quiet
+from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS
+
+quiet.install()
+
+from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
+from diffusers.models.attention_flax import (  # noqa: E402  (after the log filter)
+    FlaxAttention,
+    FlaxBasicTransformerBlock,
+    FlaxTransformer2DModel,
+)
+from diffusers.models.unets.unet_2d_blocks_flax import (  # noqa: E402
+    FlaxCrossAttnDownBlock2D,
+    FlaxCrossAttnUpBlock2D,
+    FlaxUNetMidBlock2DCrossAttn,
+)
+from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionModel  # noqa: E402
+
+IP_SCALE_COLLECTION = "ip_scale"
+
+
+@flax.struct.dataclass
+class IPContext:
+    """What the cross-attention layers attend to: text tokens (B, T, D) and image tokens (B, N, D)."""
+
+    text: jax.Array
+    image_tokens: jax.Array
+
+
+def check_attention_implementation(name: str) -> None:
+    """ValueError unless `name` is one of `ATTENTION_IMPLEMENTATIONS`."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+
+
+class Attention(FlaxAttention):
+    """diffusers' `FlaxAttention` with a choice of attention kernel; same params, same math.
+
+    `attention_implementation`:
+      "diffusers"  diffusers' own `__call__` (einsum attention, or its chunked variant with
+                   `use_memory_efficient_attention`);
+      "xla"        `jax.nn.dot_product_attention(implementation="xla")`;
+      "cudnn"      self-attention through `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused
+                   flash attention, which never holds the (heads, L, L) scores; cross-attention through XLA (its
+                   L x 77 scores are small, and jax's cuDNN training path rejects odd key lengths such as 77).
+                   NVIDIA GPUs only, bf16/fp16 compute, head dim a multiple of 8 and at most 128 (256 on Hopper):
+                   SD1.5's 40/80/160 and SDXL's 64 fit on an H100.
+    """
+
+    attention_implementation: str = "diffusers"
+
+    def setup(self) -> None:
+        super().setup()
+        check_attention_implementation(self.attention_implementation)
+        if self.attention_implementation != "diffusers" and self.use_memory_efficient_attention:
+            raise ValueError(
+                "use_memory_efficient_attention is diffusers' chunked kernel; it cannot be combined with "
+                f"attention_implementation={self.attention_implementation!r} (a kernel of its own)"
+            )
+
+    def __call__(self, hidden_states: jax.Array, context: Any = None, deterministic: bool = True) -> jax.Array:
+        """hidden_states (B, L, query_dim); context (B, T, D) or None (self-attention) -> (B, L, query_dim)."""
+        if self.attention_implementation == "diffusers":
+            return super().__call__(hidden_states, context, deterministic=deterministic)
+        if context is None:
+            attended = self.attend(hidden_states, hidden_states, self.key, self.value, self.attention_implementation)
+        else:
+            attended = self.attend(hidden_states, context, self.key, self.value, "xla")
+        return self.dropout_layer(self.proj_attn(attended), deterministic=deterministic)
+
+    def attend(
+        self, hidden_states: jax.Array, context: jax.Array, to_k: nn.Module, to_v: nn.Module, implementation: str
+    ) -> jax.Array:
+        """Multi-head `Attn(to_q(hidden_states), to_k(context), to_v(context))` with `jax.nn.dot_product_attention`
+        (scale dim_head**-0.5), before the output projection: (B, L, heads * dim_head)."""
+        batch = hidden_states.shape[0]
+        heads = (self.heads, self.dim_head)
+        query = self.query(hidden_states).reshape(batch, -1, *heads)
+        key = to_k(context).reshape(batch, -1, *heads)
+        value = to_v(context).reshape(batch, -1, *heads)
+        attended = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+        return attended.reshape(batch, -1, self.heads * self.dim_head)
+
+
+class IPAttention(Attention):
+    """`Attention` plus the image branch of decoupled cross-attention.
+
+    Params added: `to_k_ip/kernel`, `to_v_ip/kernel`, each (cross_attention_dim, heads * dim_head).
+
+    The text branch is `Attention.__call__` (by default diffusers' own, including its `split_head_dim` and
+    memory-efficient variants). `to_out` is affine, so `to_out(a + s * b) == to_out(a) + s * (b @ W_out)`: the
+    image branch is added after diffusers' output projection using `to_out`'s kernel alone. With `s == 0` the
+    result is the text branch bit for bit. The image branch uses the same heads/head_dim and no mask, like the
+    reference; its 4-16 keys make it cheap whatever the kernel, so it always uses XLA's.
+    Dropout (0 in every Stable Diffusion config) is applied by diffusers to the text branch only.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        inner_dim = self.dim_head * self.heads
+        self.to_k_ip = nn.Dense(inner_dim, use_bias=False, dtype=self.dtype, name="to_k_ip")
+        self.to_v_ip = nn.Dense(inner_dim, use_bias=False, dtype=self.dtype, name="to_v_ip")
+
+    def __call__(self, hidden_states: jax.Array, context: Any = None, deterministic: bool = True) -> jax.Array:
+        """hidden_states (B, L, query_dim); context: None (self-attention), (B, T, D) text, or `IPContext`."""
+        if not isinstance(context, IPContext):
+            return super().__call__(hidden_states, context, deterministic=deterministic)
+        text_out = super().__call__(hidden_states, context.text, deterministic=deterministic)
+        scale = self.get_variable(IP_SCALE_COLLECTION, "scale", 1.0)
+        return text_out + jnp.asarray(scale, text_out.dtype) * self.image_attention(hidden_states, context.image_tokens)
+
+    def image_attention(self, hidden_states: jax.Array, image_tokens: jax.Array) -> jax.Array:
+        """`Attn(Q, to_k_ip(c_i), to_v_ip(c_i)) @ W_out` (no bias): (B, L, query_dim).
+
+        Q is diffusers' `to_q` of the same hidden states; under `jit` XLA's common-subexpression pass
+        shares that matmul with the text branch.
+        """
+        attended = self.attend(hidden_states, image_tokens, self.to_k_ip, self.to_v_ip, "xla")
+        out_kernel = self.proj_attn.variables["params"]["kernel"]
+        attended, out_kernel = nn.dtypes.promote_dtype(attended, out_kernel, dtype=self.dtype)
+        return attended @ out_kernel
+
+
+class _SwapChildren(nn.Module):
+    """Mixin for a Flax container: as its (diffusers) `setup` attaches a child, swap in our subclass.
+
+    `_SWAPS` maps an attribute name to {diffusers class: our subclass}. A child created in `setup` without a
+    name is not registered until it is assigned to an attribute (Flax defers it), so here it can still be
+    exchanged for an instance of the subclass with identical dataclass fields. Fields that only our subclasses
+    declare (`attention_implementation`) are handed down from the container, which declares them too.
+    """
+
+    _SWAPS: ClassVar[dict[str, dict[type, type]]] = {}
+    attention_implementation: str = "diffusers"  # see `Attention`
+
+    @nn.nowrap
+    def __setattr__(self, name: str, value: Any) -> None:
+        table = type(self)._SWAPS.get(name)
+        if table:
+            if isinstance(value, (list, tuple)):
+                value = type(value)(_swap(child, table, self) for child in value)
+            else:
+                value = _swap(value, table, self)
+        super().__setattr__(name, value)
+
+
+def _swap(child: Any, table: dict[type, type], container: Any) -> Any:
+    new_class = table.get(type(child))
+    if new_class is None:
+        return child
+    assert child.name is None, f"{type(child).__name__} was attached under an explicit name; cannot swap it"
+    fields = {
+        f.name: getattr(child, f.name) for f in dataclasses.fields(child) if f.init and f.name not in ("parent", "name")
+    }
+    ours = {f.name for f in dataclasses.fields(new_class) if f.init and f.name not in ("parent", "name")} - set(fields)
+    return new_class(**fields, **{name: getattr(container, name) for name in ours}, parent=child.parent)
+
+
+class IPBasicTransformerBlock(_SwapChildren, FlaxBasicTransformerBlock):
+    """`FlaxBasicTransformerBlock` whose attn1 (self-attention) is an `Attention` and attn2 (cross-attention) an
+    `IPAttention`."""
+
+    _SWAPS = {"attn1": {FlaxAttention: Attention}, "attn2": {FlaxAttention: IPAttention}}
+
+
+class IPTransformer2DModel(_SwapChildren, FlaxTransformer2DModel):
+    """`FlaxTransformer2DModel` built from `IPBasicTransformerBlock`s."""
+
+    _SWAPS = {"transformer_blocks": {FlaxBasicTransformerBlock: IPBasicTransformerBlock}}
+
+
+_IP_TRANSFORMERS = {"attentions": {FlaxTransformer2DModel: IPTransformer2DModel}}
+
+
+class IPCrossAttnDownBlock2D(_SwapChildren, FlaxCrossAttnDownBlock2D):
+    """`FlaxCrossAttnDownBlock2D` built from `IPTransformer2DModel`s."""
+
+    _SWAPS = _IP_TRANSFORMERS
+
+
+class IPCrossAttnUpBlock2D(_SwapChildren, FlaxCrossAttnUpBlock2D):
+    """`FlaxCrossAttnUpBlock2D` built from `IPTransformer2DModel`s."""
+
+    _SWAPS = _IP_TRANSFORMERS
+
+
+class IPUNetMidBlock2DCrossAttn(_SwapChildren, FlaxUNetMidBlock2DCrossAttn):
+    """`FlaxUNetMidBlock2DCrossAttn` built from `IPTransformer2DModel`s."""
+
+    _SWAPS = _IP_TRANSFORMERS
+
+
+# diffusers' config registration wraps __init__, which Flax's dataclass transform regenerates per subclass.
+@flax_register_to_config
+class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
+    """diffusers' `FlaxUNet2DConditionModel` (same config, same param tree) with IP-Adapter attn2 layers.
+
+    The param tree is diffusers' plus `.../attn2/to_k_ip/kernel` and `.../attn2/to_v_ip/kernel` in every
+    cross-attention layer; `ipadapter_jax.models.adapter` splits those from the frozen UNet params.
+    """
+
+    _SWAPS = {
+        "down_blocks": {FlaxCrossAttnDownBlock2D: IPCrossAttnDownBlock2D},
+        "up_blocks": {FlaxCrossAttnUpBlock2D: IPCrossAttnUpBlock2D},
+        "mid_block": {FlaxUNetMidBlock2DCrossAttn: IPUNetMidBlock2DCrossAttn},
+    }
+
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array | float | int,
+        encoder_hidden_states: jax.Array,
+        added_cond_kwargs: dict | None = None,
+        down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
+        return_dict: bool = True,
+        train: bool = False,
+        image_tokens: jax.Array | None = None,
+    ):
+        """diffusers' UNet call plus `image_tokens`.
+
+        Args:
+          sample: (B, C, H, W) noisy latents.
+          timesteps: (B,) or scalar.
+          encoder_hidden_states: (B, T, cross_attention_dim) text tokens.
+          image_tokens: (B, N, cross_attention_dim) projected image tokens (several images for one adapter:
+            their tokens concatenated along N), or None for plain text conditioning.
+          Other arguments as diffusers' `FlaxUNet2DConditionModel.__call__` (SDXL `added_cond_kwargs`,
+            ControlNet residuals).
+        Returns:
+          diffusers' output: `.sample` (B, C, H, W).
+        """
+        if self.only_cross_attention not in (False, None) and image_tokens is not None:
+            # With only_cross_attention diffusers feeds the context to attn1 as well; no SD/SDXL model does.
+            raise NotImplementedError("IP-Adapter does not support UNets with only_cross_attention")
+        if image_tokens is not None:
+            if image_tokens.ndim != 3 or image_tokens.shape[-1] != self.cross_attention_dim:
+                raise ValueError(
+                    f"image_tokens must be (batch, tokens, {self.cross_attention_dim}) for this UNet "
+                    f"(cross_attention_dim={self.cross_attention_dim}); got shape {tuple(image_tokens.shape)}"
+                )
+            if image_tokens.shape[0] != encoder_hidden_states.shape[0]:
+                raise ValueError(
+                    f"image_tokens batch {image_tokens.shape[0]} != encoder_hidden_states batch "
+                    f"{encoder_hidden_states.shape[0]}"
+                )
+            encoder_hidden_states = IPContext(text=encoder_hidden_states, image_tokens=image_tokens)
+        return super().__call__(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+            return_dict=return_dict,
+            train=train,
+        )

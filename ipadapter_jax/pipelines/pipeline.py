@@ -1,0 +1,390 @@
+"""IP-Adapter text-to-image pipelines (SD1.5/SD2 family and SDXL, optional ControlNet) on JAX.
+
+    pipe = IPAdapterPipeline.from_pretrained(SD15_DIR, "ip-adapter_sd15.safetensors", IMAGE_ENCODER_DIR)
+    out = pipe(image, prompt="best quality", scale=0.6, num_inference_steps=50, seed=0)
+    out.images  # PIL images; out.pixels (B, H, W, 3) float32 in [0, 1]; out.settings (JSON-able)
+
+A call is request -> conditioning -> sampler, as the diffusers PyTorch pipelines it matches
+(`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusionControlNetPipeline` with an IP-Adapter
+loaded) compute it:
+
+1. Request (`request.GenerationRequest`): the call's arguments, validated; its fields are the output's settings.
+2. Conditioning. Text (`models.text_encoder`): prompts, and with guidance the negative prompts ("" by default;
+   SDXL with `force_zeros_for_empty_prompt` and no negative prompt: zeros), each repeated
+   `num_images_per_prompt` times; SDXL also gets `time_ids` = (height, width, 0, 0, height, width). Image
+   (`image_prompt`): images or precomputed features -> tokens; several images concatenate their tokens; the
+   negative tokens come from the reference's null features or a negative image. One image prompt is shared by
+   the whole batch, or (`per_prompt_images=True`) each text prompt has its own, so that many image prompts run
+   in one batched call (evaluation does this).
+3. Sampling (`sampling`): one compiled function runs every denoising step (scheduler: whatever the base holds;
+   DDIM, DPM-Solver++ and Euler are tested) and the VAE decode, batch-sharded over the local devices.
+
+Classifier-free guidance is on iff `guidance_scale > 1` (as in diffusers); that and the shapes are the only
+things that select a compiled function: scale, guidance scale, prompts, seed and the image step range are data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ipadapter_jax.models.adapter import Adapter, ip_layer_paths
+from ipadapter_jax.models.base_model import BaseModel
+from ipadapter_jax.models.image_encoder import ImageEncoder
+from ipadapter_jax.models.scales import ScaleSpec, ip_scale_tree
+from ipadapter_jax.models.text_encoder import PromptEncoder
+from ipadapter_jax.pipelines.image_prompt import ImageInput, ImagePrompt, ImagePromptEncoder
+from ipadapter_jax.pipelines.images import control_pixels, to_pil
+from ipadapter_jax.pipelines.request import GenerationRequest
+from ipadapter_jax.pipelines.sampling import Sampler, SamplingInputs
+from ipadapter_jax.sharding import local_mesh, pad_rows, padded_size, replicated
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """images: B PIL images (prompt-major: all images of prompt 0 first); pixels: (B, H, W, 3) float32 in
+    [0, 1]; settings: every setting the request used (JSON-able); timings: seconds per phase."""
+
+    images: list[Image.Image]
+    pixels: np.ndarray
+    settings: dict
+    timings: dict
+
+
+class IPAdapterPipeline:
+    """Image-prompted generation with an IP-Adapter on a Stable Diffusion (SD1.5/SD2/SDXL) base model.
+
+    Args:
+      base: the frozen model (`ipadapter_jax.weights.load_base`).
+      image_encoder: the CLIP image encoder (`ipadapter_jax.weights.load_image_encoder`).
+      adapter: the IP-Adapter (`ipadapter_jax.weights.load_adapter`).
+      controlnet, controlnet_params: optional diffusers `FlaxControlNetModel` (SD1.5/SD2 family only).
+      devices: devices to shard the batch over (default: all local devices).
+    Raises:
+      ValueError: the adapter does not fit the UNet (token width, layers or kernel shapes), or the text
+        encoders / ControlNet do not fit the UNet's kind.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        image_encoder: ImageEncoder,
+        adapter: Adapter,
+        *,
+        controlnet: Any = None,
+        controlnet_params: Any = None,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        _check_adapter_fits(base, adapter)
+        self.is_sdxl = base.is_sdxl
+        if self.is_sdxl != (len(base.text_encoders) == 2):
+            raise ValueError(
+                f"this UNet ({'SDXL, text_time' if self.is_sdxl else 'SD1.5/SD2'} conditioning) needs "
+                f"{2 if self.is_sdxl else 1} text encoder(s), got {len(base.text_encoders)}"
+            )
+        if controlnet is not None and self.is_sdxl:
+            raise ValueError("ControlNet is supported for SD1.5/SD2-family models only (diffusers' Flax ControlNet)")
+
+        self.base, self.image_encoder, self.adapter = base, image_encoder, adapter
+        self.controlnet, self.controlnet_params = controlnet, controlnet_params
+        self.mesh = local_mesh(list(devices) if devices is not None else None)
+        self.vae_scale_factor = base.vae_scale_factor
+        # The Flax UNet cannot crop upsampled maps to odd skip sizes (PyTorch's can): latents must halve exactly
+        # at every down block.
+        self.size_multiple = self.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+        self.prompt_encoder = PromptEncoder(base.text_encoders)
+        self.image_prompt_encoder = ImagePromptEncoder(image_encoder, adapter)
+        self.has_controlnet = controlnet is not None
+        self.sampler = Sampler(base.unet, base.vae, base.scheduler, self.mesh, controlnet=controlnet)
+        params = {"unet": adapter.unet_params(base.unet_params), "vae": base.vae_params}
+        if controlnet is not None:
+            params["controlnet"] = controlnet_params
+        self.params = jax.device_put(params, replicated(self.mesh))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        adapter: str | os.PathLike,
+        image_encoder: str | os.PathLike,
+        *,
+        scheduler: str = "ddim",
+        dtype: Any = jnp.float32,
+        cache_dir: str | os.PathLike | None = None,
+        controlnet: str | os.PathLike | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        progress: bool = True,
+        attention_implementation: str = "diffusers",
+    ) -> IPAdapterPipeline:
+        """The pipeline from files, as the users' PyTorch side has them (`ipadapter_jax.weights`' loaders).
+
+        Args:
+          base: a diffusers pipeline folder (SD1.5/SD2 family or SDXL), or "tiny".
+          adapter: an official IP-Adapter file (`.safetensors`/`.bin`; base, Plus or Full detected from its keys)
+            or our Flax adapter file (`.msgpack`).
+          image_encoder: a `CLIPVisionModelWithProjection` folder, or "tiny".
+          scheduler: "ddim" (the paper's), "dpm-solver++" or "euler".
+          dtype: computation dtype (params stay float32).
+          cache_dir: keep the converted Flax params here (later loads skip the conversion).
+          controlnet: a diffusers `ControlNetModel` folder (SD1.5/SD2 family).
+          progress: a progress bar over the base model's components.
+          attention_implementation: the UNet's attention kernel, "diffusers", "xla" or "cudnn" (NVIDIA GPUs with
+            bf16: cuDNN flash attention); see `ipadapter_jax.models.unet.Attention`.
+        Raises:
+          ValueError (ConversionError): a missing or malformed file, or models that do not fit each other.
+          OSError: unreadable files.
+        """
+        from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
+        from ipadapter_jax.weights.diffusers_models import load_controlnet
+
+        base_model = load_base(
+            base,
+            scheduler=scheduler,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            progress=progress,
+            attention_implementation=attention_implementation,
+        )
+        encoder = load_image_encoder(image_encoder, dtype=dtype)
+        loaded_adapter = load_adapter(adapter, base_model, image_encoder=encoder, dtype=dtype)
+        extra = {}
+        if controlnet is not None:
+            cache = None if cache_dir is None else os.path.join(cache_dir, "controlnet")
+            model = load_controlnet(controlnet, dtype=jnp.dtype(dtype), cache_dir=cache)
+            extra = dict(controlnet=model.module, controlnet_params=model.params)
+        return cls(base_model, encoder, loaded_adapter, devices=devices, **extra)
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def with_scheduler(self, scheduler: Any, scheduler_state: Any) -> IPAdapterPipeline:
+        """The same models and devices with another diffusers Flax scheduler and its `create_state()`, e.g.
+        `FlaxDPMSolverMultistepScheduler` (DPM-Solver++) or `FlaxEulerDiscreteScheduler`. Its sampling function
+        compiles on first use."""
+        return IPAdapterPipeline(
+            self.base.replace(scheduler=scheduler, scheduler_state=scheduler_state),
+            self.image_encoder,
+            self.adapter,
+            controlnet=self.controlnet,
+            controlnet_params=self.controlnet_params,
+            devices=list(self.mesh.devices.flat),
+        )
+
+    def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Images -> CLIP features for this adapter, (K, *feature_shape), to cache and pass as `image_embeds`."""
+        return np.asarray(self.image_prompt_encoder.features(images))
+
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput] | None = None,
+        *,
+        prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] | None = None,
+        image_embeds: np.ndarray | None = None,
+        negative_image: ImageInput | Sequence[ImageInput] | None = None,
+        negative_image_embeds: np.ndarray | None = None,
+        per_prompt_images: bool = False,
+        scale: ScaleSpec = 1.0,
+        image_step_range: tuple[float, float] = (0.0, 1.0),
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | Sequence[int] = 0,
+        num_images_per_prompt: int = 1,
+        latents: np.ndarray | None = None,
+        control_image: ImageInput | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        progress: bool = False,
+        step_progress: bool = False,
+    ) -> GenerationOutput:
+        """Generates `len(prompts) * num_images_per_prompt` images.
+
+        Args:
+          image: the image prompt: one image or several (their tokens concatenated), PIL or uint8 arrays of any
+            size and mode (CLIP preprocessing: RGB, shortest side 224, center crop). None with `image_embeds`
+            None: plain text-to-image.
+          prompt, negative_prompt: a string or one per prompt. Image-only generation: the default "" prompt.
+          image_embeds: instead of `image`, CLIP features (K, *feature_shape) from `encode_image`.
+          negative_image / negative_image_embeds: replace the default unconditional image features; one image
+            (used for every prompt image) or K; shared by all prompts.
+          per_prompt_images: `image` is a sequence with one image prompt per text prompt (each one image or K
+            images; K the same for all), `image_embeds` is (P, K, *feature_shape); prompt p's images see only
+            image prompt p. One call then generates for many image prompts at once.
+          scale: IP-Adapter scale, a number or a per-block dict (`ipadapter_jax.models.scales`).
+          image_step_range: (start, end) fractions of the steps; step i uses the image branch iff
+            start <= i / num_inference_steps < end.
+          guidance_scale: classifier-free guidance is on iff > 1.
+          height, width: pixels, multiples of `size_multiple` (default: the UNet's sample size x the VAE's factor).
+          seed: initial noise `jax.random.normal(PRNGKey(seed), (B, C, h, w))`; a sequence of P seeds: prompt
+            p's images get `normal(PRNGKey(seed[p]), (num_images_per_prompt, C, h, w))` (the noise a one-prompt
+            call with that seed gets). Unused when `latents` (B, C, h, w), NCHW, unscaled, is given.
+          control_image: ControlNet conditioning image (needs a ControlNet), resized to (width, height).
+          progress: tqdm bars for the compile and sampling phases.
+          step_progress: advance the sampling bar at every step (a host callback in the loop: that executable
+            is not written to JAX's persistent compilation cache, see `sampling`).
+        Raises:
+          ValueError: bad sizes, counts, ranges, non-finite scales, or a scale dict naming a block this UNet lacks.
+        """
+        start_time = time.perf_counter()
+        default_size = self.base.unet.config.sample_size * self.vae_scale_factor
+        request = GenerationRequest.of(
+            prompt,
+            negative_prompt,
+            image_prompt=ImagePrompt.of(image, image_embeds, negative_image, negative_image_embeds, per_prompt_images),
+            scale=scale,
+            image_step_range=image_step_range,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            height=default_size if height is None else height,
+            width=default_size if width is None else width,
+            seed=seed,
+            num_images_per_prompt=num_images_per_prompt,
+            latents=latents,
+            control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+        )
+        request.check(self.size_multiple, self.vae_scale_factor, self.has_controlnet)
+        inputs = self._conditioning(request)
+        inputs = jax.device_put(inputs, inputs.shardings(self.mesh))
+        scheduler_state = jax.device_put(
+            self.base.scheduler.set_timesteps(self.base.scheduler_state, num_inference_steps, inputs.latents.shape),
+            replicated(self.mesh),
+        )
+        prepare_s = time.perf_counter() - start_time
+
+        step_progress = progress and step_progress
+        with tqdm(total=1, desc="compiling", disable=not progress) as bar:
+            compile_s = self.sampler.compile(self.params, scheduler_state, inputs, report_steps=step_progress)
+            bar.set_postfix_str(f"{compile_s:.1f} s" if compile_s else "already compiled")
+            bar.update()
+        start_time = time.perf_counter()
+        with tqdm(total=num_inference_steps, desc="sampling", unit="step", disable=not progress) as bar:
+
+            def advance(steps_done: int) -> None:
+                if steps_done > bar.n:
+                    bar.update(steps_done - bar.n)
+
+            images = self.sampler(self.params, scheduler_state, inputs, progress=advance if step_progress else None)
+            pixels = np.asarray(images)[: request.batch]
+            bar.update(num_inference_steps - bar.n)
+        sample_s = time.perf_counter() - start_time
+
+        settings = dict(
+            request.settings(),
+            scheduler=type(self.base.scheduler).__name__,
+            adapter_kind=self.adapter.kind,
+            devices=self.num_devices,
+        )
+        if not self.has_controlnet:
+            settings["controlnet_conditioning_scale"] = None
+        timings = {"prepare_s": prepare_s, "compile_s": compile_s, "sample_s": sample_s}
+        return GenerationOutput(images=to_pil(pixels), pixels=pixels, settings=settings, timings=timings)
+
+    def _conditioning(self, request: GenerationRequest) -> SamplingInputs:
+        """The request as the sampler's arrays: rows prompt-major (each prompt repeated num_images_per_prompt
+        times), padded to a multiple of the device count by repeating the last row (dropped from the output)."""
+        num_prompts = len(request.prompts)
+        text, added = self._text_conditioning(request)
+        image_tokens = None
+        if request.image_prompt is not None:
+            image_tokens = self.image_prompt_encoder.encode(request.image_prompt, num_prompts, request.guided)
+        latent_shape = (
+            request.batch,
+            self.base.unet.config.in_channels,
+            request.height // self.vae_scale_factor,
+            request.width // self.vae_scale_factor,
+        )
+        latents = request.latents
+        if latents is None:
+            latents = _initial_noise(request.seed, num_prompts, latent_shape)
+        elif tuple(np.shape(latents)) != latent_shape:
+            raise ValueError(f"latents must have shape {latent_shape}, got {tuple(np.shape(latents))}")
+        padded = padded_size(request.batch, self.num_devices)
+
+        def per_prompt(x: np.ndarray) -> np.ndarray:  # (prompts, ...) -> (padded, ...)
+            return pad_rows(np.repeat(x, request.num_images_per_prompt, axis=0), padded)
+
+        control = request.control_image
+        return SamplingInputs(
+            latents=pad_rows(np.asarray(latents, np.float32), padded),
+            text=per_prompt(text),
+            added=None if added is None else {k: per_prompt(v) for k, v in added.items()},
+            image_tokens=None if image_tokens is None else per_prompt(image_tokens),
+            ip_scale=None if image_tokens is None else ip_scale_tree(self.params["unet"], request.scale),
+            image_steps=np.array(request.image_step_range, np.float32),
+            guidance_scale=np.float32(request.guidance_scale),
+            control_image=None if control is None else control_pixels(control, request.height, request.width),
+            control_scale=np.float32(request.controlnet_conditioning_scale),
+        )
+
+    def _text_conditioning(self, request: GenerationRequest) -> tuple[np.ndarray, dict | None]:
+        """-> text (P, G, T, D) and, for SDXL, {"text_embeds": (P, G, pooled), "time_ids": (P, G, 6)}."""
+        prompts = list(request.prompts)
+        rows = prompts
+        if request.guided:
+            rows = list(request.negative_prompts or [""] * len(prompts)) + prompts
+        encoded = self.prompt_encoder(rows)
+        groups = 2 if request.guided else 1
+        zero_negative = request.guided and request.negative_prompts is None and self.base.force_zeros_for_empty_prompt
+
+        def paired(x: jax.Array) -> np.ndarray:  # (G*P, ...) -> (P, G, ...)
+            x = np.asarray(x).reshape((groups, len(prompts)) + x.shape[1:]).swapaxes(0, 1).copy()
+            if zero_negative:
+                x[:, 0] = 0.0
+            return x
+
+        text = paired(encoded.context)
+        if not self.is_sdxl:
+            return text, None
+        size = (request.height, request.width)
+        time_ids = np.tile(np.array([*size, 0, 0, *size], np.float32), (len(prompts), groups, 1))
+        return text, {"text_embeds": paired(encoded.pooled), "time_ids": time_ids}
+
+
+def _initial_noise(seed: int | tuple[int, ...], num_prompts: int, shape: tuple[int, ...]) -> jax.Array:
+    """(B, C, h, w) standard normal noise from one seed, or from one seed per prompt (B / num_prompts rows each)."""
+    if isinstance(seed, int):
+        return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    per_prompt = (shape[0] // num_prompts,) + tuple(shape[1:])
+    return jnp.concatenate([jax.random.normal(jax.random.PRNGKey(s), per_prompt, jnp.float32) for s in seed])
+
+
+def _check_adapter_fits(base: BaseModel, adapter: Adapter) -> None:
+    """One clear error when the adapter was made for another base model."""
+    cross_attention_dim = base.unet.config.cross_attention_dim
+    if adapter.token_dim != cross_attention_dim:
+        raise ValueError(
+            f"the adapter's image projection makes {adapter.token_dim}-d tokens but this UNet's cross-attention takes "
+            f"{cross_attention_dim}-d (an adapter for a different base model?)"
+        )
+    flat_unet = traverse_util.flatten_dict(base.unet_params)
+    expected = {path[:-2] for path in flat_unet if path[-3:] == ("attn2", "to_k", "kernel")}
+    found = set(ip_layer_paths(adapter.params["ip_layers"]))
+    if found != expected:
+        missing = sorted("/".join(p) for p in expected - found)[:2]
+        unexpected = sorted("/".join(p) for p in found - expected)[:2]
+        raise ValueError(
+            f"the adapter has {len(found)} cross-attention layers, this UNet {len(expected)}; e.g. missing "
+            f"{missing}, unexpected {unexpected} (an adapter for a different base model?)"
+        )
+    flat_ip = traverse_util.flatten_dict(adapter.params["ip_layers"])
+    for path in sorted(expected):
+        for ip_name, base_name in (("to_k_ip", "to_k"), ("to_v_ip", "to_v")):
+            have, want = flat_ip[path + (ip_name, "kernel")].shape, flat_unet[path + (base_name, "kernel")].shape
+            if tuple(have) != tuple(want):
+                raise ValueError(
+                    f"adapter kernel {'/'.join(path + (ip_name,))} is {tuple(have)} but this UNet's {base_name} is "
+                    f"{tuple(want)} (an adapter for a different base model?)"
+                )

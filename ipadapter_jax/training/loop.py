@@ -1,0 +1,119 @@
+"""Train an IP-Adapter: the loop. The same code runs on one CPU and on a multi-host TPU pod.
+
+    ipadapter-jax train --config tiny --workdir out/tiny --config.data.path=DATA
+    ipadapter-jax train --config sd15 --workdir runs/sd15 --config.model.base=... (pod: on every host, --multihost)
+
+`train(config, workdir)` reads top to bottom: build the run (`run.build_run`: mesh, components, data, optimizer,
+state restored or created sharded, the step compiled) -> the hooks (`hooks`) -> step, then call the hooks that
+are due, until the total is reached or SIGTERM arrives -> the final export.
+
+A run restarted with the same workdir resumes from its latest checkpoint: same params, optimizer state and data
+order as if never interrupted. SIGTERM (preemption) finishes the current step, checkpoints it and raises
+`Preempted` (the command's exit status 75). The adapter is exported in the official layout every
+`export_every` steps (workdir/exports/) and at the end (workdir/ip-adapter.safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import tqdm
+
+from ipadapter_jax.training import checkpoint
+from ipadapter_jax.training import hooks as hooks_lib
+from ipadapter_jax.training.config import TrainConfig
+from ipadapter_jax.training.run import Run, build_run
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived: the run checkpointed its last step and stopped; the same command resumes it."""
+
+
+def train(config: TrainConfig | Mapping[str, Any], workdir: str) -> dict:
+    """Runs (or resumes) training in `workdir`; returns the last logged metrics.
+
+    `config`: a `TrainConfig`, or a ConfigDict of `training/configs` (validated here).
+    Raises:
+      ConfigError: an invalid config.  Preempted: SIGTERM.  NonFiniteLoss: on_nonfinite="stop" saw a NaN/inf.
+    """
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_config_dict(config)
+    run = build_run(config, workdir, log=_log)
+    metrics = hooks_lib.MetricsLog(
+        workdir,
+        config.log_every,
+        run.global_batch,
+        run.step_flops,
+        run.first_step,
+        config.total_steps,
+        config.on_nonfinite,
+        run.is_main,
+        _log,
+    )
+    periodic = _hooks(run, metrics)
+    if run.first_step == 0 and run.held_out_loss is not None:
+        metrics.write({"step": 0, "eval_loss": run.held_out_loss(run.state.adapter)})
+    step = run.first_step
+    try:
+        with _sigterm_flag() as preempted:
+            while step < config.total_steps and not preempted:
+                run.state, step_metrics = run.step(run.state, run.frozen, next(run.batches))
+                step += 1
+                metrics.record(step_metrics)
+                info = hooks_lib.StepInfo(step, run.state, done=step >= config.total_steps or bool(preempted))
+                for hook in (metrics, *periodic):
+                    if hook.due(info):
+                        hook(info)
+    except hooks_lib.NonFiniteLoss as err:
+        # Non-finite steps changed nothing but the step counter: this is the last good state.
+        if run.checkpoints.latest_step() != step:
+            checkpoint.save(run.checkpoints, step, run.state, run.batches.get_state(), force=True)
+        raise hooks_lib.NonFiniteLoss(f"{err}; last good state saved at step {step} in {workdir}") from None
+    finally:
+        run.checkpoints.wait_until_finished()
+        run.batches.close()
+        metrics.close()
+    if step < config.total_steps:
+        raise Preempted(f"SIGTERM: checkpointed step {step} in {workdir}; rerun the same command to resume")
+    final = os.path.join(workdir, hooks_lib.FINAL_EXPORT)
+    hooks_lib.export_adapter(run.state.adapter, final, _export_metadata(config))
+    _log(f"exported {final}")
+    return metrics.last
+
+
+def _hooks(run: Run, metrics: hooks_lib.MetricsLog) -> list[Any]:
+    """The periodic hooks after `metrics`, in the order they run."""
+    config = run.config
+    hooks: list[Any] = []
+    if run.held_out_loss is not None:
+        hooks.append(hooks_lib.HeldOutLoss(run.held_out_loss, config.eval_every, metrics))
+    hooks.append(hooks_lib.Checkpoint(run.checkpoints, config.checkpoint_every, run.batches.get_state))
+    hooks.append(hooks_lib.Export(run.workdir, config.export_every, _export_metadata(config)))
+    if config.profile_steps:
+        hooks.append(hooks_lib.Profile(run.workdir, *config.profile_steps))
+    return hooks
+
+
+def _export_metadata(config: TrainConfig) -> dict[str, str]:
+    return {"base_model": config.model.base, "image_encoder": config.model.image_encoder}
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[list]:
+    """A list that becomes truthy when SIGTERM arrives (the previous handler is restored afterwards)."""
+    flag: list = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.append(True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message, file=sys.stderr)

@@ -1,0 +1,173 @@
+"""Building a training run: everything the loop needs, placed on the mesh and compiled, before the first step.
+
+`build_run(config, workdir)` reads top to bottom: mesh -> components -> data -> optimizer and step -> shardings
+from the config's rules -> frozen params placed -> state restored from the workdir's latest checkpoint or
+created already sharded (`jit(init, out_shardings=...)`) -> the step compiled ahead of time with explicit
+shardings and a donated state. The loop (`ipadapter_jax.training.loop`) then only steps and calls hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from ipadapter_jax import sharding
+from ipadapter_jax.data import loader
+from ipadapter_jax.models.image_encoder import null_projection_input
+from ipadapter_jax.training import checkpoint, components
+from ipadapter_jax.training.config import ConfigError, TrainConfig
+from ipadapter_jax.training.encode import encode_batch, encode_if_raw
+from ipadapter_jax.training.program import step_program
+from ipadapter_jax.training.step import diffusion_loss
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run ready to step. `state` is replaced after every step (its buffers are donated)."""
+
+    config: TrainConfig
+    workdir: str
+    mesh: Mesh
+    comps: components.Components
+    batches: loader.DataIterator
+    frozen: dict  # placed on the mesh; what the step reads but never trains
+    state: Any  # TrainState, placed on the mesh
+    step: Callable[[Any, dict, dict], tuple[Any, dict]]  # compiled: (state, frozen, batch) -> (state, metrics)
+    step_flops: float  # of the whole (global) step, from XLA's cost analysis (0 if unknown)
+    checkpoints: ocp.CheckpointManager
+    held_out_loss: Callable[[Any], float] | None  # adapter -> loss of the held-out batch, fixed noise
+
+    @property
+    def first_step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batches.global_batch_size
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+
+def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = print) -> Run:
+    """Builds (or resumes) the run of `config` in `workdir` (created)."""
+    if not config.data.path:
+        raise ConfigError("data.path is empty: give a built dataset or an embedding cache (`--config.data.path=...`)")
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    comps = components.load(config, workdir)
+
+    # Data: raw examples are encoded inside the step; an embedding cache already holds the encodings.
+    preprocessor = comps.preprocessor(config.data.resolution)
+    data = loader.open_dataset(config.data.path, preprocessor)
+    _check_cache_settings(data, config)
+    global_batch = config.data.batch_size_per_device * jax.device_count()
+    batches = loader.DataIterator(
+        data,
+        global_batch_size=global_batch,
+        seed=config.seed,
+        drop_rates=config.data.drop_rates,
+        sharding=sharding.batch_sharding(mesh),
+        worker_count=config.data.num_workers,
+    )
+    frozen = dict(comps.frozen, **null_encodings(comps, data))
+    if data.cached:
+        del frozen["encoders"]
+
+    program = step_program(config, comps, frozen, data.cached, mesh)
+    frozen = sharding.place(frozen, program.shardings["frozen"])
+    comps.frozen = {}  # the placed copies are the ones used from here on: free the host ones (SD1.5 UNet: 3.4 GB)
+
+    ckpt = checkpoint.manager(workdir, config.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        state, data_state, step = checkpoint.restore(ckpt, program.state_target())
+        batches.set_state(data_state)
+        log(f"resumed from step {step} in {workdir}")
+    else:
+        state = program.create_state(comps.adapter)
+
+    held_out = None
+    if config.data.eval_path:
+        held_out = _held_out_loss(config, comps, preprocessor, data.cached, frozen, mesh, global_batch)
+
+    start = time.time()
+    compiled = program.compile(state, frozen, batches.peek())
+    step_flops = _flops(compiled)
+    log(f"compiled the train step in {time.time() - start:.1f}s; {step_flops / 1e9:.1f} GFLOP/step")
+    return Run(config, workdir, mesh, comps, batches, frozen, state, compiled, step_flops, ckpt, held_out)
+
+
+def _check_cache_settings(data: loader.Dataset, config: TrainConfig) -> None:
+    """An embedding cache is encoded at one resolution: training it at another is a config error."""
+    if data.cached:
+        resolution = data.source.info["preprocessor"]["resolution"]
+        if resolution != config.data.resolution:
+            raise ConfigError(
+                f"data.resolution is {config.data.resolution} but the embedding cache {config.data.path} was "
+                f"encoded at {resolution} px (its cache_info.json): set --config.data.resolution={resolution} or "
+                "encode the dataset again"
+            )
+
+
+def null_encodings(comps: components.Components, data: loader.Dataset) -> dict:
+    """What the step substitutes for dropped conditions, each (1, ...): the encoding of the empty prompt, and the
+    null image input of the adapter's kind (`null_projection_input`)."""
+    null = {k: np.asarray(v)[None] for k, v in data.null_example.items()}
+    if not data.cached:
+        null = jax.device_get(jax.jit(lambda p, b: encode_batch(comps.encoders, p, b))(comps.frozen["encoders"], null))
+    out = {"null_text_embeds": null["text_embeds"]}
+    if "text_pooled" in null:
+        out["null_text_pooled"] = null["text_pooled"]
+    out["null_image_embeds"] = np.asarray(null_projection_input(null["image_embeds"], comps.encoders.kind))
+    return out
+
+
+def _held_out_loss(
+    config: TrainConfig,
+    comps: components.Components,
+    preprocessor: Any,
+    cached: bool,
+    frozen: dict,
+    mesh: Mesh,
+    global_batch: int,
+) -> Callable[[Any], float]:
+    """adapter -> the diffusion loss of the held-out set's first global batch (in order, no condition drops) with a
+    fixed key: the same noise and timesteps at every evaluation, so the curve has no sampling noise."""
+    eval_data = loader.open_dataset(config.data.eval_path, preprocessor)
+    if eval_data.cached != cached:
+        raise ValueError("data.eval_path must be in the same form (raw or embedding cache) as data.path")
+    eval_batches = loader.DataIterator(
+        eval_data,
+        global_batch_size=global_batch,
+        seed=config.seed,
+        shuffle=False,
+        drop_rates=(0.0, 0.0, 0.0),
+        sharding=sharding.batch_sharding(mesh),
+    )
+    batch = next(eval_batches)
+    eval_batches.close()
+    encoders, loss_config = comps.encoders, config.loss_config()
+
+    @jax.jit
+    def loss(adapter: Any, frozen: dict, batch: dict) -> jax.Array:
+        encoded = encode_if_raw(encoders, frozen.get("encoders"), batch)
+        return diffusion_loss(adapter, frozen, encoded, jax.random.PRNGKey(0), comps.models, loss_config)[0]
+
+    return lambda adapter: float(loss(adapter, frozen, batch))
+
+
+def _flops(compiled: Any) -> float:
+    """FLOPs of one step of the whole (global) computation from XLA's cost analysis (0 if unavailable)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))

@@ -1,0 +1,99 @@
+"""Our adapter on disk in Flax form: one msgpack file (`flax.serialization`), loaded without conversion.
+
+File layout (a msgpack map):
+
+    {"format": "ipadapter-jax/adapter", "version": 1,
+     "metadata": {str: str},            # the keys of `ip_adapter_files.METADATA_KEYS`
+     "params": {"image_proj": {...},    # our adapter pytree, Flax layout (Dense kernels (in, out)), float32
+                "ip_layers": {"down_blocks_0": {"attentions_0": ... {"attn2": {"to_k_ip": {"kernel": ...}}}}}}}
+
+msgpack rather than an orbax checkpoint: an adapter is small (SD1.5: 22M params, 89 MB in float32) and one
+self-describing file is what users copy around; orbax's directories are for training state. Params are stored
+as float32; fp16/bf16 are export options of the PyTorch files (`ip_adapter_files.save_ip_adapter`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import serialization, traverse_util
+
+from ipadapter_jax.weights.adapter_files import adapter_metadata
+from ipadapter_jax.weights.atomic_write import atomic_output
+from ipadapter_jax.weights.image_proj_keys import ImageProjSpec
+from ipadapter_jax.weights.official_layout import adapter_from_official, adapter_to_official
+from ipadapter_jax.weights.torch_layout import ConversionError
+
+FORMAT = "ipadapter-jax/adapter"
+VERSION = 1
+SUFFIX = ".msgpack"
+
+
+def save_flax_adapter(
+    adapter: Mapping[str, Any], path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Writes our adapter {"image_proj", "ip_layers"} (cast to float32) and its metadata, atomically.
+
+    `metadata`: extra str -> str entries (e.g. base_model, image_encoder); kind and num_tokens are added
+    from the weights. Returns `path`.
+    """
+    params = {
+        section: traverse_util.unflatten_dict(
+            {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(dict(adapter[section])).items()}
+        )
+        for section in ("image_proj", "ip_layers")
+    }
+    content = {"format": FORMAT, "version": VERSION, "metadata": adapter_metadata(params, metadata), "params": params}
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(serialization.msgpack_serialize(content))
+    return path
+
+
+def read_flax_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(our adapter pytree as float32 numpy, its metadata) from a file of `save_flax_adapter`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ConversionError: truncated or corrupt, or not an adapter file of this format/version (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        content = serialization.msgpack_restore(path.read_bytes())
+    except ValueError as err:  # msgpack's ExtraData/FormatError/"incomplete input" are all ValueErrors
+        raise ConversionError(
+            f"{path}: not a readable msgpack file ({path.stat().st_size} bytes; msgpack: {err}). Likely cause: a "
+            "truncated or corrupt file."
+        ) from None
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        found = content.get("format") if isinstance(content, dict) else type(content).__name__
+        raise ConversionError(
+            f"{path}: not an ipadapter-jax adapter file (format {found!r}, expected {FORMAT!r}). Likely cause: a "
+            "different msgpack file, e.g. full model params."
+        )
+    if content.get("version") != VERSION:
+        raise ConversionError(f"{path}: adapter file version {content.get('version')!r}; this code reads {VERSION}")
+    params = content.get("params")
+    if not isinstance(params, dict) or set(params) != {"image_proj", "ip_layers"}:
+        found = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ConversionError(f"{path}: 'params' must hold 'image_proj' and 'ip_layers', found {found}")
+    return params, {str(k): str(v) for k, v in content.get("metadata", {}).items()}
+
+
+def load_flax_adapter(path: str | os.PathLike, unet_params: Any) -> tuple[ImageProjSpec, Any, dict]:
+    """Reads an adapter file and checks it against the UNet whose (concrete or abstract) params are given.
+
+    Returns (spec, image projection module, adapter pytree) like `ip_adapter_files.load_ip_adapter`.
+    Raises:
+      ConversionError: unreadable (see `read_flax_adapter`), or a layer/shape that does not fit the UNet;
+        problems are named by their official keys (`ip_adapter.<id>...`, `image_proj...`).
+    """
+    adapter, _ = read_flax_adapter(path)
+    # Through the official layout: one validation path (layer ids, shapes, kind) for every file format.
+    return adapter_from_official(adapter_to_official(adapter), unet_params, source=str(path))

@@ -1,0 +1,226 @@
+"""The loading API: from files, as PyTorch users have them, to the project's own types.
+
+    from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
+
+    base = load_base("path/to/stable-diffusion-v1-5")                 # BaseModel (diffusers folder, or "tiny")
+    image_encoder = load_image_encoder("path/to/image_encoder")        # ImageEncoder (CLIPVisionModelWithProjection)
+    adapter = load_adapter("ip-adapter_sd15.safetensors", base, image_encoder=image_encoder)   # Adapter
+
+The pipelines (`IPAdapterPipeline.from_pretrained`), training, the demo and evaluation all load through these
+functions; `new_adapter` makes a fresh adapter with the paper's initialisation. "tiny" names the embedded tiny
+base and its image encoder (`ipadapter_jax.weights.tiny_base`), shipped with the package.
+
+Every file is checked before anything is built: a file that does not fit (another base model, another image
+encoder, a truncated download) raises `ConversionError` naming the file, the key, the expected and found shapes
+and the likely cause.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from ipadapter_jax.choices import SCHEDULERS
+from ipadapter_jax.models.adapter import Adapter, ip_layers_from_unet
+from ipadapter_jax.models.base_model import BaseModel
+from ipadapter_jax.models.image_encoder import ImageEncoder
+from ipadapter_jax.models.random_init import numpy_init
+from ipadapter_jax.models.text_encoder import TextEncoder
+from ipadapter_jax.models.unet import check_attention_implementation
+from ipadapter_jax.weights import tiny_base
+from ipadapter_jax.weights.adapter_files import load_ip_adapter
+from ipadapter_jax.weights.clip_image_encoder import load_clip_image_encoder
+from ipadapter_jax.weights.diffusers_models import load_pipeline
+from ipadapter_jax.weights.flax_adapter_file import SUFFIX as FLAX_ADAPTER_SUFFIX
+from ipadapter_jax.weights.flax_adapter_file import load_flax_adapter
+from ipadapter_jax.weights.image_proj_keys import ImageProjSpec, build_image_proj, param_shapes
+from ipadapter_jax.weights.torch_layout import ConversionError
+from ipadapter_jax.weights.unet_config import abstract_ip_unet_params
+
+TINY = "tiny"
+
+
+# The Plus Resampler of the reference (REFERENCE.md s.1): width 768 for SD1.5-width UNets, 1280 otherwise.
+_RESAMPLER = dict(depth=4, dim_head=64, ff_mult=4)
+
+
+def load_base(
+    base: str | os.PathLike,
+    *,
+    scheduler: str = "ddim",
+    dtype: Any = jnp.float32,
+    cache_dir: str | os.PathLike | None = None,
+    weights_variant: str | None = None,
+    attention_implementation: str = "diffusers",
+    progress: bool = True,
+) -> BaseModel:
+    """A Stable Diffusion model folder (SD1.5/SD2 family or SDXL, as diffusers saves it) as a `BaseModel`.
+
+    Args:
+      base: a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; SDXL adds
+        `text_encoder_2/`, `tokenizer_2/`) with PyTorch weights, or "tiny" (the embedded tiny base).
+        `model_index.json`'s `force_zeros_for_empty_prompt` is honoured (default: True for SDXL).
+      scheduler: the sampling scheduler: "ddim" (the paper's), "dpm-solver++" or "euler", with the folder's
+        noise schedule.
+      dtype: computation dtype; params stay float32.
+      cache_dir: keep the converted Flax params here (later loads skip the conversion).
+      weights_variant: the weight files' variant suffix, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
+      attention_implementation: the UNet's attention kernel (`ipadapter_jax.models.unet.Attention`).
+      progress: a progress bar over the components.
+    Raises:
+      ConversionError: a missing or malformed folder, config or weight file.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
+    check_attention_implementation(attention_implementation)  # before loading gigabytes
+    dtype = jnp.dtype(dtype)
+    if os.fspath(base) == TINY:
+        model = tiny_base.load_base(dtype, SCHEDULERS[scheduler])
+    else:
+        folder = Path(base)
+        loaded = load_pipeline(
+            folder,
+            scheduler=SCHEDULERS[scheduler],
+            dtype=dtype,
+            variant=weights_variant or None,
+            cache_dir=None if cache_dir is None else Path(cache_dir),
+            progress=progress,
+        )
+        pairs = [(loaded.tokenizer, loaded.text_encoder), (loaded.tokenizer_2, loaded.text_encoder_2)]
+        # transformers' Flax CLIP text models are wrappers; the bare linen module is their `.module`.
+        encoders = tuple(TextEncoder(tok, model.module.module, model.params) for tok, model in pairs if model)
+        force_zeros = _model_index(folder).get("force_zeros_for_empty_prompt", len(encoders) == 2)
+        model = BaseModel(
+            unet=loaded.unet.module,
+            unet_params=loaded.unet.params,
+            vae=loaded.vae.module,
+            vae_params=loaded.vae.params,
+            text_encoders=encoders,
+            scheduler=loaded.scheduler,
+            scheduler_state=loaded.scheduler_state,
+            force_zeros_for_empty_prompt=bool(force_zeros),
+        )
+    return model.replace(unet=model.unet.clone(attention_implementation=attention_implementation))
+
+
+def load_image_encoder(folder: str | os.PathLike, *, dtype: Any = jnp.float32) -> ImageEncoder:
+    """A `CLIPVisionModelWithProjection` folder (`config.json` + safetensors, as `save_pretrained` writes it;
+    IP-Adapter's `models/image_encoder`), or "tiny", as an `ImageEncoder` computing in `dtype`."""
+    if os.fspath(folder) == TINY:
+        return tiny_base.load_image_encoder(jnp.dtype(dtype))
+    module, params = load_clip_image_encoder(folder, dtype=jnp.dtype(dtype))
+    return ImageEncoder(module, params)
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    base: BaseModel | Any,
+    *,
+    image_encoder: ImageEncoder | None = None,
+    dtype: Any = jnp.float32,
+) -> Adapter:
+    """An IP-Adapter file, checked against the base model (and the image encoder, when given).
+
+    Args:
+      path: an official `.safetensors` / `.bin` (base, Plus or Full, detected from its keys) or our `.msgpack`.
+      base: the `BaseModel` it is for (or its `IPUNet2DConditionModel`): fixes every cross-attention layer's
+        id and shape.
+      image_encoder: checks the projection's input width against the encoder's outputs.
+      dtype: the image projection's computation dtype.
+    Raises:
+      ConversionError: the file is unreadable or does not fit the UNet or the image encoder.
+    """
+    unet = base.unet if isinstance(base, BaseModel) else base
+    if not hasattr(unet, "cross_attention_dim"):
+        raise TypeError(f"load_adapter needs a BaseModel or an IPUNet2DConditionModel, got {type(base).__name__}")
+    shapes = abstract_ip_unet_params(unet)
+    if Path(path).suffix == FLAX_ADAPTER_SUFFIX:
+        _, image_proj, params = load_flax_adapter(path, shapes)
+        if image_encoder is not None:
+            _check_encoder_width(path, image_proj, image_encoder)
+    else:
+        widths = {}
+        if image_encoder is not None:
+            widths = dict(
+                encoder_projection_dim=image_encoder.config.projection_dim,
+                encoder_hidden_size=image_encoder.config.hidden_size,
+            )
+        _, image_proj, params = load_ip_adapter(path, shapes, **widths)
+    return Adapter(image_proj.clone(dtype=jnp.dtype(dtype)), params)
+
+
+def new_adapter(
+    kind: str,
+    base: BaseModel,
+    image_encoder: ImageEncoder,
+    *,
+    num_tokens: int,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+) -> Adapter:
+    """A fresh adapter with the paper's init: each layer's K'/V' a copy of its frozen K/V, the projection random
+    (deterministic in `seed`).
+
+    `kind`: "base" (`num_tokens` tokens from the projected image embedding), "plus" (a Resampler of `num_tokens`
+    queries over the penultimate hidden states, the reference's depth 4 / head size 64) or "full" (one token per
+    hidden state; `num_tokens` must equal the encoder's 1 + patches).
+    """
+    cross = base.unet.cross_attention_dim
+    encoder = image_encoder.config
+    if kind == "base":
+        hparams = dict(cross_attention_dim=cross, clip_embeddings_dim=encoder.projection_dim, num_tokens=num_tokens)
+    elif kind == "plus":
+        width = 768 if cross == 768 else 1280
+        hparams = dict(
+            dim=width,
+            heads=width // _RESAMPLER["dim_head"],
+            num_queries=num_tokens,
+            embedding_dim=encoder.hidden_size,
+            output_dim=cross,
+            **_RESAMPLER,
+        )
+    elif kind == "full":
+        tokens = 1 + (encoder.image_size // encoder.patch_size) ** 2
+        if num_tokens != tokens:
+            raise ValueError(
+                f"a full adapter makes one token per hidden state: num_tokens must be {tokens}, got {num_tokens}"
+            )
+        hparams = dict(cross_attention_dim=cross, clip_embeddings_dim=encoder.hidden_size)
+    else:
+        raise ValueError(f"adapter kind must be 'base', 'plus' or 'full', got {kind!r}")
+    image_proj = build_image_proj(ImageProjSpec(kind, num_tokens, hparams), jnp.dtype(dtype))
+    params = {
+        "image_proj": numpy_init(param_shapes(image_proj), seed=seed),
+        "ip_layers": ip_layers_from_unet(base.unet_params),
+    }
+    return Adapter(image_proj, params)
+
+
+def _model_index(folder: Path) -> dict:
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path}: not valid JSON ({err})") from None
+
+
+def _check_encoder_width(path: str | os.PathLike, image_proj: Any, image_encoder: ImageEncoder) -> None:
+    """Our msgpack files carry no encoder check of their own: the projection's input width must be the encoder's
+    output width for this kind (the official files are checked by `load_ip_adapter`)."""
+    config = image_encoder.config
+    field, width, what = {
+        "ImageProjModel": ("clip_embeddings_dim", config.projection_dim, "projected image embeddings"),
+        "Resampler": ("embedding_dim", config.hidden_size, "hidden states"),
+        "MLPProjModel": ("clip_embeddings_dim", config.hidden_size, "hidden states"),
+    }[type(image_proj).__name__]
+    if getattr(image_proj, field) != width:
+        raise ConversionError(
+            f"{path}: the adapter's image projection reads {getattr(image_proj, field)}-d {what}, but the image "
+            f"encoder makes {width}-d ones. Likely cause: an adapter trained with another image encoder."
+        )

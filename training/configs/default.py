@@ -1,0 +1,77 @@
+"""The default training config: the reference recipe (REFERENCE.md s.3) for a base IP-Adapter on SD1.5.
+
+AdamW lr 1e-4, weight decay 1e-2, constant LR, no clipping, no EMA, epsilon loss, condition drops 5/5/5%,
+512 px, batch 8 per device. Presets (the other files here) start from `get_config()` and override fields;
+`ipadapter_jax.training.config` documents and validates every field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.base = ""  # diffusers model folder (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/, scheduler/), or "tiny"
+    c.model.weights_variant = ""  # diffusers weight-file variant of the base folder, e.g. "fp16"; "" = the plain files
+    c.model.image_encoder = ""  # CLIPVisionModelWithProjection folder (ViT-H/14 for SD1.5, bigG for SDXL), or "tiny"
+    c.model.adapter_kind = "base"  # "base" (tokens from image_embeds) | "plus" (Resampler over hidden_states[-2])
+    c.model.num_tokens = 4
+    c.model.init_adapter = ""  # optional official .bin/.safetensors (or our .msgpack) to start from (fine-tuning)
+    c.model.prediction_type = "epsilon"  # "v_prediction" for SD2-768-style bases
+    c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
+    c.model.remat = False  # rematerialise UNet activations in the backward pass (less memory, ~30% more compute)
+    # diffusers' chunked attention (Rabe & Staats, 2021): the (heads, L, L) self-attention scores are never held
+    # whole (SD1.5 at 512 px: 4096 tokens, 0.5 GB per example in fp32). Same step to 1e-5.
+    c.model.memory_efficient_attention = False
+    # The UNet's attention kernel (`ipadapter_jax.models.unet.Attention`): "diffusers" (its einsum attention, or the
+    # chunked one above), "xla" (jax.nn.dot_product_attention) or "cudnn" (cuDNN flash attention: NVIDIA GPUs,
+    # bf16; on an H200 1.57x the default's images/s with a third of its memory, bench/train_bench.py --gpu).
+    c.model.attention_implementation = "diffusers"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # built TFDS dataset dir or embedding cache dir (`ipadapter-jax data build` / `cache`)
+    c.data.resolution = 512
+    c.data.batch_size_per_device = 8
+    c.data.num_workers = 0  # grain worker processes per host
+    c.data.drop_rates = (0.05, 0.05, 0.05)  # image only, text only, both
+    c.data.eval_path = ""  # optional held-out dataset: its first global batch is scored every eval_every steps
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.weight_decay = 1e-2
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.warmup_steps = 0
+    c.optim.grad_clip_norm = 0.0  # 0 = off (reference)
+    c.optim.grad_accum_steps = 1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.noise_offset = 0.0
+    c.loss.snr_gamma = 0.0  # 0 = plain MSE (reference); 5.0 = min-SNR weighting
+
+    c.ema_decay = 0.0  # 0 = no EMA (reference)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.mesh.fsdp_min_size = 2**14  # params with fewer elements stay replicated (all-gathers cost more)
+    # Placement of every array of the run: the first rule whose regex matches a path ("state/adapter/...",
+    # "state/opt_state/...", "frozen/unet/...", "frozen/encoders/...") gives "fsdp" (split the largest axis that the
+    # fsdp axis divides), "replicate", or a PartitionSpec as a tuple of axis names. With mesh.fsdp = 1 "fsdp" is
+    # replication. Default: the trained state FSDP-split, the frozen models replicated.
+    c.sharding_rules = (("^frozen/", "replicate"), (".*", "fsdp"))
+
+    c.total_steps = 1_000_000
+    c.log_every = 50
+    c.eval_every = 500  # held-out loss (fixed noise and timesteps) when data.eval_path is set
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.export_every = 10_000  # .safetensors in the official layout, loadable by diffusers' load_ip_adapter
+    c.on_nonfinite = "stop"  # "stop": checkpoint the last good state and exit with an error; "skip"
+    c.profile_steps = ()  # (first, last) step range traced with jax.profiler into workdir/profile
+    return c

@@ -1,0 +1,14 @@
+"""SD1.5 with a base IP-Adapter (4 tokens from CLIP ViT-H/14 image_embeds): the paper's recipe as is.
+
+Set model.base (a diffusers SD1.5 folder), model.image_encoder and data.path on the command line.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ipadapter_jax.presets import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return default.get_config()

@@ -1,0 +1,14 @@
+"""SD1.5 with an IP-Adapter Plus (a 16-query Resampler over CLIP ViT-H/14's penultimate hidden states)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ipadapter_jax.presets import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = default.get_config()
+    c.model.adapter_kind = "plus"
+    c.model.num_tokens = 16
+    return c

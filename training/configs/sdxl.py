@@ -1,0 +1,19 @@
+"""SDXL at 1024 px with a base IP-Adapter (CLIP ViT-bigG/14 image_embeds), batch 4 per device.
+
+The frozen UNet (2.6G params) and text encoders are FSDP-split like the trained state once mesh.fsdp > 1
+(e.g. --config.mesh.fsdp=4): 16 GB chips cannot hold them replicated next to the activations.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ipadapter_jax.presets import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = default.get_config()
+    c.data.resolution = 1024
+    c.data.batch_size_per_device = 4
+    c.sharding_rules = ((".*", "fsdp"),)
+    return c
