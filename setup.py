@@ -48,5 +48,5 @@ setup(
     package_data={"ipadapter_jax.weights": ["assets/tiny_base/*"]},  # the trained tiny base of `tiny` / the demo
     install_requires=install_requires,
     extras_require=extras_require,
-    entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli.main:main"]},
+    entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli.main:console"]},
 )

@@ -6,6 +6,7 @@ python conversion/inspect_adapter.py --help      (the same as `ipadapter-jax con
 import sys
 
 from ipadapter_jax.cli.convert import main
+from ipadapter_jax.cli.main import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main(["inspect", *sys.argv[1:]]))
+    exit_process(main(["inspect", *sys.argv[1:]]))

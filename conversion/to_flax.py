@@ -6,6 +6,7 @@ python conversion/to_flax.py --help      (the same as `ipadapter-jax convert to-
 import sys
 
 from ipadapter_jax.cli.convert import main
+from ipadapter_jax.cli.main import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main(["to-flax", *sys.argv[1:]]))
+    exit_process(main(["to-flax", *sys.argv[1:]]))

@@ -1,7 +1,5 @@
 """`python -m ipadapter_jax ...` = the `ipadapter-jax` command."""
 
-import sys
+from ipadapter_jax.cli.main import console
 
-from ipadapter_jax.cli.main import main
-
-sys.exit(main())
+console()

@@ -5,7 +5,7 @@ to start) and the training config's validation: one list per choice.
 """
 
 # The UNet's attention kernels (`ipadapter_jax.models.unet.Attention`).
-ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn", "splash")
 
 # Sampling schedulers of the loaders and CLIs -> diffusers Flax scheduler kinds
 # (`ipadapter_jax.weights.diffusers_models.SCHEDULERS`).

@@ -1,5 +1,7 @@
 """The TFDS builder on a generated dataset with broken entries: counts, skip report, stored values, the
-skip-fraction limit, interruption safety and the COCO format."""
+skip-fraction limit, interruption safety and resumption, several shards, the COCO format and the edge cases
+(no entries, nothing written, not JSON, paths outside the root, invalid limits). Killed builds, the output lock
+and memory: data_build_scale_test.py."""
 
 import io
 import json
@@ -90,8 +92,9 @@ def _read_png_rgb16_high_bytes(path: str) -> np.ndarray:
 def test_fails_past_max_skip_fraction_and_publishes_nothing(built, tmp_path):
     spec, _, _ = built
     out = str(tmp_path / "out")
-    with pytest.raises(builder.BuildError, match="13 of 31|more than"):
+    with pytest.raises(builder.BuildError, match="13 of 31|more than") as err:
         builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.2)
+    assert spec["json"] in str(err.value)
     assert not os.path.exists(builder.dataset_dir(out))
     assert not [n for n in os.listdir(out) if n.startswith(".building-")]
     with open(os.path.join(out, "build_report.json")) as f:
@@ -99,7 +102,7 @@ def test_fails_past_max_skip_fraction_and_publishes_nothing(built, tmp_path):
     assert report["status"] == "failed" and report["skipped"] > 0.2 * 31
 
 
-def test_interrupted_rebuild_keeps_old_dataset_and_restarts_clean(built, tmp_path, monkeypatch):
+def test_interrupted_rebuild_keeps_old_dataset_and_resumes(built, tmp_path, monkeypatch):
     spec, _, _ = built
     out = str(tmp_path / "out")
     path, _ = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5)
@@ -110,25 +113,131 @@ def test_interrupted_rebuild_keeps_old_dataset_and_restarts_clean(built, tmp_pat
 
     def interrupted(*args):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == 9:
             raise KeyboardInterrupt
         return check_image(*args)
 
     monkeypatch.setattr(builder, "check_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, num_threads=1, overwrite=True)
+        builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, num_threads=1, overwrite=True,
+                              shard_examples=3)  # fmt: skip
     monkeypatch.setattr(builder, "check_image", check_image)
-    # The published dataset is untouched and no partial build is left behind.
+    # The published dataset is untouched; the partial build stays for the next run, which resumes it.
     _assert_same_records(builder.raw_source(path), before)
-    assert sorted(os.listdir(out)) == ["build_report.json", builder.DATASET_NAME]
+    assert sorted(os.listdir(out)) == [".building-ip_adapter_captions", "build_report.json", builder.DATASET_NAME]
     with open(os.path.join(out, "build_report.json")) as f:
         assert json.load(f)["status"] == "interrupted"
-    # A clean restart gives the uninterrupted result.
-    path, report = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, overwrite=True)
-    assert report["status"] == "complete"
+    calls.clear()
+    monkeypatch.setattr(builder, "check_image", lambda *args: calls.append(1) or check_image(*args))
+    path, report = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, overwrite=True,
+                                         shard_examples=3)  # fmt: skip
+    assert report["status"] == "complete" and report["resumed_from_entry"] == 6  # 2 shards of 3 were complete
+    assert len(calls) == 31 - 6 - 7  # only the entries after the complete shards (7 fail without their image)
     _assert_same_records(builder.raw_source(path), before)
+    assert {s["index"]: s["reason"] for s in report["skipped_examples"]} == spec["skips"]
+    assert sorted(os.listdir(out)) == ["build_report.json", builder.DATASET_NAME]
     with pytest.raises(FileExistsError):
         builder.build_dataset(spec["json"], spec["root"], out)
+
+
+def test_several_shards_hold_the_same_records(built, tmp_path):
+    spec, path, _ = built
+    out = str(tmp_path / "out")
+    sharded, report = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, shard_examples=4)
+    names = sorted(n for n in os.listdir(sharded) if ".array_record-" in n)
+    assert names == [f"ip_adapter_captions-train.array_record-{i:05d}-of-00005" for i in range(5)]
+    with open(os.path.join(sharded, "dataset_info.json")) as f:
+        info = json.load(f)
+    assert info["splits"][0]["shardLengths"] == ["4", "4", "4", "4", "2"] and info["disableShuffling"]
+    for name in ("features.json",):
+        with open(os.path.join(sharded, name)) as a, open(os.path.join(path, name)) as b:
+            assert a.read() == b.read()
+    _assert_same_records(builder.raw_source(sharded), [dict(r) for r in builder.raw_source(path)])
+    assert report["written"] == 18 and not os.path.exists(os.path.join(out, ".building-ip_adapter_captions"))
+
+
+def test_resume_with_other_settings_is_refused_or_starts_over(built, tmp_path, monkeypatch):
+    spec, path, _ = built
+    out = str(tmp_path / "out")
+    check_image = builder.check_image
+    monkeypatch.setattr(builder, "check_image", lambda e, *a: _interrupt_at(e, 20) or check_image(e, *a))
+    with pytest.raises(KeyboardInterrupt):
+        builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, num_threads=1, shard_examples=2)
+    monkeypatch.setattr(builder, "check_image", check_image)
+    with pytest.raises(ValueError, match="other settings \\(changed: shard_examples\\).*--overwrite"):
+        builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, shard_examples=3)
+    _, report = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, shard_examples=3,
+                                      overwrite=True)  # fmt: skip
+    assert report["resumed_from_entry"] == 0 and report["written"] == 18
+
+
+def _interrupt_at(entry, index):
+    if entry.index == index:
+        raise KeyboardInterrupt
+
+
+def test_no_entries_is_one_clear_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name, content in (("empty.json", "[]"), ("coco.json", '{"images": [], "annotations": []}')):
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(builder.BuildError, match="nothing could be written") as err:
+            builder.build_dataset(path, tmp_path / "images", tmp_path / "out", max_skip_fraction=1.0)
+        assert str(path) in str(err.value)
+        assert not os.path.exists(builder.dataset_dir(tmp_path / "out"))
+
+
+def test_every_entry_skipped_is_one_clear_error(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps([{"image_file": f"{i}.png", "text": "missing"} for i in range(3)]))
+    (tmp_path / "images").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(builder.BuildError, match="nothing could be written: all 3 entries were skipped") as err:
+        builder.build_dataset(path, tmp_path / "images", out, max_skip_fraction=1.0)
+    assert str(path) in str(err.value) and "missing_file: 3" in str(err.value)
+    assert not os.path.exists(builder.dataset_dir(out)) and not [n for n in os.listdir(out) if "building" in n]
+    with open(out / "build_report.json") as f:
+        assert json.load(f)["status"] == "failed"
+
+
+def test_captions_file_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("1.png\tA dog\n")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+        builder.build_dataset(path, tmp_path / "images", tmp_path / "out")
+
+
+def test_paths_outside_the_root_are_skipped(built, tmp_path):
+    spec, _, _ = built
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    inside = os.path.join(spec["root"], "good_0.png")
+    (root / "ok.png").write_bytes(open(inside, "rb").read())
+    (tmp_path / "secret.png").write_bytes(open(inside, "rb").read())  # exists, but outside the root
+    entries = [{"image_file": "ok.png", "text": "inside"}, {"image_file": str(tmp_path / "secret.png"), "text": "abs"},
+               {"image_file": "../secret.png", "text": "up"}, {"image_file": "sub/../../secret.png", "text": "up2"},
+               {"image_file": "sub/../ok.png", "text": "inside, normalised"}]  # fmt: skip
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(entries))
+    out, report = builder.build_dataset(path, root, tmp_path / "out", max_skip_fraction=0.8)
+    assert {s["index"]: s["reason"] for s in report["skipped_examples"]} == {1: "outside_root", 2: "outside_root",
+                                                                              3: "outside_root"}  # fmt: skip
+    assert "outside_root" in report["skip_reasons"] and "outside_root" in builder.SKIP_REASONS
+    assert [r["text"].decode() for r in builder.raw_source(out)] == ["inside", "inside, normalised"]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"max_aspect_ratio": 0}, {"max_aspect_ratio": 0.5}, {"max_aspect_ratio": float("nan")},
+     {"max_skip_fraction": -0.1}, {"max_skip_fraction": 1.5}, {"max_skip_fraction": float("inf")},
+     {"num_threads": 0}, {"shard_examples": 0}],
+)  # fmt: skip
+def test_invalid_limits_are_refused(built, tmp_path, limits):
+    spec, _, _ = built
+    with pytest.raises(ValueError, match=next(iter(limits))):
+        builder.build_dataset(spec["json"], spec["root"], tmp_path / "out", **limits)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def _assert_same_records(source, expected):

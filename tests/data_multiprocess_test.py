@@ -2,7 +2,7 @@
 `make_array_from_process_local_data`; the gathered global batches equal a one-process run's. Both then run
 the embedding-cache pass, each on its own devices and chunks, and process 0 alone finalises the cache.
 
-Run by pytest; each process is this file run as `python -m tests.data_multiprocess_test WORKER_ARGS`.
+Run by pytest; each process is this file run as a script: `python tests/data_multiprocess_test.py WORKER_ARGS`.
 """
 
 import json
@@ -69,10 +69,10 @@ def test_two_processes_assemble_global_batches_and_build_a_cache(tmp_path):
         port = s.getsockname()[1]
     out = str(tmp_path / "gathered.json")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": repo}
+    env = dict(os.environ)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.data_multiprocess_test", str(i), str(port), dataset, out],
+            [sys.executable, os.path.abspath(__file__), str(i), str(port), dataset, out],
             cwd=repo,
             env=env,
             stdout=subprocess.PIPE,

@@ -13,7 +13,7 @@ import ipadapter_jax  # noqa: F401  (log filter before transformers)
 # isort: split
 from transformers import CLIPImageProcessor  # noqa: E402
 
-from ipadapter_jax.data import preprocess
+from ipadapter_jax.data import preprocess, rgb
 from ipadapter_jax.models.image_encoder import OPENAI_CLIP_STD
 from ipadapter_jax.testing import data_files
 
@@ -63,10 +63,10 @@ def _torchvision_style_target(image: Image.Image, resolution: int) -> np.ndarray
 def test_target_image_matches_torchvision_style_reference(resolution):
     worst = 0.0
     for image in _images():
-        ours, _ = preprocess.target_image(preprocess.to_rgb(image), resolution)
+        ours, _ = preprocess.target_image(rgb.to_rgb(image), resolution)
         assert ours.shape == (resolution, resolution, 3) and ours.dtype == np.float32
         assert ours.min() >= -1 and ours.max() <= 1
-        reference = _torchvision_style_target(preprocess.to_rgb(image), resolution)
+        reference = _torchvision_style_target(rgb.to_rgb(image), resolution)
         worst = max(worst, float(np.max(np.abs(ours - reference))) / 2)  # [-1, 1] -> pixel units
     assert worst <= PIXEL + 1e-6, worst  # 1e-6: float32 outputs
 
@@ -89,13 +89,13 @@ def test_target_geometry_hand_derived():
 def test_to_rgb_modes():
     gray16 = Image.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 257 * 20)
     assert gray16.mode == "I;16"
-    rgb = np.asarray(preprocess.to_rgb(gray16))
-    np.testing.assert_array_equal(rgb[..., 0], np.arange(12).reshape(3, 4) * 20)  # 65535 -> 255, not clipped
-    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+    converted = np.asarray(rgb.to_rgb(gray16))
+    np.testing.assert_array_equal(converted[..., 0], np.arange(12).reshape(3, 4) * 20)  # 65535 -> 255, not clipped
+    np.testing.assert_array_equal(converted[..., 0], converted[..., 2])
     rgba = Image.fromarray(np.dstack([np.full((2, 2, 3), 7, np.uint8), np.zeros((2, 2, 1), np.uint8)]))
-    np.testing.assert_array_equal(np.asarray(preprocess.to_rgb(rgba)), 7)  # alpha dropped as in the reference
+    np.testing.assert_array_equal(np.asarray(rgb.to_rgb(rgba)), 7)  # alpha dropped as in the reference
     with pytest.raises(ValueError):
-        preprocess.to_rgb(Image.fromarray(np.zeros((2, 2), np.float32)))
+        rgb.to_rgb(Image.fromarray(np.zeros((2, 2), np.float32)))
 
 
 def test_tokenize_pads_and_truncates_to_77(tmp_path):

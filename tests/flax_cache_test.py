@@ -15,7 +15,7 @@ import pytest
 from flax import traverse_util
 
 from ipadapter_jax.testing import tiny, tiny_folders
-from ipadapter_jax.weights import diffusers_models, flax_cache
+from ipadapter_jax.weights import component_params, flax_cache
 from ipadapter_jax.weights.diffusers_models import load_pipeline, load_unet
 
 
@@ -33,7 +33,7 @@ def no_conversion(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("PyTorch weights were read")
 
-    monkeypatch.setattr(diffusers_models, "open_state_dict", fail)
+    monkeypatch.setattr(component_params, "open_state_dict", fail)
 
 
 def flat(tree) -> dict:
@@ -49,7 +49,7 @@ def assert_trees_equal(actual, expected) -> None:
 
 def test_round_trip_is_exact_and_skips_conversion(unet_folder, tmp_path, request, caplog):
     cache = tmp_path / "out" / "flax_cache" / "unet"
-    with caplog.at_level(logging.INFO, logger="ipadapter_jax.weights.diffusers_models"):
+    with caplog.at_level(logging.INFO, logger="ipadapter_jax.weights.component_params"):
         first = load_unet(unet_folder, cache_dir=cache)
     report = first.report
     assert report.cache == "saved" and report.convert_s > 0 and report.cache_s > 0

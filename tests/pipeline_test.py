@@ -123,17 +123,19 @@ def test_sdxl_matches_diffusers(sdxl: tu.SavedPipelines, name: str):
     assert_images_close(run_flax(sdxl, case), run_torch(sdxl, case))
 
 
-def test_from_pretrained_with_xla_attention_matches_diffusers(sd15: tu.SavedPipelines):
-    """`from_pretrained(attention_implementation="xla")`: the UNet attends with jax.nn.dot_product_attention."""
+@pytest.mark.parametrize("kernel", ["xla", "splash"])
+def test_from_pretrained_with_another_attention_kernel_matches_diffusers(sd15: tu.SavedPipelines, kernel: str):
+    """`from_pretrained(attention_implementation=...)`: the UNet attends with jax.nn.dot_product_attention ("xla") or
+    Pallas splash attention ("splash", interpret mode on a CPU) inside the compiled sampling loop."""
     case = SD15_CASES["text_and_image"]
     pipe = IPAdapterPipeline.from_pretrained(
         sd15.folder,
         tu.adapter_file(sd15.folder, case.kind),
         sd15.folder / "image_encoder",
-        attention_implementation="xla",
+        attention_implementation=kernel,
         progress=False,
     )
-    assert pipe.base.unet.attention_implementation == "xla"
+    assert pipe.base.unet.attention_implementation == kernel
     assert_images_close(run_flax(sd15, case, pipe=pipe), run_torch(sd15, case))
 
 

@@ -114,6 +114,7 @@ def setup():
         "default": configured(),
         "memory_efficient_attention": configured(memory_efficient_attention=True),
         "xla_attention": configured(attention_implementation="xla"),
+        "splash_attention": configured(attention_implementation="splash"),  # Pallas interpret mode on a CPU
         "remat": configured(remat=True),
     }.items():
         step = jax.jit(make_train_step(models, optimizer, schedule, LossConfig()))
@@ -179,7 +180,7 @@ def _official_layout(torch_unet, read) -> dict:
     return out
 
 
-OPTIONS = ["default", "memory_efficient_attention", "xla_attention", "remat", "injected_noise"]
+OPTIONS = ["default", "memory_efficient_attention", "xla_attention", "splash_attention", "remat", "injected_noise"]
 
 
 @pytest.mark.parametrize("option", OPTIONS)

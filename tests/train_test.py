@@ -11,20 +11,15 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from ipadapter_jax.cli import cache as cache_encodings_cli
 from ipadapter_jax.cli.main import EXIT_PREEMPTED
-from ipadapter_jax.data import builder, synthetic
-from ipadapter_jax.presets import get_preset
 from ipadapter_jax.testing import tiny, tiny_folders
+from ipadapter_jax.testing import training_runs as runs
 from ipadapter_jax.training import components
 from ipadapter_jax.training.config import TrainConfig
 from ipadapter_jax.training.loop import train
@@ -33,103 +28,32 @@ from ipadapter_jax.weights.torch_layout import torch_key_to_flax_module_path
 
 STEPS = 4
 GLOBAL_BATCH = 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _build(root, num_images: int, seed: int) -> str:
-    captions = synthetic.write_dataset(str(root / "src"), num_images=num_images, size=64, seed=seed)
-    path, _ = builder.build_dataset(captions, str(root / "src" / "images"), str(root / "built"))
-    return path
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
-    return _build(tmp_path_factory.mktemp("data"), num_images=24, seed=0)
-
-
-def _overrides(dataset: str, steps: int, per_device: int, **extra) -> list[str]:
-    flags = {
-        "data.path": dataset,
-        "total_steps": steps,
-        "data.batch_size_per_device": per_device,
-        "log_every": 2,
-        "checkpoint_every": 2,
-        "mesh.fsdp_min_size": 256,  # so the tiny adapter's kernels really are FSDP-split
-        **extra,
-    }
-    return [f"--config.{k}={v}" for k, v in flags.items()]
-
-
-def _config(dataset: str, steps: int, per_device: int = GLOBAL_BATCH, **extra):
-    config = get_preset("tiny")
-    for flag in _overrides(dataset, steps, per_device, **extra):
-        key, value = flag[len("--config.") :].split("=", 1)
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = type(node[leaf])(value)
-    return config
-
-
-def _train_subprocess(workdir: str, args: list[str], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(extra_env or {}))
-    return subprocess.Popen(
-        [sys.executable, "-m", "ipadapter_jax.cli.train", f"--workdir={workdir}", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _final_state(workdir: str) -> dict:
-    """Flattened adapter, optimizer state and step of the latest checkpoint in `workdir` (numpy)."""
-    root = os.path.join(workdir, "checkpoints")
-    step = max(int(d) for d in os.listdir(root) if d.isdigit())
-    path = os.path.join(root, str(step), "state")
-    # The run may have used another device count: restore onto this process's first device.
-    metadata = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    state = ocp.StandardCheckpointer().restore(path, target)
-    leaves, _ = jax.tree_util.tree_flatten_with_path(state)  # ema=None (no EMA) has no leaves
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def _assert_states_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
-    """Every leaf within `rtol` of its max |value|; adapter params also pass within 1e-7 absolute (a
-    thousandth of one 1e-4 AdamW update), which a tensor starting at zero (a bias) needs after few steps."""
-    assert actual.keys() == expected.keys()
-    bad = {}
-    for key, want in expected.items():
-        diff = np.abs(actual[key] - want).max()
-        atol = 1e-7 if key.startswith("['adapter']") and rtol else 0.0
-        if diff > atol + rtol * np.abs(want).max():
-            bad[key] = f"{diff:.2e} (max |value| {np.abs(want).max():.2e})"
-    assert not bad, bad
+    return runs.build_dataset(tmp_path_factory.mktemp("data"), num_images=24, seed=0)
 
 
 @pytest.fixture(scope="module")
 def single_device_run(dataset, tmp_path_factory) -> dict:
     workdir = str(tmp_path_factory.mktemp("one_device"))
-    train(_config(dataset, STEPS), workdir)
-    return _final_state(workdir)
+    train(runs.config(dataset, STEPS), workdir)
+    return runs.final_state(workdir)
 
 
 def test_sharding_is_invisible(dataset, single_device_run, tmp_path):
     """(data=8), (data=4, fsdp=2), (data=2, fsdp=4) on 8 devices == 1 device, same global batch."""
     procs = {}
     for data, fsdp in ((8, 1), (4, 2), (2, 4)):
-        args = _overrides(dataset, STEPS, GLOBAL_BATCH // 8, **{"mesh.data": data, "mesh.fsdp": fsdp})
+        args = runs.overrides(dataset, STEPS, GLOBAL_BATCH // 8, **{"mesh.data": data, "mesh.fsdp": fsdp})
         workdir = str(tmp_path / f"mesh_{data}x{fsdp}")
-        procs[workdir] = _train_subprocess(workdir, args, devices=8)
+        procs[workdir] = runs.train_subprocess(workdir, args, devices=8)
         # One at a time: two CPU cores cannot run three compiles in parallel any faster.
         out, _ = procs[workdir].communicate(timeout=600)
         assert procs[workdir].returncode == 0, out
     for workdir in procs:
-        _assert_states_close(_final_state(workdir), single_device_run)
+        runs.assert_states_close(runs.final_state(workdir), single_device_run)
 
 
 def test_training_on_the_embedding_cache_equals_raw(dataset, single_device_run, tmp_path):
@@ -137,8 +61,8 @@ def test_training_on_the_embedding_cache_equals_raw(dataset, single_device_run, 
     cache = str(tmp_path / "cache")
     assert cache_encodings_cli.main([f"--raw={dataset}", f"--out={cache}", "--batch_size=8"]) == 0
     workdir = str(tmp_path / "cached_run")
-    train(_config(cache, STEPS), workdir)
-    _assert_states_close(_final_state(workdir), single_device_run)
+    train(runs.config(cache, STEPS), workdir)
+    runs.assert_states_close(runs.final_state(workdir), single_device_run)
 
 
 def test_trains_from_diffusers_model_folders(dataset, tmp_path):
@@ -160,7 +84,7 @@ def test_trains_from_diffusers_model_folders(dataset, tmp_path):
             projection_dim=24,
         )
     ).save_pretrained(encoder)
-    config = _config(
+    config = runs.config(
         dataset,
         2,
         per_device=2,
@@ -190,9 +114,9 @@ def test_two_processes_equal_one(dataset, single_device_run, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     workdir = str(tmp_path / "multihost")
-    args = _overrides(dataset, STEPS, GLOBAL_BATCH // 8)
+    args = runs.overrides(dataset, STEPS, GLOBAL_BATCH // 8)
     procs = [
-        _train_subprocess(
+        runs.train_subprocess(
             workdir,
             args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
             devices=4,
@@ -202,13 +126,13 @@ def test_two_processes_equal_one(dataset, single_device_run, tmp_path):
     for proc in procs:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out
-    _assert_states_close(_final_state(workdir), single_device_run)
+    runs.assert_states_close(runs.final_state(workdir), single_device_run)
 
 
 def test_sigterm_then_resume_equals_uninterrupted(dataset, single_device_run, tmp_path):
     workdir = str(tmp_path / "preempted")
     # Slow the run down with more steps than needed; SIGTERM it after its first logged step.
-    proc = _train_subprocess(workdir, _overrides(dataset, 1000, GLOBAL_BATCH), devices=1)
+    proc = runs.train_subprocess(workdir, runs.overrides(dataset, 1000, GLOBAL_BATCH), devices=1)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while not (os.path.exists(metrics) and os.path.getsize(metrics)) and proc.poll() is None and time.time() < deadline:
@@ -217,24 +141,24 @@ def test_sigterm_then_resume_equals_uninterrupted(dataset, single_device_run, tm
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, out  # distinct from success: a scheduler reruns the command
     assert "SIGTERM: checkpointed step" in out
-    stopped_at = int(_final_state(workdir)["['step']"])
+    stopped_at = int(runs.final_state(workdir)["['step']"])
     assert 2 <= stopped_at < 1000
     # Resume to the same end point as an uninterrupted run (total_steps is the only difference).
     if stopped_at < STEPS:
-        train(_config(dataset, STEPS), workdir)
-        _assert_states_close(_final_state(workdir), single_device_run, rtol=0)
+        train(runs.config(dataset, STEPS), workdir)
+        runs.assert_states_close(runs.final_state(workdir), single_device_run, rtol=0)
     else:
         # Preempted past STEPS: compare instead against an uninterrupted run to the same step.
         reference = str(tmp_path / "reference")
-        train(_config(dataset, stopped_at + 2), reference)
-        train(_config(dataset, stopped_at + 2), workdir)
-        _assert_states_close(_final_state(workdir), _final_state(reference), rtol=0)
+        train(runs.config(dataset, stopped_at + 2), reference)
+        train(runs.config(dataset, stopped_at + 2), workdir)
+        runs.assert_states_close(runs.final_state(workdir), runs.final_state(reference), rtol=0)
 
 
 def test_loss_of_a_held_out_batch_falls(dataset, tmp_path):
-    held_out = _build(tmp_path / "held_out", num_images=8, seed=1)
+    held_out = runs.build_dataset(tmp_path / "held_out", num_images=8, seed=1)
     workdir = str(tmp_path / "learn")
-    config = _config(
+    config = runs.config(
         dataset, 200, per_device=8, log_every=25, eval_every=25, checkpoint_every=200, **{"optim.lr": 1e-3}
     )  # the trained tiny base: 1e-4 moves the loss only ~1% in 200 steps
     config.data.eval_path = held_out
@@ -255,7 +179,7 @@ def test_loss_of_a_held_out_batch_falls(dataset, tmp_path):
     pipe.load_ip_adapter(
         workdir, subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None, local_files_only=True
     )
-    trained = _final_state(workdir)
+    trained = runs.final_state(workdir)
     checked = 0
     for name, processor in pipe.unet.attn_processors.items():
         if hasattr(processor, "to_k_ip"):

@@ -261,10 +261,12 @@ def test_bf16_compute_stays_close_to_fp32(case: Case):
     assert_close(np.asarray(out, np.float32), case.flax_predict(tokens, 1.0), rtol=2e-2)
 
 
-def test_xla_attention_kernel_matches_diffusers(case: Case):
-    """`attention_implementation="xla"` (jax.nn.dot_product_attention in attn1 and attn2) == diffusers PyTorch."""
+@pytest.mark.parametrize("kernel", ["xla", "splash"])
+def test_attention_kernels_match_diffusers(case: Case, kernel: str):
+    """`attention_implementation="xla"` (jax.nn.dot_product_attention in attn1 and attn2) and "splash" (Pallas TPU
+    splash attention in attn1, run here in interpret mode) == diffusers PyTorch (SD1.5 and SDXL head dims)."""
     embeds = case.image_embeds(1)
-    unet = IPUNet2DConditionModel(**case.config, attention_implementation="xla")
+    unet = IPUNet2DConditionModel(**case.config, attention_implementation=kernel)
     out = predict_with(case, unet, case.torch_image_tokens(embeds))
     assert_close(np.asarray(out), case.torch_predict(embeds, 1.0))
 
@@ -275,7 +277,7 @@ def test_xla_attention_kernel_matches_diffusers(case: Case):
         (
             {"attention_implementation": "flash"},
             r"attention_implementation must be one of \('diffusers', 'xla', "
-            r"'cudnn'\), got 'flash'",
+            r"'cudnn', 'splash'\), got 'flash'",
         ),
         (
             {"attention_implementation": "xla", "use_memory_efficient_attention": True},

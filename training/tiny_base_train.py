@@ -13,11 +13,10 @@ so the demo's embedded default is a small base model trained here, in Stable Dif
 3. unet: text-conditioned epsilon prediction on the scaled latents with SD1.5's DDPM schedule; 10% of the
    captions are dropped to "" so the empty prompt gives unconditional samples (image-only generation's start).
 
-Each stage trains on a fixed pool of procedural images (`synthetic.sample`) and is scored on held-out
-images of another seed. Every random draw derives from `--seed`: rerunning gives the same weights (same
-software and CPU). Outputs in `--out`: {text_encoder,image_encoder,vae,unet}.msgpack (float16, loaded by
-`ipadapter_jax.weights.tiny_base.load_base`) and base.json (scaling factor, settings, loss curves, held-out metrics,
-times).
+Each stage trains on a fixed pool of procedural images (`synthetic.sample`), scored on held-out images of another
+seed. Every random draw derives from `--seed`: a rerun gives the same weights (same software and CPU). Outputs in
+`--out`: {text_encoder,image_encoder,vae,unet}.msgpack (float16, read by `ipadapter_jax.weights.tiny_base`) and
+base.json (scaling factor, settings, loss curves, held-out metrics, times).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import sys
 from absl import flags
 
 from ipadapter_jax.cli import run_flags
-from ipadapter_jax.cli.main import UsageError, report_errors
+from ipadapter_jax.cli.main import UsageError, exit_process, report_errors
 
 
 def run(argv: list[str]) -> int:
@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ipadapter_jax.cli.main import ArgumentParser, UsageError, report_errors
+from ipadapter_jax.cli.main import ArgumentParser, UsageError, exit_process, report_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,4 +206,4 @@ def _describe(path: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

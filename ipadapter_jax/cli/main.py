@@ -22,9 +22,13 @@ One error style for every subcommand: a failure prints one line `error: <what>, 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import logging
 import math
+import os
 import sys
+import threading
 import traceback
 from typing import NoReturn
 
@@ -37,6 +41,7 @@ SUBCOMMANDS = {
     "data": ("ipadapter_jax.cli.data", "build TFDS datasets from captions + images"),
     "cache": ("ipadapter_jax.cli.cache", "encode a built dataset once with a config's frozen encoders"),
     "train": ("ipadapter_jax.cli.train", "train an IP-Adapter (--config PRESET_OR_FILE --workdir DIR)"),
+    "plan": ("ipadapter_jax.cli.plan", "compile a config's train step for a TPU topology: memory, FLOPs, bounds"),
     "generate": ("ipadapter_jax.cli.generate", "generate images from image (+ text) prompts"),
     "eval": ("ipadapter_jax.cli.evaluate", "CLIP-I / CLIP-T evaluation (run, compare)"),
 }
@@ -73,6 +78,11 @@ def report_errors(run: object, argv: list[str]) -> int:
     """Calls `run(argv)` (a subcommand's work) and turns its exceptions into the exit statuses above."""
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
+    if not debug:
+        threading.excepthook = _one_line_from_thread
+        sys.excepthook = _one_line_from_callback  # exceptions in native callbacks (tensorstore's) come here
+        for name in ("absl", "asyncio"):  # orbax and tensorstore log their worker threads' failures with tracebacks
+            logging.getLogger(name).addFilter(_drop_traceback)
     try:
         return int(run(argv) or 0)  # type: ignore[operator]
     except KeyboardInterrupt:
@@ -86,6 +96,25 @@ def report_errors(run: object, argv: list[str]) -> int:
         return EXIT_USAGE if _is_usage_error(err) else EXIT_RUNTIME_ERROR
 
 
+def _one_line_from_thread(args: threading.ExceptHookArgs) -> None:
+    """A failure in a background thread (orbax's asynchronous checkpoint writer, say) as one warning line; the
+    main thread reports what it means for the command (orbax re-raises it there)."""
+    message = _one_line(args.exc_value) if isinstance(args.exc_value, Exception) else repr(args.exc_value)
+    print(f"warning: in background thread {args.thread.name if args.thread else '?'}: {message}", file=sys.stderr)
+
+
+def _one_line_from_callback(kind: type, value: BaseException, traceback_: object) -> None:
+    print(
+        f"warning: in a library callback: {_one_line(value) if isinstance(value, Exception) else kind}", file=sys.stderr
+    )
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    """Keeps the log record, without its traceback (the command's own `error:` line says what failed)."""
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _is_usage_error(err: Exception) -> bool:
     from ipadapter_jax.training.config import ConfigError  # light: dataclasses only
 
@@ -94,8 +123,10 @@ def _is_usage_error(err: Exception) -> bool:
 
 def _one_line(err: Exception) -> str:
     message = str(err).strip() or type(err).__name__
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) and err.filename and not err.args[1:2]:
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
         message = f"{err.filename}: {message}"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        message += "; likely cause: the disk is full (free space, or give a folder on a larger disk); rerun to resume"
     if not isinstance(err, (ValueError, OSError, RuntimeError)):
         message = f"{type(err).__name__}: {message}"
     return " ".join(message.split("\n"))
@@ -116,5 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(argv[1:]) or 0)
 
 
+def exit_process(status: int) -> NoReturn:
+    """Ends the process with `status`; after a failure at once (`os._exit`), once the `error:` line is out: the
+    libraries' background threads (orbax's asynchronous writers, tensorstore) may still be unwinding and would
+    print their tracebacks under it. What the command owns (locks, checkpoint managers, files) is released by
+    then, in its own `finally` blocks."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status:
+        os._exit(status)
+    sys.exit(0)
+
+
+def console() -> NoReturn:
+    """The `ipadapter-jax` console script."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -15,7 +15,7 @@ import sys
 from absl import flags
 
 from ipadapter_jax.cli import run_flags
-from ipadapter_jax.cli.main import EXIT_PREEMPTED, UsageError, report_errors
+from ipadapter_jax.cli.main import EXIT_PREEMPTED, UsageError, exit_process, report_errors
 
 
 def run(argv: list[str]) -> int:
@@ -45,4 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -62,6 +62,24 @@ def open_dataset(path: str | os.PathLike, preprocessor: preprocess.Preprocessor 
     return Dataset(builder.raw_source(path), preprocessor, preprocessor.null_example(), cached=False)
 
 
+def global_batch(batch_size_per_device: int, device_count: int) -> int:
+    """B, the examples of one training step: `batch_size_per_device` on each of the devices of all processes."""
+    return batch_size_per_device * device_count
+
+
+def per_process_batch(batch: int, process_count: int) -> int:
+    """b = B / n, the rows of the global batch B each of n processes reads per step (process i: positions
+    [s*B + i*b, s*B + (i+1)*b)). `DataIterator` splits its batches with it; `ipadapter-jax plan` checks a topology's
+    hosts with it.
+
+    Raises:
+      ValueError: B is not divisible by the process count.
+    """
+    if batch % process_count:
+        raise ValueError(f"global batch {batch} not divisible by {process_count} processes")
+    return batch // process_count
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """32-bit shuffle seed of one epoch, independent across (seed, epoch) pairs (seed+epoch would repeat)."""
     return int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
@@ -139,8 +157,7 @@ class DataIterator:
         self.process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process index {self.process_index} outside 0..{self.process_count - 1}")
-        if global_batch_size % self.process_count:
-            raise ValueError(f"global batch {global_batch_size} not divisible by {self.process_count} processes")
+        local_batch = per_process_batch(global_batch_size, self.process_count)
         self.num_records = len(data.source)
         if not self.num_records:
             raise ValueError("empty dataset")
@@ -154,7 +171,7 @@ class DataIterator:
             shuffle,
             tuple(drop_rates),
             global_batch_size,
-            global_batch_size // self.process_count,
+            local_batch,
             self.process_index,
         )
         self._sharding = sharding

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
@@ -201,7 +201,7 @@ def sharded_splash_self_attention(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     batch_axes: Sequence[str] = ("data", "fsdp"),
     *,
     interpret: bool | None = None,
@@ -212,7 +212,7 @@ def sharded_splash_self_attention(
     Args:
       query, key, value: ``(batch, seq_len, heads, head_dim)`` global arrays; ``batch`` must be divisible
         by the product of the sizes of ``batch_axes``.
-      mesh: the device mesh.
+      mesh: the device mesh, or the abstract mesh of the `jax.set_mesh` context being traced in.
       batch_axes: mesh axes the batch dimension is split over (axes missing from ``mesh`` are ignored).
         All other dimensions and mesh axes are replicated.
       interpret: ``None``: interpret mode unless the mesh's devices are TPUs (so AOT lowering for a TPU
@@ -227,7 +227,7 @@ def sharded_splash_self_attention(
     if query.shape[0] % shards:
         raise ValueError(f"batch {query.shape[0]} is not divisible by the {shards} shards of mesh axes {axes}")
     if interpret is None:
-        interpret = mesh.devices.flat[0].platform != "tpu"
+        interpret = _platform(mesh) != "tpu"
     spec = P(axes if axes else None, None, None, None)
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -239,3 +239,21 @@ def sharded_splash_self_attention(
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
         query, key, value
     )
+
+
+def splash_attention_in_mesh_context(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """``splash_self_attention`` for the mesh of the surrounding `jax.set_mesh` context: per batch shard over its
+    ("data", "fsdp") axes when it has any, on the whole batch otherwise (one device, or no context). The kernel
+    is compiled for the mesh's platform (interpret mode unless it is a TPU), so the same module lowers for a
+    CPU test, a TPU pod, or a TPU topology described on a CPU host. Shapes as `splash_self_attention`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        interpret = None if mesh.empty else _platform(mesh) != "tpu"
+        return splash_self_attention(query, key, value, interpret=interpret)
+    return sharded_splash_self_attention(query, key, value, mesh)
+
+
+def _platform(mesh: Mesh | AbstractMesh) -> str:
+    if isinstance(mesh, Mesh):
+        return mesh.devices.flat[0].platform
+    return mesh.abstract_device.platform

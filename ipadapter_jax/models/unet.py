@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax import quiet
 from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS
+from ipadapter_jax.models.splash_attention import splash_attention_in_mesh_context
 
 quiet.install()
 
@@ -81,6 +82,11 @@ class Attention(FlaxAttention):
                    L x 77 scores are small, and jax's cuDNN training path rejects odd key lengths such as 77).
                    NVIDIA GPUs only, bf16/fp16 compute, head dim a multiple of 8 and at most 128 (256 on Hopper):
                    SD1.5's 40/80/160 and SDXL's 64 fit on an H100.
+      "splash"     self-attention through Pallas TPU splash attention (`models.splash_attention`), per batch shard
+                   of the `jax.set_mesh` mesh the step is traced under; it never holds the (heads, L, L) scores.
+                   Cross-attention through XLA: its 77 text (4-16 image) keys make L x 77 scores, smaller than
+                   the queries themselves, below the kernel's 128-key blocks. TPUs; elsewhere it runs in Pallas
+                   interpret mode (tests).
     """
 
     attention_implementation: str = "diffusers"
@@ -114,7 +120,10 @@ class Attention(FlaxAttention):
         query = self.query(hidden_states).reshape(batch, -1, *heads)
         key = to_k(context).reshape(batch, -1, *heads)
         value = to_v(context).reshape(batch, -1, *heads)
-        attended = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+        if implementation == "splash":
+            attended = splash_attention_in_mesh_context(query, key, value)
+        else:
+            attended = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
         return attended.reshape(batch, -1, self.heads * self.dim_head)
 
 

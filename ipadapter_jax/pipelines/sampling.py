@@ -98,7 +98,8 @@ class Sampler:
         if key in self._executables:
             return 0.0
         start = time.perf_counter()
-        self._executables[key] = self._jitted[report_steps].lower(params, scheduler_state, inputs).compile()
+        with jax.set_mesh(self.mesh):  # kernels that run per device shard (splash attention) find it there
+            self._executables[key] = self._jitted[report_steps].lower(params, scheduler_state, inputs).compile()
         return time.perf_counter() - start
 
     def __call__(

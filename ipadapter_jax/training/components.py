@@ -1,8 +1,10 @@
 """What a training run is built from: the step's modules, the frozen encoders, the frozen params, the initial
 adapter and the tokenizers, loaded through `ipadapter_jax.weights` from `config.model`.
 
-Params come back as host trees (numpy, or single-device arrays from the converters); the run places them on its
-mesh (`ipadapter_jax.training.run`).
+`load`: params come back as host trees (numpy, or single-device arrays from the converters); the run places them
+on its mesh (`ipadapter_jax.training.run`). `abstract_components`: the same components with `jax.ShapeDtypeStruct`
+params, for compiling the step ahead of time without weights (`ipadapter-jax plan`). Both assemble them with one
+function (`_components`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.data import preprocess
+from ipadapter_jax.models.adapter import Adapter, split_unet_params
+from ipadapter_jax.models.base_model import BaseModel
+from ipadapter_jax.models.image_encoder import ImageEncoder
 from ipadapter_jax.training.config import ModelConfig, TrainConfig
 from ipadapter_jax.training.encode import Encoders
 from ipadapter_jax.training.step import StepModels
-from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder, new_adapter
+from ipadapter_jax.weights import known_models, load_adapter, load_base, load_image_encoder, new_adapter
+from ipadapter_jax.weights.image_proj_keys import build_image_proj, param_shapes
 from ipadapter_jax.weights.load import TINY
+from ipadapter_jax.weights.unet_config import abstract_ip_unet_params
 
 
 @dataclasses.dataclass
@@ -80,6 +87,48 @@ def load(config: TrainConfig, workdir: str) -> Components:
         adapter = new_adapter(
             model.adapter_kind, base, image_encoder, num_tokens=model.num_tokens, seed=config.seed, dtype=dtype
         )
+    return _components(model, base, image_encoder, adapter)
+
+
+def abstract_components(config: TrainConfig) -> Components:
+    """The components `load` makes for `config.model`, with every param and frozen array a `jax.ShapeDtypeStruct`:
+    what compiling the step ahead of time needs (`ipadapter_jax.training.plan`), with no weights and nothing allocated.
+
+    Shapes come from `model.base` / `model.image_encoder` when they name folders (their config.json files), from the
+    embedded tiny base for "tiny", and from `model.architecture`'s published configs when they are empty
+    (`ipadapter_jax.weights.known_models`). The adapter has the shapes of a new one of `model.adapter_kind` with
+    `model.num_tokens` tokens (`model.init_adapter`, a file of the same kind, is not read). Tokenizers of bases
+    without tokenizer files are `known_models.ShapeTokenizer`s (ids of the right length).
+
+    Raises:
+      ConversionError: a folder's config that the Flax models cannot represent.
+    """
+    model, dtype = config.model, jnp.dtype(config.model.dtype)
+    if model.base == TINY:  # 3 MB of weights shipped with the package: load, then keep the shapes
+        base = load_base(TINY, dtype=dtype, progress=False)
+        encoders = tuple(dataclasses.replace(e, params=known_models.abstract(e.params)) for e in base.text_encoders)
+        base = base.replace(vae_params=known_models.abstract(base.vae_params), text_encoders=encoders)
+    else:
+        base = known_models.abstract_base(model.base, model.architecture, dtype)
+    if model.image_encoder == TINY:
+        image_encoder = load_image_encoder(TINY, dtype=dtype)
+        image_encoder = dataclasses.replace(image_encoder, params=known_models.abstract(image_encoder.params))
+    else:
+        image_encoder = known_models.abstract_image_encoder(model.image_encoder, model.architecture, dtype)
+    unet_params, ip_layers = split_unet_params(abstract_ip_unet_params(base.unet))
+    spec = known_models.image_proj_spec(
+        model.adapter_kind, base.unet.cross_attention_dim, image_encoder.config, model.num_tokens
+    )
+    image_proj = build_image_proj(spec, dtype)
+    adapter = Adapter(image_proj, {"image_proj": param_shapes(image_proj), "ip_layers": ip_layers})
+    comps = _components(model, base.replace(unet_params=unet_params), image_encoder, adapter)
+    comps.frozen = known_models.abstract(comps.frozen)
+    return comps
+
+
+def _components(model: ModelConfig, base: BaseModel, image_encoder: ImageEncoder, adapter: Adapter) -> Components:
+    """The step's modules, encoders, frozen params and initial adapter of a base, an image encoder and an adapter
+    (concrete or abstract params): one assembly for `load` and `abstract_components`."""
     return Components(
         models=step_models(model, base.unet, adapter.image_proj),
         encoders=Encoders(

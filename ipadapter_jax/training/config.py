@@ -18,6 +18,8 @@ from typing import Any
 from ipadapter_jax.choices import ADAPTER_KINDS, ATTENTION_IMPLEMENTATIONS, DTYPES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The published model families whose shapes `ipadapter_jax.weights.known_models` holds (`model.architecture`).
+ARCHITECTURES = ("sd15", "sdxl")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -31,6 +33,7 @@ class ModelConfig:
 
     base: str = ""
     image_encoder: str = ""
+    architecture: str = "sd15"
     weights_variant: str = ""
     adapter_kind: str = "base"
     num_tokens: int = 4
@@ -44,6 +47,7 @@ class ModelConfig:
     def validate(self) -> None:
         """Checks every field; `base` and `image_encoder` may be empty (a preset's shapes), `require_models`
         checks them where models are loaded."""
+        _choice(self.architecture, ARCHITECTURES, "model.architecture")
         _choice(self.adapter_kind, ADAPTER_KINDS, "model.adapter_kind")
         _at_least(self.num_tokens, 1, "model.num_tokens")
         _choice(self.prediction_type, PREDICTION_TYPES, "model.prediction_type")

@@ -25,10 +25,13 @@ from typing import Any
 import jax
 import tqdm
 
+from ipadapter_jax import locks
 from ipadapter_jax.training import checkpoint
 from ipadapter_jax.training import hooks as hooks_lib
 from ipadapter_jax.training.config import TrainConfig
 from ipadapter_jax.training.run import Run, build_run
+
+WORKDIR_LOCK = ".train.lock"  # in the workdir, held by process 0 while a run writes there
 
 
 class Preempted(RuntimeError):
@@ -43,9 +46,45 @@ def train(config: TrainConfig | Mapping[str, Any], workdir: str) -> dict:
       ConfigError: an invalid config.  Preempted: SIGTERM.  NonFiniteLoss: on_nonfinite="stop" saw a NaN/inf.
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_config_dict(config)
-    run = build_run(config, workdir, log=_log)
-    metrics = hooks_lib.MetricsLog(
-        workdir,
+    os.makedirs(workdir, exist_ok=True)
+    with _workdir_lock(workdir), _Preemption() as preemption:
+        run = build_run(config, workdir, log=_log)
+        metrics = _metrics_log(run)
+        periodic = _hooks(run, metrics)
+        if run.first_step == 0 and run.held_out_loss is not None:
+            metrics.write({"step": 0, "eval_loss": run.held_out_loss(run.state.adapter)})
+        step = run.first_step
+        try:
+            preemption.deferred = True  # from here SIGTERM finishes the step and checkpoints it
+            while step < config.total_steps and not preemption.requested:
+                run.state, step_metrics = run.step(run.state, run.frozen, next(run.batches))
+                step += 1
+                metrics.record(step_metrics)
+                info = hooks_lib.StepInfo(step, run.state, done=step >= config.total_steps or preemption.requested)
+                for hook in (metrics, *periodic):
+                    if hook.due(info):
+                        hook(info)
+        except hooks_lib.NonFiniteLoss as err:
+            # Non-finite steps changed nothing but the step counter: this is the last good state.
+            if run.checkpoints.latest_step() != step:
+                checkpoint.save(run.checkpoints, step, run.state, run.batches.get_state(), force=True)
+            raise hooks_lib.NonFiniteLoss(f"{err}; last good state saved at step {step} in {workdir}") from None
+        finally:
+            run.checkpoints.wait_until_finished()
+            run.batches.close()
+            metrics.close()
+        if step < config.total_steps:
+            raise Preempted(f"SIGTERM: checkpointed step {step} in {workdir}; rerun the same command to resume")
+        final = os.path.join(workdir, hooks_lib.FINAL_EXPORT)
+        hooks_lib.export_adapter(run.state.adapter, final, _export_metadata(config))
+    _log(f"exported {final}")
+    return metrics.last
+
+
+def _metrics_log(run: Run) -> hooks_lib.MetricsLog:
+    config = run.config
+    return hooks_lib.MetricsLog(
+        run.workdir,
         config.log_every,
         run.global_batch,
         run.step_flops,
@@ -55,35 +94,16 @@ def train(config: TrainConfig | Mapping[str, Any], workdir: str) -> dict:
         run.is_main,
         _log,
     )
-    periodic = _hooks(run, metrics)
-    if run.first_step == 0 and run.held_out_loss is not None:
-        metrics.write({"step": 0, "eval_loss": run.held_out_loss(run.state.adapter)})
-    step = run.first_step
-    try:
-        with _sigterm_flag() as preempted:
-            while step < config.total_steps and not preempted:
-                run.state, step_metrics = run.step(run.state, run.frozen, next(run.batches))
-                step += 1
-                metrics.record(step_metrics)
-                info = hooks_lib.StepInfo(step, run.state, done=step >= config.total_steps or bool(preempted))
-                for hook in (metrics, *periodic):
-                    if hook.due(info):
-                        hook(info)
-    except hooks_lib.NonFiniteLoss as err:
-        # Non-finite steps changed nothing but the step counter: this is the last good state.
-        if run.checkpoints.latest_step() != step:
-            checkpoint.save(run.checkpoints, step, run.state, run.batches.get_state(), force=True)
-        raise hooks_lib.NonFiniteLoss(f"{err}; last good state saved at step {step} in {workdir}") from None
-    finally:
-        run.checkpoints.wait_until_finished()
-        run.batches.close()
-        metrics.close()
-    if step < config.total_steps:
-        raise Preempted(f"SIGTERM: checkpointed step {step} in {workdir}; rerun the same command to resume")
-    final = os.path.join(workdir, hooks_lib.FINAL_EXPORT)
-    hooks_lib.export_adapter(run.state.adapter, final, _export_metadata(config))
-    _log(f"exported {final}")
-    return metrics.last
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str) -> Iterator[None]:
+    """Process 0 holds the workdir's lock for the run: a second run on the same workdir fails at once."""
+    if jax.process_index() != 0:
+        yield
+        return
+    with locks.locked(workdir, WORKDIR_LOCK, "`ipadapter-jax train` run"):
+        yield
 
 
 def _hooks(run: Run, metrics: hooks_lib.MetricsLog) -> list[Any]:
@@ -103,15 +123,25 @@ def _export_metadata(config: TrainConfig) -> dict[str, str]:
     return {"base_model": config.model.base, "image_encoder": config.model.image_encoder}
 
 
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[list]:
-    """A list that becomes truthy when SIGTERM arrives (the previous handler is restored afterwards)."""
-    flag: list = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.append(True))
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class _Preemption:
+    """SIGTERM during the run: before the first step (loading, compiling) it ends the run at once with `Preempted`
+    (nothing to checkpoint); once `deferred`, it sets `requested` and the loop checkpoints after the current step.
+    The previous handler is restored on exit."""
+
+    def __init__(self) -> None:
+        self.deferred, self.requested = False, False
+
+    def __enter__(self) -> _Preemption:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, *_: object) -> None:
+        if not self.deferred:
+            raise Preempted("SIGTERM before the first step: nothing to checkpoint; rerun the same command to start")
+        self.requested = True
 
 
 def _log(message: str) -> None:

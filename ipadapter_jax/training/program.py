@@ -44,14 +44,16 @@ class StepProgram:
 
     def compile(self, state: Any, frozen: dict, batch: dict) -> Any:
         """Compiles the step ahead of time for these arguments (arrays or ShapeDtypeStructs with shardings); the
-        state's buffers are donated to the update."""
+        state's buffers are donated to the update. Traced under the mesh (`jax.set_mesh`): kernels that run per
+        device shard (splash attention) find it there."""
         jitted = jax.jit(
             self.step,
             in_shardings=(self.shardings["state"], self.shardings["frozen"], jax.tree.map(lambda x: x.sharding, batch)),
             out_shardings=(self.shardings["state"], sharding.replicated(self.mesh)),
             donate_argnums=(0,),
         )
-        return jitted.lower(state, frozen, batch).compile()
+        with jax.set_mesh(self.mesh):
+            return jitted.lower(state, frozen, batch).compile()
 
 
 def step_program(config: TrainConfig, comps: Components, frozen: dict, cached: bool, mesh: Mesh) -> StepProgram:

@@ -162,7 +162,11 @@ def _held_out_loss(
         encoded = encode_if_raw(encoders, frozen.get("encoders"), batch)
         return diffusion_loss(adapter, frozen, encoded, jax.random.PRNGKey(0), comps.models, loss_config)[0]
 
-    return lambda adapter: float(loss(adapter, frozen, batch))
+    def held_out_loss(adapter: Any) -> float:
+        with jax.set_mesh(mesh):  # traced under the mesh, as the step (see `StepProgram.compile`)
+            return float(loss(adapter, frozen, batch))
+
+    return held_out_loss
 
 
 def _flops(compiled: Any) -> float:

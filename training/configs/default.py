@@ -18,6 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.base = ""  # diffusers model folder (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/, scheduler/), or "tiny"
     c.model.weights_variant = ""  # diffusers weight-file variant of the base folder, e.g. "fp16"; "" = the plain files
     c.model.image_encoder = ""  # CLIPVisionModelWithProjection folder (ViT-H/14 for SD1.5, bigG for SDXL), or "tiny"
+    # The published shapes ("sd15" | "sdxl": UNet, VAE, text encoders, image encoder ViT-H/14 | bigG/14,
+    # `ipadapter_jax.weights.known_models`) used where model.base / model.image_encoder are not given
+    # (`ipadapter-jax plan` compiles a preset without weights); a given folder's config.json files win.
+    c.model.architecture = "sd15"
     c.model.adapter_kind = "base"  # "base" (tokens from image_embeds) | "plus" (Resampler over hidden_states[-2])
     c.model.num_tokens = 4
     c.model.init_adapter = ""  # optional official .bin/.safetensors (or our .msgpack) to start from (fine-tuning)

@@ -13,6 +13,7 @@ from ipadapter_jax.presets import default
 
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
+    c.model.architecture = "sdxl"
     c.data.resolution = 1024
     c.data.batch_size_per_device = 4
     c.sharding_rules = ((".*", "fsdp"),)

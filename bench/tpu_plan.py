@@ -1,0 +1,177 @@
+"""TPU plans of the presets: `ipadapter-jax plan` compiled on this CPU host for v5e, v5p and v6e topologies.
+
+    python bench/tpu_plan.py                    # every case not yet in bench/tpu_plan.json, in priority order
+    python bench/tpu_plan.py --cases a1,b1      # some cases (ids below); --redo recompiles cases already there
+    python bench/tpu_plan.py --table            # only print the table of bench/tpu_plan.json
+
+Each case is one `ipadapter-jax plan` subprocess (the user's command, with its JSON report), run one at a time with
+a time limit; results are merged into bench/tpu_plan.json after every case, so an interrupted run keeps what it
+finished. Cases, in priority order (SD1.5 at 512 px and SDXL at 1024 px, bf16 compute, fp32 params, embedding-cache
+batches):
+
+  a   SD1.5 base, batch 8/chip, splash, v5e 8 chips: does it fit with >= 25% headroom?
+  b   largest batch per chip, default (diffusers) vs splash attention, SD1.5 base on v5e 8 chips
+  c   SDXL base, batch 8/chip on v5p 8 chips with the frozen params FSDP-split (the sdxl preset's rules), and
+      what it takes on v5e
+  d   the rest: SD1.5 base and Plus, SDXL, both kernels, on v5e / v5p / v6e at 8 and 256 chips
+
+Needs libtpu (`pip install "jax[tpu]==0.10.2"`). Compiles take minutes each on 2 cores (REFERENCE.md s.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "tpu_plan.json"
+GiB = 2**30
+
+SPLASH = ["--config.model.attention_implementation=splash"]
+FSDP8 = ["--config.mesh.fsdp=8"]
+SDXL8 = ["--batch-per-chip", "8"]
+# id -> (description, plan arguments)
+CASES: dict[str, tuple[str, list[str]]] = {
+    "a1": ("SD1.5 base 512px b8 splash, v5e 8 chips", ["--config", "sd15", "--topology", "v5e:2x4", *SPLASH]),
+    "b1": (
+        "SD1.5 base 512px b18 splash, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "18", *SPLASH],
+    ),
+    "b2": (
+        "SD1.5 base 512px b10 diffusers, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "10"],
+    ),
+    "c1": (
+        "SDXL base 1024px b8 splash fsdp8, v5p 8",
+        ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *SPLASH, *FSDP8],
+    ),
+    "c2": (
+        "SDXL base 1024px max batch, splash fsdp8, v5e 8",
+        [
+            "--config",
+            "sdxl",
+            "--topology",
+            "v5e:2x4",
+            "--batch-per-chip",
+            "auto",
+            "--max-batch-per-chip",
+            "8",
+            *SPLASH,
+            *FSDP8,
+        ],
+    ),
+    "c3": (
+        "SDXL base 1024px b8 splash fsdp8 remat, v5e 8",
+        ["--config", "sdxl", "--topology", "v5e:2x4", *SDXL8, *SPLASH, *FSDP8, "--config.model.remat=True"],
+    ),
+    "d1": ("SD1.5 base 512px b8 diffusers, v5e 8", ["--config", "sd15", "--topology", "v5e:2x4"]),
+    "d2": ("SD1.5 Plus 512px b8 splash, v5e 8", ["--config", "sd15_plus", "--topology", "v5e:2x4", *SPLASH]),
+    "d3": ("SD1.5 base 512px b8 splash, v5e 256", ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH]),
+    "d4": ("SD1.5 base 512px b8 splash, v6e 8", ["--config", "sd15", "--topology", "v6e:2x4", *SPLASH]),
+    "d5": ("SD1.5 base 512px b8 splash, v5p 8", ["--config", "sd15", "--topology", "v5p:2x2x2", *SPLASH]),
+    "d6": ("SD1.5 Plus 512px b8 diffusers, v5e 8", ["--config", "sd15_plus", "--topology", "v5e:2x4"]),
+    "d7": (
+        "SDXL base 1024px b8 diffusers fsdp8, v5p 8",
+        ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *FSDP8],
+    ),
+    "d8": ("SD1.5 base 512px b8 splash, v6e 256", ["--config", "sd15", "--topology", "v6e:16x16", *SPLASH]),
+    "d9": ("SD1.5 base 512px b8 splash, v5p 256", ["--config", "sd15", "--topology", "v5p:4x8x8", *SPLASH]),
+    "d10": (
+        "SDXL base 1024px b8 splash fsdp8, v6e 8",
+        ["--config", "sdxl", "--topology", "v6e:2x4", *SDXL8, *SPLASH, *FSDP8],
+    ),
+    "d11": (
+        "SDXL base 1024px b8 splash fsdp8, v5p 256",
+        ["--config", "sdxl", "--topology", "v5p:4x8x8", *SDXL8, *SPLASH, *FSDP8],
+    ),
+}
+
+
+def run_case(case: str, timeout: float) -> dict:
+    """One `ipadapter-jax plan` subprocess; its JSON report plus the command, wall time and exit status."""
+    _, args = CASES[case]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        command = [sys.executable, "-m", "ipadapter_jax.cli.main", "plan", *args, "--json", str(out)]
+        start = time.time()
+        try:
+            done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            status, stderr = done.returncode, done.stderr
+        except subprocess.TimeoutExpired as err:
+            status, stderr = "timeout", (err.stderr or b"").decode() if isinstance(err.stderr, bytes) else ""
+        result = {"args": args, "exit_status": status, "wall_s": round(time.time() - start, 1)}
+        if out.is_file():
+            result["report"] = json.loads(out.read_text())
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        if errors:
+            result["error"] = errors[-1]
+    return result
+
+
+def table(results: dict) -> str:
+    """Markdown table of the results, in case order."""
+    rows = [
+        "| case | what | fits | GiB/chip (headroom) | batch/chip | max batch/chip | MFU bound | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case, (what, _) in CASES.items():
+        if case not in results:
+            rows.append(f"| {case} | {what} | not run | | | | | |")
+            continue
+        result = results[case]
+        report = result.get("report")
+        if not report:
+            rows.append(
+                f"| {case} | {what} | {result.get('error', result['exit_status'])} | | | | | "
+                f"{result['wall_s']:.0f} (wall) |"
+            )
+            continue
+        memory, roof = report["memory_per_chip"], report["roofline"]
+        used = memory.get("footprint", memory["total"])
+        size = "-" if used is None else f"{used / GiB:.2f} ({memory['headroom_pct']:.0f}%)"
+        auto = report.get("auto", {}).get("max_batch_per_chip", "")
+        mfu = "-" if roof["mfu_upper_bound"] is None else f"{100 * roof['mfu_upper_bound']:.0f}%"
+        compiles = report.get("auto", {}).get("tried") or [{"compile_s": report["compile_s"]}]
+        seconds = "+".join(f"{t['compile_s']:.0f}" for t in compiles)
+        rows.append(
+            f"| {case} | {what} | {'yes' if memory['fits'] else 'no'} | {size} | "
+            f"{report['batch']['per_chip']} | {auto} | {mfu} | {seconds} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case ids (default: all)")
+    parser.add_argument("--redo", action="store_true", help="recompile cases already in the JSON")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
+    parser.add_argument("--table", action="store_true", help="only print the table of the JSON")
+    args = parser.parse_args()
+    results = json.loads(OUT.read_text())["cases"] if OUT.is_file() else {}
+    if not args.table:
+        for case in args.cases.split(","):
+            if case in results and not args.redo:
+                continue
+            print(f"{case}: {CASES[case][0]} ...", flush=True)
+            results[case] = run_case(case, args.timeout)
+            report = results[case].get("report", {})
+            print(
+                f"{case}: exit {results[case]['exit_status']} in {results[case]['wall_s']:.0f}s; "
+                f"fits {report.get('memory_per_chip', {}).get('fits')}",
+                flush=True,
+            )
+            tmp = OUT.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"host": os.uname().nodename, "cases": results}, indent=1) + "\n")
+            os.replace(tmp, OUT)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
