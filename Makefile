@@ -5,8 +5,10 @@ VENV := .venv
 # torch 2.13.0 is the CPU build on this machine's disk; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
-# Tests and the demo run on the CPU, also where libtpu (the `tpu` extra, for compiling TPU programs) is installed.
+# Tests and the demo run on the CPU, also where libtpu (the `tpu` extra, for compiling TPU programs) is installed;
+# libtpu must not ask a TPU VM's metadata server for its topology when none is attached.
 export JAX_PLATFORMS ?= cpu
+export TPU_SKIP_MDS_QUERY ?= 1
 
 .PHONY: venv test test-fast lint demo
 
@@ -14,7 +16,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet -e ".[test,tpu]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -34,6 +34,9 @@ extras_require = {
     # CPU build available on our development/CI machines; any 2.x that diffusers 0.39 supports works.
     "torch": ["torch>=2.4"],
     "test": ["pytest>=8", "torch>=2.4", "ruff>=0.6"],
+    # libtpu compiles TPU programs on any host (`ipadapter-jax plan`, its tests); 0.0.42.1 is the build that
+    # jax[tpu]==0.10.2 pins. Installing it where no TPU is attached is harmless with JAX_PLATFORMS=cpu.
+    "tpu": ["libtpu==0.0.42.1"],
 }
 
 setup(
