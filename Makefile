@@ -23,7 +23,7 @@ venv: $(VENV)/.installed
 
 # The whole suite: what CI runs (.ci/run).
 test: venv
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q -rfE --durations=30
 
 # The quick subset for development: no slow or multi-process tests (< 5 min on 2 cores).
 test-fast: venv

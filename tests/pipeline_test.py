@@ -140,7 +140,7 @@ def test_from_pretrained_with_another_attention_kernel_matches_diffusers(sd15: t
 
 
 def test_from_pretrained_with_an_unknown_attention_kernel_is_one_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"attention_implementation must be one of .*'cudnn'\), got 'flash'"):
+    with pytest.raises(ValueError, match=r"attention_implementation must be one of .*'splash'\), got 'flash'"):
         IPAdapterPipeline.from_pretrained(tmp_path, "a.safetensors", tmp_path, attention_implementation="flash")
 
 

@@ -38,7 +38,7 @@ def dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def single_device_run(dataset, tmp_path_factory) -> dict:
     workdir = str(tmp_path_factory.mktemp("one_device"))
-    train(runs.config(dataset, STEPS), workdir)
+    train(runs.config(dataset, STEPS, GLOBAL_BATCH), workdir)
     return runs.final_state(workdir)
 
 
@@ -61,7 +61,7 @@ def test_training_on_the_embedding_cache_equals_raw(dataset, single_device_run, 
     cache = str(tmp_path / "cache")
     assert cache_encodings_cli.main([f"--raw={dataset}", f"--out={cache}", "--batch_size=8"]) == 0
     workdir = str(tmp_path / "cached_run")
-    train(runs.config(cache, STEPS), workdir)
+    train(runs.config(cache, STEPS, GLOBAL_BATCH), workdir)
     runs.assert_states_close(runs.final_state(workdir), single_device_run)
 
 
@@ -145,13 +145,13 @@ def test_sigterm_then_resume_equals_uninterrupted(dataset, single_device_run, tm
     assert 2 <= stopped_at < 1000
     # Resume to the same end point as an uninterrupted run (total_steps is the only difference).
     if stopped_at < STEPS:
-        train(runs.config(dataset, STEPS), workdir)
+        train(runs.config(dataset, STEPS, GLOBAL_BATCH), workdir)
         runs.assert_states_close(runs.final_state(workdir), single_device_run, rtol=0)
     else:
         # Preempted past STEPS: compare instead against an uninterrupted run to the same step.
         reference = str(tmp_path / "reference")
-        train(runs.config(dataset, stopped_at + 2), reference)
-        train(runs.config(dataset, stopped_at + 2), workdir)
+        train(runs.config(dataset, stopped_at + 2, GLOBAL_BATCH), reference)
+        train(runs.config(dataset, stopped_at + 2, GLOBAL_BATCH), workdir)
         runs.assert_states_close(runs.final_state(workdir), runs.final_state(reference), rtol=0)
 
 

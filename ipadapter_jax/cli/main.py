@@ -81,6 +81,7 @@ def report_errors(run: object, argv: list[str]) -> int:
     if not debug:
         threading.excepthook = _one_line_from_thread
         sys.excepthook = _one_line_from_callback  # exceptions in native callbacks (tensorstore's) come here
+        sys.unraisablehook = _one_line_unraisable  # ... or here (a callback into a closed asyncio loop)
         for name in ("absl", "asyncio"):  # orbax and tensorstore log their worker threads' failures with tracebacks
             logging.getLogger(name).addFilter(_drop_traceback)
     try:
@@ -107,6 +108,12 @@ def _one_line_from_callback(kind: type, value: BaseException, traceback_: object
     print(
         f"warning: in a library callback: {_one_line(value) if isinstance(value, Exception) else kind}", file=sys.stderr
     )
+
+
+def _one_line_unraisable(args: object) -> None:
+    value = getattr(args, "exc_value", None)
+    message = _one_line(value) if isinstance(value, Exception) else repr(value)
+    print(f"warning: in a library callback: {message}", file=sys.stderr)
 
 
 def _drop_traceback(record: logging.LogRecord) -> bool:
