@@ -17,6 +17,8 @@ from ipadapter_jax.data import preprocess, rgb
 from ipadapter_jax.models.image_encoder import OPENAI_CLIP_STD
 from ipadapter_jax.testing import data_files
 
+pytestmark = pytest.mark.parity
+
 PIXEL = 1 / 255
 
 

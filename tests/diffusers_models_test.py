@@ -25,6 +25,8 @@ from ipadapter_jax.weights.diffusers_models import (
     load_unet,
 )
 
+pytestmark = pytest.mark.parity
+
 RTOL = 1e-4
 BATCH, TEXT_TOKENS = 2, 7
 PROMPTS = ["a photo of the dog", "the cat and the dog"]

@@ -17,6 +17,8 @@ from ipadapter_jax.models.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ipadapter_jax.weights.clip_image_encoder import clip_state_to_flax, load_clip_image_encoder, read_weights
 from ipadapter_jax.weights.torch_layout import ConversionError
 
+pytestmark = pytest.mark.parity
+
 
 def tiny_clip(hidden_act: str = "quick_gelu") -> CLIPVisionModelWithProjection:
     """A random 3-layer CLIP ViT/14 at 224 px (257 tokens), every LayerNorm perturbed away from (1, 0)."""

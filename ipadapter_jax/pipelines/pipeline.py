@@ -125,6 +125,7 @@ class IPAdapterPipeline:
         devices: Sequence[jax.Device] | None = None,
         progress: bool = True,
         attention_implementation: str = "diffusers",
+        pytorch_numerics: bool = True,
     ) -> IPAdapterPipeline:
         """The pipeline from files, as the users' PyTorch side has them (`ipadapter_jax.weights`' loaders).
 
@@ -140,6 +141,7 @@ class IPAdapterPipeline:
           progress: a progress bar over the base model's components.
           attention_implementation: the UNet's attention kernel, "diffusers", "xla" or "cudnn" (NVIDIA GPUs with
             bf16: cuDNN flash attention); see `ipadapter_jax.models.unet.Attention`.
+          pytorch_numerics: compute as diffusers' PyTorch UNet (default) or, False, as its Flax UNet.
         Raises:
           ValueError (ConversionError): a missing or malformed file, or models that do not fit each other.
           OSError: unreadable files.
@@ -154,6 +156,7 @@ class IPAdapterPipeline:
             cache_dir=cache_dir,
             progress=progress,
             attention_implementation=attention_implementation,
+            pytorch_numerics=pytorch_numerics,
         )
         encoder = load_image_encoder(image_encoder, dtype=dtype)
         loaded_adapter = load_adapter(adapter, base_model, image_encoder=encoder, dtype=dtype)

@@ -60,6 +60,7 @@ def step_models(model: ModelConfig, unet: nn.Module, image_proj: nn.Module) -> S
     unet = unet.clone(
         use_memory_efficient_attention=model.memory_efficient_attention,
         attention_implementation=model.attention_implementation,
+        pytorch_numerics=model.pytorch_numerics,
     )
     return StepModels(unet=unet, image_proj=image_proj, remat=model.remat)
 

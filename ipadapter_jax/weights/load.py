@@ -56,6 +56,7 @@ def load_base(
     cache_dir: str | os.PathLike | None = None,
     weights_variant: str | None = None,
     attention_implementation: str = "diffusers",
+    pytorch_numerics: bool = True,
     progress: bool = True,
 ) -> BaseModel:
     """A Stable Diffusion model folder (SD1.5/SD2 family or SDXL, as diffusers saves it) as a `BaseModel`.
@@ -70,6 +71,8 @@ def load_base(
       cache_dir: keep the converted Flax params here (later loads skip the conversion).
       weights_variant: the weight files' variant suffix, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
       attention_implementation: the UNet's attention kernel (`ipadapter_jax.models.unet.Attention`).
+      pytorch_numerics: the UNet computes as diffusers' PyTorch UNet does (exact GELU, its GroupNorm epsilons);
+        False: as diffusers' Flax UNet does (~6e-5 relative from PyTorch).
       progress: a progress bar over the components.
     Raises:
       ConversionError: a missing or malformed folder, config or weight file.
@@ -104,7 +107,8 @@ def load_base(
             scheduler_state=loaded.scheduler_state,
             force_zeros_for_empty_prompt=bool(force_zeros),
         )
-    return model.replace(unet=model.unet.clone(attention_implementation=attention_implementation))
+    unet = model.unet.clone(attention_implementation=attention_implementation, pytorch_numerics=pytorch_numerics)
+    return model.replace(unet=unet)
 
 
 def load_image_encoder(folder: str | os.PathLike, *, dtype: Any = jnp.float32) -> ImageEncoder:
