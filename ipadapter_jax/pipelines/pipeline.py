@@ -169,9 +169,9 @@ class IPAdapterPipeline:
         return self.mesh.size
 
     def with_scheduler(self, scheduler: Any, scheduler_state: Any) -> IPAdapterPipeline:
-        """The same models and devices with another diffusers Flax scheduler and its `create_state()`, e.g.
-        `FlaxDPMSolverMultistepScheduler` (DPM-Solver++) or `FlaxEulerDiscreteScheduler`. Its sampling function
-        compiles on first use."""
+        """The same models and devices with another scheduler and its `create_state()`, e.g.
+        `ipadapter_jax.weights.diffusers_models.load_scheduler(folder, "euler")`'s (any object with the interface of
+        `ipadapter_jax.models.schedulers`). Its sampling function compiles on first use."""
         return IPAdapterPipeline(
             self.base.replace(scheduler=scheduler, scheduler_state=scheduler_state),
             self.image_encoder,
