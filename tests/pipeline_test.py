@@ -11,6 +11,7 @@ to 8e-5); the image branch moves the images by 0.2-0.4 (`test_parity_is_discrimi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -296,34 +297,38 @@ def test_one_and_eight_devices_give_the_same_images(sd15: tu.SavedPipelines, tmp
     assert one.shape == (6, SIZE, SIZE, 3)
 
 
-def test_dpm_solver_and_euler_match_diffusers(sd15: tu.SavedPipelines):
-    """The other two schedulers (linspace spacing, which diffusers' Flax DPM-Solver and Euler both implement).
-    DPM-Solver++ measured 6.5e-4 (its Flax coefficients are float32, PyTorch's partly float64), Euler 6e-5."""
-    from diffusers import (
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        FlaxDPMSolverMultistepScheduler,
-        FlaxEulerDiscreteScheduler,
-    )
+# A non-default scheduler folder per kind: the settings diffusers' Flax schedulers dropped.
+SCHEDULER_FOLDERS = {
+    "ddim": dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+    "dpm_solver_multistep": dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", solver_type="heun"),
+    "euler": dict(timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction"),
+}
 
-    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="linspace")
-    for torch_class, flax_class in (
-        (DPMSolverMultistepScheduler, FlaxDPMSolverMultistepScheduler),
-        (EulerDiscreteScheduler, FlaxEulerDiscreteScheduler),
-    ):
-        scheduler = flax_class(**config)
-        pipe = sd15.flax("base").with_scheduler(scheduler, scheduler.create_state())
-        request = dict(prompt="a red cat", scale=0.6, num_inference_steps=STEPS, height=SIZE, width=SIZE)
-        ours = pipe(IMAGE, latents=LATENTS, **request)
-        assert ours.settings["scheduler"] == flax_class.__name__
-        torch_pipe = sd15.torch("base")
-        original = torch_pipe.scheduler
-        torch_pipe.scheduler = torch_class.from_config(config)
-        try:
-            theirs = run_torch(sd15, Case())
-        finally:
-            torch_pipe.scheduler = original
-        assert_images_close(ours.pixels, theirs, tolerance=1e-3)
+
+@pytest.mark.parametrize("kind", list(SCHEDULER_FOLDERS))
+def test_scheduler_folders_match_diffusers(sd15: tu.SavedPipelines, tmp_path, kind: str):
+    """Each kind loaded from a scheduler folder with non-default settings, against diffusers' pipeline with that
+    kind's PyTorch scheduler loaded from the same folder. Measured: DDIM 6.3e-6, DPM-Solver++ 2.0e-6, Euler 7.3e-6
+    (with diffusers' Flax numerics, which v-prediction amplifies: 2.3e-4, 4.4e-5, 2.0e-4)."""
+    import diffusers
+
+    from ipadapter_jax.weights.diffusers_models import SCHEDULERS, load_scheduler
+
+    settings = dict(tu.DDIM, **SCHEDULER_FOLDERS[kind])
+    torch_class = SCHEDULERS[kind].name  # diffusers' PyTorch class of the same behaviour
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": torch_class, **settings}))
+    pipe = sd15.flax("base").with_scheduler(*load_scheduler(tmp_path, kind))
+    request = dict(prompt="a red cat", scale=0.6, num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    ours = pipe(IMAGE, latents=LATENTS, **request)
+    assert ours.settings["scheduler"] == torch_class
+    torch_pipe = sd15.torch("base")
+    original = torch_pipe.scheduler
+    torch_pipe.scheduler = getattr(diffusers, torch_class).from_pretrained(tmp_path)
+    try:
+        theirs = run_torch(sd15, Case())
+    finally:
+        torch_pipe.scheduler = original
+    assert_images_close(ours.pixels, theirs)
 
 
 # --- bad input -------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # no
 
 from ipadapter_jax.data import synthetic
 from ipadapter_jax.data.preprocess import tokenize
-from ipadapter_jax.models.image_encoder import CLIP_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPImageEncoder
+from ipadapter_jax.models import clip_preprocessing as clip
+from ipadapter_jax.models.image_encoder import CLIPImageEncoder
 from ipadapter_jax.training.components import alphas_cumprod
 from ipadapter_jax.training.step import sample_noise_and_timesteps
 from ipadapter_jax.weights import tiny_base
@@ -133,11 +134,10 @@ def fit(
 
 
 def clip_pixels(images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) uint8 -> (B, 224, 224, 3) CLIP input: bicubic up-sampling (PIL's kernel, as
-    `image_encoder.preprocess`, without its uint8 rounding), OpenAI mean/std."""
+    """(B, H, W, 3) uint8 -> (B, 224, 224, 3) CLIP input: bicubic (PIL's kernel, no uint8 rounding), OpenAI mean/std."""
     x = images.astype(jnp.float32) / 255.0
-    x = jnp.clip(jax.image.resize(x, (x.shape[0], CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3), "bicubic"), 0.0, 1.0)
-    return (x - jnp.asarray(OPENAI_CLIP_MEAN)) / jnp.asarray(OPENAI_CLIP_STD)
+    x = jnp.clip(jax.image.resize(x, (x.shape[0], clip.CLIP_IMAGE_SIZE, clip.CLIP_IMAGE_SIZE, 3), "bicubic"), 0.0, 1.0)
+    return (x - jnp.asarray(clip.OPENAI_CLIP_MEAN)) / jnp.asarray(clip.OPENAI_CLIP_STD)
 
 
 def to_vae_input(images: jax.Array) -> jax.Array:
