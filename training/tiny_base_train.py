@@ -48,7 +48,7 @@ from ipadapter_jax.data import synthetic
 from ipadapter_jax.data.preprocess import tokenize
 from ipadapter_jax.models import clip_preprocessing as clip
 from ipadapter_jax.models.image_encoder import CLIPImageEncoder
-from ipadapter_jax.training.components import alphas_cumprod
+from ipadapter_jax.models.scheduler_base import training_alphas_cumprod
 from ipadapter_jax.training.step import sample_noise_and_timesteps
 from ipadapter_jax.weights import tiny_base
 
@@ -275,7 +275,7 @@ def train_unet(
         return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))  # NCHW for the UNet
 
     train_latents, test_latents = in_chunks(posterior, pool.images), in_chunks(posterior, held_out.images)
-    schedule = jnp.asarray(alphas_cumprod(tiny_base.SCHEDULER))
+    schedule = jnp.asarray(training_alphas_cumprod(tiny_base.SCHEDULER))
     scaling = np.float32(vae.scaling_factor)
 
     def loss_fn(unet_params: dict, batch: dict, key: jax.Array) -> jax.Array:

@@ -36,6 +36,7 @@ _SIGMAS = {
     "final_sigmas_type": ("zero", ("zero", "sigma_min")),
 }
 SETTINGS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "DDPMScheduler": _SCHEDULE,  # training's noise schedule (`training_alphas_cumprod`)
     "DDIMScheduler": {
         **_SCHEDULE,
         **_THRESHOLDING,
@@ -81,6 +82,17 @@ SETTINGS: dict[str, dict[str, tuple[Any, Any]]] = {
 
 class UnsupportedSchedulerSetting(ValueError):
     """A scheduler config's setting that this implementation cannot honour."""
+
+
+def training_alphas_cumprod(config: Mapping[str, Any], source: str = "scheduler config") -> np.ndarray:
+    """(T,) float32 cumulative alpha products of the DDPM training schedule in `config`, as diffusers'
+    `DDPMScheduler.from_config(config)` (the reference training scripts' noise schedule) builds them: betas, beta
+    schedule, trained betas and the zero-terminal-SNR rescale.
+
+    Raises:
+      UnsupportedSchedulerSetting: an unknown beta schedule, or trained betas of the wrong length.
+    """
+    return ns.alphas_cumprod(ns.betas(resolve_settings("DDPMScheduler", config, source)))
 
 
 def resolve_settings(name: str, config: Mapping[str, Any], source: str) -> dict[str, Any]:

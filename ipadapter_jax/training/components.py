@@ -22,6 +22,7 @@ from ipadapter_jax.models.adapter import Adapter, split_unet_params
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
 from ipadapter_jax.models.image_encoder import ImageEncoder
+from ipadapter_jax.models.scheduler_base import training_alphas_cumprod
 from ipadapter_jax.training.config import ModelConfig, TrainConfig
 from ipadapter_jax.training.encode import Encoders
 from ipadapter_jax.training.step import StepModels
@@ -46,16 +47,6 @@ class Components:
         return preprocess.Preprocessor(
             self.tokenizers, resolution=resolution, clip=self.clip, max_length=self.tokenizers[0].model_max_length
         )
-
-
-def alphas_cumprod(scheduler_config: Any) -> np.ndarray:
-    """Cumulative alpha products of the base's DDPM training schedule (its scheduler config's betas), computed by
-    diffusers' own Flax scheduler."""
-    from diffusers import FlaxDDPMScheduler
-
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    settings = {key: scheduler_config[key] for key in keys if scheduler_config.get(key) is not None}
-    return np.asarray(FlaxDDPMScheduler(**settings).create_state().common.alphas_cumprod, np.float32)
 
 
 def step_models(model: ModelConfig, unet: nn.Module, image_proj: nn.Module) -> StepModels:
@@ -151,7 +142,7 @@ def _components(model: ModelConfig, base: BaseModel, image_encoder: ImageEncoder
                 "text_encoders": tuple(encoder.params for encoder in base.text_encoders),
                 "image_encoder": image_encoder.params,
             },
-            "alphas_cumprod": alphas_cumprod(base.scheduler.config),
+            "alphas_cumprod": training_alphas_cumprod(base.scheduler.config),
             "vae_scaling_factor": np.float32(base.vae.config.scaling_factor),
         },
         adapter=adapter.params,
