@@ -61,6 +61,7 @@ def _abstract_unet(config: dict) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_sd15_adapter_layers_are_19_17m_params_in_16_layers():
     params = _abstract_unet(SD15_UNET)
     frozen, ip_layers = split_unet_params(params)
@@ -75,6 +76,7 @@ def test_sd15_adapter_layers_are_19_17m_params_in_16_layers():
     assert round((count_params(ip_layers) + image_proj) / 1e6, 1) == 22.3
 
 
+@pytest.mark.slow
 def test_sdxl_has_70_cross_attention_layers_numbered_1_to_139_mid_last():
     params = _abstract_unet(SDXL_UNET)
     ids = official_layer_ids(params)

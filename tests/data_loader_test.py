@@ -139,6 +139,7 @@ def test_set_state_rejects_a_different_run(data):
         it.set_state({"step": 2, "seed": 4, "global_batch_size": 4, "num_records": NUM_RECORDS})
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(data):
     expected, _ = _run(data, 4, global_batch_size=4, seed=2)
     it = loader.DataIterator(data, global_batch_size=4, seed=2, num_threads=1, worker_count=2)

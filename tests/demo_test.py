@@ -25,6 +25,8 @@ from ipadapter_jax.evaluation.clip_score import CLIPScorer
 from ipadapter_jax.evaluation.tiny_clip import tiny_eval_clip
 from ipadapter_jax.weights import load_base, load_image_encoder
 
+pytestmark = pytest.mark.slow
+
 
 def _load_script(path: Path):
     """training/demo.py is a script, not an installed module: import it from its file."""

@@ -90,6 +90,7 @@ def flax_unet_out(loaded, inputs: dict) -> np.ndarray:
     return np.asarray(fn(loaded.params, inputs["sample"], inputs["timesteps"], inputs["text"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["sd15", "sdxl"])
 def test_unet_noise_prediction_matches_pytorch(base, request):
     _, torch_pipe, pipe = request.getfixturevalue(base)
@@ -175,6 +176,7 @@ def torch_text(encoder, ids: np.ndarray):
         return encoder(torch.from_numpy(ids).long(), output_hidden_states=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["sd15", "sdxl"])
 def test_tokenizer_and_text_encoders_match_pytorch(base, request):
     _, torch_pipe, pipe = request.getfixturevalue(base)
@@ -229,6 +231,7 @@ def sd2_unet(tmp_path_factory):
     return folder, unet
 
 
+@pytest.mark.slow
 def test_sd2_unet_from_bin_matches_pytorch(sd2_unet):
     folder, torch_unet = sd2_unet
     loaded = load_unet(folder)
@@ -237,6 +240,7 @@ def test_sd2_unet_from_bin_matches_pytorch(sd2_unet):
     assert_close(flax_unet_out(loaded, inputs), torch_unet_out(torch_unet, inputs))
 
 
+@pytest.mark.slow
 def test_sharded_and_fp16_variant_load_like_the_single_file(sd15, tmp_path):
     folder, torch_pipe, pipe = sd15
     torch_pipe.unet.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")

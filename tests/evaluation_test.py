@@ -199,6 +199,7 @@ def _rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     args = eval_inputs["args"]
     run_dir = tmp_path / "run"

@@ -47,6 +47,7 @@ def assert_trees_equal(actual, expected) -> None:
         np.testing.assert_array_equal(np.asarray(flat(actual)[path]), np.asarray(value))
 
 
+@pytest.mark.slow
 def test_round_trip_is_exact_and_skips_conversion(unet_folder, tmp_path, request, caplog):
     cache = tmp_path / "out" / "flax_cache" / "unet"
     with caplog.at_level(logging.INFO, logger="ipadapter_jax.weights.component_params"):
@@ -67,6 +68,7 @@ def test_round_trip_is_exact_and_skips_conversion(unet_folder, tmp_path, request
     assert "restored from Flax cache" in second.report.summary()
 
 
+@pytest.mark.slow
 def test_changed_weights_or_settings_convert_again(unet_folder, tmp_path):
     folder = tmp_path / "unet"
     shutil.copytree(unet_folder, folder)
@@ -83,6 +85,7 @@ def test_changed_weights_or_settings_convert_again(unet_folder, tmp_path):
     assert load_unet(folder, cache_dir=cache, param_dtype=jnp.bfloat16).report.cache == "saved"
 
 
+@pytest.mark.slow
 def test_bf16_storage_returns_the_same_values_every_run(unet_folder, tmp_path, request):
     cache = tmp_path / "cache"
     fp32 = load_unet(unet_folder).params
@@ -97,6 +100,7 @@ def test_bf16_storage_returns_the_same_values_every_run(unet_folder, tmp_path, r
     assert_trees_equal(first.params, rounded)
 
 
+@pytest.mark.slow
 def test_unreadable_cache_is_rebuilt(unet_folder, tmp_path, caplog):
     cache = tmp_path / "cache"
     expected = load_unet(unet_folder, cache_dir=cache).params
@@ -110,6 +114,7 @@ def test_unreadable_cache_is_rebuilt(unet_folder, tmp_path, caplog):
     assert_trees_equal(rebuilt.params, expected)
 
 
+@pytest.mark.slow
 def test_interrupted_save_leaves_no_partial_cache(unet_folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     save = flax_cache.ocp.Checkpointer.save
@@ -134,6 +139,7 @@ def test_interrupted_save_leaves_no_partial_cache(unet_folder, tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 
 
+@pytest.mark.slow
 def test_pipeline_cache(tmp_path, request, capsys):
     folder = tmp_path / "sd15"
     tiny_folders.sd15_pipeline(folder)

@@ -76,6 +76,7 @@ def sd15(models) -> Model:
 # --- Flax -> file -> diffusers ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file_format", ["safetensors", "bin"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_exported_file_gives_our_noise_prediction_in_diffusers_pipeline(model, kind, file_format, tmp_path):
@@ -154,6 +155,7 @@ def test_flax_file_round_trip(sd15, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, adapter)
 
 
+@pytest.mark.slow
 def test_cli_round_trip(model, tmp_path, capsys):
     model.torch_unet.save_config(tmp_path / "unet")
     config = str(tmp_path / "unet" / "config.json")

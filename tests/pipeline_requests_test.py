@@ -31,6 +31,7 @@ IMAGE = tu.test_image(0)
     ],
     ids=["grayscale", "rgba", "tiny", "huge", "gray_array"],
 )
+@pytest.mark.slow
 def test_any_image_mode_and_size_is_encoded_as_clip_preprocessing_would(sd15: tu.SavedPipelines, image):
     pipe = sd15.flax("base")
     torch_pipe = sd15.torch("base")
@@ -48,6 +49,7 @@ def test_scale_dict_naming_a_missing_block_is_one_clear_error(sd15: tu.SavedPipe
         sd15.flax("base")(IMAGE, scale={"down": {"block_2": 1.0}}, num_inference_steps=STEPS, height=SIZE, width=SIZE)
 
 
+@pytest.mark.slow
 def test_adapter_for_another_cross_attention_width_is_one_clear_error(sd15: tu.SavedPipelines, sdxl: tu.SavedPipelines):
     """An SDXL adapter (64-d tokens) on the SD1.5 UNet (32-d cross-attention)."""
     base_sd15 = sd15.flax("base")
@@ -63,6 +65,7 @@ def test_size_not_a_multiple_of_8_is_one_clear_error(sd15: tu.SavedPipelines, si
         sd15.flax("base")(IMAGE, height=height, width=width)
 
 
+@pytest.mark.slow
 def test_outputs_images_settings_and_grid(sd15: tu.SavedPipelines):
     out = sd15.flax("base")(IMAGE, **tu.SHARDED_REQUEST)  # 2 prompts x 3 images
     assert len(out.images) == 6 and out.pixels.shape == (6, SIZE, SIZE, 3)
@@ -78,6 +81,7 @@ def test_outputs_images_settings_and_grid(sd15: tu.SavedPipelines):
 # --- CLI -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_cli_writes_the_images_a_grid_and_every_setting(sd15: tu.SavedPipelines, tmp_path):
     image_path = tmp_path / "prompt.png"
     IMAGE.save(image_path)

@@ -27,7 +27,7 @@ from ipadapter_jax.pipelines.sampling import Sampler
 from ipadapter_jax.testing import pipeline_fixtures as tu
 from ipadapter_jax.testing.compilations import lowerings
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 TOLERANCE = 5e-5
 SIZE, STEPS = 64, 4

@@ -176,6 +176,7 @@ def test_published_configs_give_the_published_parameter_counts():
     assert count_params(encoder.params) == 632_076_800 and encoder.config.projection_dim == 1024
 
 
+@pytest.mark.slow
 def test_new_adapters_and_plans_build_the_same_image_projection():
     """`new_adapter` (training from weights) and `known_models.image_proj_spec` (plans) agree on the module."""
     from ipadapter_jax.weights import known_models, load_base, load_image_encoder, new_adapter

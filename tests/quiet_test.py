@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 TRACE_TINY_UNET = """
 import jax, jax.numpy as jnp
 from diffusers import FlaxUNet2DConditionModel
@@ -29,6 +31,7 @@ def _stderr(prelude: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
 
 
+@pytest.mark.slow
 def test_deprecation_lines_are_dropped_and_other_warnings_kept():
     without = _stderr("")
     with_filter = _stderr("import ipadapter_jax\n")

@@ -189,6 +189,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_sharded_wrapper_on_8_host_devices():
     repo = Path(sa.__file__).resolve().parents[2]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -211,6 +212,7 @@ def test_sharded_wrapper_on_8_host_devices():
     assert "not divisible" in report["indivisible_error"], report
 
 
+@pytest.mark.slow
 def test_sharded_wrapper_on_one_device_and_mesh_without_fsdp_axis():
     q, k, v, _ = _inputs((3, 16, 1, 8), jnp.float32, seed=5)
     expected = _reference(q, k, v)

@@ -42,7 +42,7 @@ from ipadapter_jax.weights.image_proj_keys import flax_to_official, load_image_p
 from ipadapter_jax.weights.official_layout import ip_layers_from_official, ip_layers_to_official
 from ipadapter_jax.weights.torch_layout import torch_state_to_flax
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 SCHEDULER = dict(
     num_train_timesteps=1000,

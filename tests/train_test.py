@@ -26,6 +26,8 @@ from ipadapter_jax.training.loop import train
 from ipadapter_jax.weights import tiny_base
 from ipadapter_jax.weights.torch_layout import torch_key_to_flax_module_path
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 STEPS = 4
 GLOBAL_BATCH = 8
 

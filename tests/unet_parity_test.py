@@ -36,7 +36,7 @@ from ipadapter_jax.weights.official_layout import (
 )
 from ipadapter_jax.weights.torch_layout import torch_key_to_flax_module_path, torch_state_to_flax
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 BATCH, TEXT_TOKENS, CLIP_DIM, NUM_TOKENS = 2, 7, 48, 4
 RTOL = 1e-5
