@@ -1,0 +1,191 @@
+"""A pod run from a bucket, against a real GCS API server on 127.0.0.1 (fake-gcs-server, `ipadapter_jax.testing.gcs`).
+
+One server, one bucket and one dataset for the module: captions and images uploaded -> `data build` (bucket in,
+bucket out) -> `cache` -> an uninterrupted reference run (TensorBoard with a sample grid) -> a run SIGTERMed and
+resumed by the same command, equal bit for bit -> its export inspected and loaded by `generate` from the bucket ->
+2 processes sharing one gs:// workdir. And the one-line errors for a bad bucket name, a missing bucket and missing
+credentials. Nothing reaches an address other than 127.0.0.1 (the environment points every client there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ipadapter_jax import paths, staging
+from ipadapter_jax.cli import cache as cache_cli
+from ipadapter_jax.cli import convert as convert_cli
+from ipadapter_jax.cli import data as data_cli
+from ipadapter_jax.cli import generate as generate_cli
+from ipadapter_jax.cli.main import EXIT_PREEMPTED
+from ipadapter_jax.data import synthetic
+from ipadapter_jax.testing import gcs
+from ipadapter_jax.testing import training_runs as runs
+from ipadapter_jax.training import hooks, tensorboard
+from ipadapter_jax.training.loop import train
+
+pytestmark = pytest.mark.skipif(not gcs.available(), reason="the `test` extra (fake-gcs-server) is not installed")
+
+STEPS = 4
+GLOBAL_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with gcs.emulator(str(tmp_path_factory.mktemp("gcs_log"))) as server, server.environment():
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bucket(server) -> str:
+    return server.create_bucket()
+
+
+@pytest.fixture(scope="module")
+def cache(bucket, tmp_path_factory) -> str:
+    """`data build` from bucket captions and images into the bucket, then `cache` into the bucket."""
+    local = tmp_path_factory.mktemp("src")
+    synthetic.write_dataset(str(local), num_images=24, size=64, seed=0)
+    staging.upload(str(local), f"{bucket}/src", what="sources", progress=False)
+    argv = ["build", f"--json={bucket}/src/captions.json", f"--root={bucket}/src/images", f"--out={bucket}/data"]
+    assert data_cli.main([*argv, "--no-progress"]) == 0
+    raw = f"{bucket}/data/ip_adapter_captions/1.0.0"
+    assert paths.exists(f"{raw}/dataset_info.json")
+    assert cache_cli.main([f"--raw={raw}", f"--out={bucket}/cache", "--batch_size=8"]) == 0
+    return f"{bucket}/cache"
+
+
+@pytest.fixture(scope="module")
+def reference(cache, bucket) -> str:
+    """An uninterrupted run in the bucket, with held-out losses and a sample grid at its last step."""
+    workdir = f"{bucket}/reference"
+    extra = {"data.eval_path": cache, "eval_every": 2, "samples.every": STEPS, "samples.count": 1,
+             "samples.per_prompt": 1, "samples.steps": 2}  # fmt: skip
+    train(runs.config(cache, STEPS, GLOBAL_BATCH, **extra), workdir)
+    return workdir
+
+
+def _events(workdir: str) -> tuple[dict, dict]:
+    """({tag: {step: value}} of the scalars, {tag: [steps]} of the images) of a workdir's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(paths.join(workdir, tensorboard.EVENTS_DIR), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    images = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def _metrics(workdir: str) -> list[dict]:
+    return [json.loads(line) for line in paths.read_text(paths.join(workdir, hooks.METRICS_FILE)).splitlines()]
+
+
+def _assert_events_equal_metrics(workdir: str) -> dict:
+    """Every number of metrics.jsonl is in the event files at its step, and nothing else is; returns the scalars."""
+    scalars, images = _events(workdir)
+    expected: dict[str, dict[int, float]] = {}
+    for record in _metrics(workdir):
+        for key, value in record.items():
+            if key != "step":
+                expected.setdefault(tensorboard.scalar_tag(key), {})[record["step"]] = float(value)
+    assert scalars.keys() == expected.keys()
+    for tag, points in expected.items():
+        assert scalars[tag] == pytest.approx(points, rel=1e-6), tag
+    return scalars, images
+
+
+@pytest.mark.slow
+def test_tensorboard_events_in_the_bucket_equal_metrics_jsonl(reference):
+    scalars, images = _assert_events_equal_metrics(reference)
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/param_norm", "perf/images_per_s",
+                "perf/tflops_per_s"):  # fmt: skip
+        assert sorted(scalars[tag]) == [2, 4], tag
+    assert sorted(scalars["eval/loss"]) == [0, 2, 4]
+    assert images == {"samples/grid": [STEPS]}
+    assert not paths.exists(paths.join(reference, ".train.lock"))  # released at the end
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_then_resume_from_the_bucket_equals_uninterrupted(cache, reference, bucket, capsys, tmp_path):
+    workdir = f"{bucket}/preempted"
+    proc = runs.train_subprocess(workdir, runs.overrides(cache, 1000, GLOBAL_BATCH), devices=1)
+    metrics = paths.join(workdir, hooks.METRICS_FILE)
+    deadline = time.time() + 300
+    while not paths.exists(metrics) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    stopped_at = int(runs.final_state(workdir)["['step']"])
+    assert 2 <= stopped_at < 1000
+    if stopped_at < STEPS:
+        train(runs.config(cache, STEPS, GLOBAL_BATCH), workdir)  # the same run, resumed from the bucket
+        runs.assert_states_close(runs.final_state(workdir), runs.final_state(reference), rtol=0)
+    else:  # preempted past STEPS: compare with an uninterrupted run to the same step
+        train(runs.config(cache, stopped_at + 2, GLOBAL_BATCH), f"{bucket}/reference_{stopped_at}")
+        train(runs.config(cache, stopped_at + 2, GLOBAL_BATCH), workdir)
+        runs.assert_states_close(runs.final_state(workdir), runs.final_state(f"{bucket}/reference_{stopped_at}"), 0)
+    _assert_events_equal_metrics(workdir)  # the resumed run's event file purged the first one's later points
+
+    exported = paths.join(workdir, hooks.FINAL_EXPORT)
+    capsys.readouterr()
+    assert convert_cli.main(["inspect", exported]) == 0
+    inspected = capsys.readouterr().out
+    assert "file:" in inspected and exported in inspected and "adapter_kind:" in inspected, inspected
+
+    image = f"{bucket}/src/images/00000.png"
+    argv = ["--base", "tiny", "--image-encoder", "tiny", "--adapter", exported, "--image", image, "--steps", "2",
+            "--out", f"{bucket}/generated", "--compile-cache", "none"]  # fmt: skip
+    assert generate_cli.main(argv) == 0
+    settings = paths.read_json(f"{bucket}/generated/settings.json")
+    assert settings["adapter"] == exported
+    assert all(paths.size(f"{bucket}/generated/{name}") > 0 for name in [*settings["outputs"], "grid.png"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_share_one_bucket_workdir(cache, reference, bucket):
+    """2 processes x 4 devices (jax.distributed on localhost), one gs:// workdir == the 1-device run."""
+    workdir = f"{bucket}/two_processes"
+    runs.train_two_processes(workdir, runs.overrides(cache, STEPS, GLOBAL_BATCH // 8))
+    runs.assert_states_close(runs.final_state(workdir), runs.final_state(reference))
+    assert [r["step"] for r in _metrics(workdir)] == [2, 4]  # process 0 alone wrote it, whole each time
+
+
+def test_a_bad_bucket_name_is_one_usage_error(server, capsys):
+    assert data_cli.main(["build", "--json=a.json", "--root=images", "--out=gs://Not_A-Bucket!/data"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: gs://Not_A-Bucket!/data: invalid bucket name 'Not_A-Bucket!'"), err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_missing_bucket_is_one_error_before_any_work(server, tmp_path, capsys):
+    out = "gs://no-such-bucket-here/run"
+    assert data_cli.main(["build", f"--json={tmp_path}/missing.json", f"--root={tmp_path}", f"--out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: gs://no-such-bucket-here/run: the bucket 'no-such-bucket-here' does not exist; create it "
+        "(`gcloud storage buckets create gs://no-such-bucket-here`) or fix the name"
+    )
+
+
+@pytest.mark.multiprocess
+def test_no_credentials_is_one_error_before_any_work(server, bucket, tmp_path):
+    """Without a token, application default credentials or gcloud's (a fresh HOME), `train` stops at once."""
+    unset = ("FSSPEC_GS_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG")
+    env = {k: v for k, v in gcs.python_env(server, HOME=str(tmp_path)).items() if k not in unset}
+    command = [sys.executable, "-m", "ipadapter_jax.cli.train", "--config=tiny", f"--workdir={bucket}/nocreds",
+               f"--config.data.path={bucket}/cache"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=runs.REPO)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: {bucket}/nocreds: no Google Cloud credentials found"), result.stderr
+    assert not paths.exists(f"{bucket}/nocreds/.train.lock")
+    assert os.environ["STORAGE_EMULATOR_HOST"].startswith("http://127.0.0.1:")
