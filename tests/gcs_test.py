@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from ipadapter_jax import paths, staging
+from ipadapter_jax import locks, paths, staging
 from ipadapter_jax.cli import cache as cache_cli
 from ipadapter_jax.cli import convert as convert_cli
 from ipadapter_jax.cli import data as data_cli
@@ -189,3 +190,90 @@ def test_no_credentials_is_one_error_before_any_work(server, bucket, tmp_path):
     assert lines[-1].startswith(f"error: {bucket}/nocreds: no Google Cloud credentials found"), result.stderr
     assert not paths.exists(f"{bucket}/nocreds/.train.lock")
     assert os.environ["STORAGE_EMULATOR_HOST"].startswith("http://127.0.0.1:")
+
+
+def test_a_bucket_lock_is_exclusive_and_a_dead_holders_is_taken_over(bucket):
+    folder = f"{bucket}/locked"
+    path = locks.acquire(folder, ".lock", "test")
+    with pytest.raises(locks.LockHeldError, match=rf"^{path}: the folder is locked by pid {os.getpid()}"):
+        locks.acquire(folder, ".lock", "test")
+    locks.release(path)
+    assert not paths.exists(path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    paths.write_json(path, {"pid": int(dead.stdout), "host": socket.gethostname()})
+    assert locks.acquire(folder, ".lock", "test") == path  # its pid no longer runs: taken over
+    assert paths.read_json(path)["pid"] == os.getpid()
+    locks.release(path)
+
+
+def test_write_if_generation_is_compare_and_swap(bucket):
+    path = f"{bucket}/cas/object"
+    paths.write_if_generation(path, b"first", "0")
+    with pytest.raises(FileExistsError):
+        paths.write_if_generation(path, b"second", "0")  # exists already
+    generation = paths.generation(path)
+    paths.write_if_generation(path, b"third", generation)
+    with pytest.raises(FileExistsError):
+        paths.write_if_generation(path, b"fourth", generation)  # changed since
+    assert paths.read_bytes(path) == b"third"
+
+
+def test_staging_copies_once_checks_sizes_and_refuses_what_does_not_fit(bucket, tmp_path, monkeypatch):
+    source = tmp_path / "folder"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.bin").write_bytes(b"a" * 1000)
+    (source / "sub" / "b.bin").write_bytes(b"b" * 10)
+    url = f"{bucket}/staged"
+    staging.upload(str(source), url, what="test", progress=False)
+    local = staging.stage_down(url, what="test", progress=False)
+    assert local == staging.mirror(url) and local.startswith(os.environ[staging.CACHE_ENV])
+    assert open(os.path.join(local, "sub", "b.bin"), "rb").read() == b"b" * 10
+    mtime = os.stat(os.path.join(local, "a.bin")).st_mtime_ns
+    os.utime(os.path.join(local, "a.bin"), ns=(0, 0))
+    paths.write_bytes(f"{url}/sub/b.bin", b"c" * 20)  # changed in the bucket: copied again; a.bin is not
+    assert staging.stage_down(url, what="test", progress=False) == local
+    assert open(os.path.join(local, "sub", "b.bin"), "rb").read() == b"c" * 20
+    assert os.stat(os.path.join(local, "a.bin")).st_mtime_ns == 0 != mtime
+    paths.write_bytes(f"{url}/sub/b.bin", b"d" * 30)
+    monkeypatch.setattr(staging, "FREE_SPACE_MARGIN", 1 << 60)  # a local disk too small for the copy
+    with pytest.raises(staging.DoesNotFit, match=rf"^{url}: staging the test needs 0.0 GiB but .* free; set "
+                       rf"{staging.CACHE_ENV} to a larger disk, or mount the bucket with gcsfuse"):  # fmt: skip
+        staging.stage_down(url, what="test", progress=False)
+
+
+def test_metrics_in_a_bucket_are_rewritten_whole_and_cut_on_resume(bucket):
+    path = f"{bucket}/metrics/{hooks.METRICS_FILE}"
+    paths.write_text(path, "".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (2, 4, 6)))
+    assert hooks.drop_records_after(path, 4) == [json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (2, 4)]
+    assert [json.loads(line)["step"] for line in paths.read_text(path).splitlines()] == [2, 4]
+
+
+@pytest.mark.slow
+def test_a_pipeline_in_the_bucket_loads_like_the_local_one_and_caches_its_flax_params_there(
+    sd15, bucket, tmp_path, monkeypatch
+):
+    import jax
+    import numpy as np
+
+    from ipadapter_jax.pipelines import IPAdapterPipeline
+
+    def load(folder: str, cache_dir: str | None = None) -> dict:
+        adapter = paths.join(folder, "ip-adapter-base.safetensors")
+        pipe = IPAdapterPipeline.from_pretrained(folder, adapter, paths.join(folder, "image_encoder"),
+                                                 cache_dir=cache_dir, progress=False)  # fmt: skip
+        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(pipe.params))[0]
+        return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+    staging.upload(str(sd15.folder), f"{bucket}/sd15", what="pipeline", progress=False)
+    expected = load(str(sd15.folder))
+    uploaded = None
+    for attempt in range(2):  # converted and uploaded to flax_cache; then, from a fresh local cache, read from it
+        monkeypatch.setenv(staging.CACHE_ENV, str(tmp_path / f"cache_{attempt}"))
+        actual = load(f"{bucket}/sd15", cache_dir=f"{bucket}/flax_cache")
+        assert actual.keys() == expected.keys()
+        assert all(np.array_equal(actual[key], expected[key]) for key in expected)
+        components = paths.listdir(f"{bucket}/flax_cache")
+        markers = {c: paths.generation(f"{bucket}/flax_cache/{c}/cache.json") for c in components}
+        assert "unet" in components and None not in markers.values()
+        assert uploaded in (None, markers)  # the second load used the bucket's cache: nothing uploaded again
+        uploaded = markers
