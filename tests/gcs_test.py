@@ -26,7 +26,7 @@ from ipadapter_jax.cli import data as data_cli
 from ipadapter_jax.cli import generate as generate_cli
 from ipadapter_jax.cli.main import EXIT_PREEMPTED
 from ipadapter_jax.data import synthetic
-from ipadapter_jax.testing import gcs
+from ipadapter_jax.testing import gcs, pipeline_fixtures
 from ipadapter_jax.testing import training_runs as runs
 from ipadapter_jax.training import hooks, tensorboard
 from ipadapter_jax.training.loop import train
@@ -277,3 +277,24 @@ def test_a_pipeline_in_the_bucket_loads_like_the_local_one_and_caches_its_flax_p
         assert "unet" in components and None not in markers.values()
         assert uploaded in (None, markers)  # the second load used the bucket's cache: nothing uploaded again
         uploaded = markers
+
+
+def test_convert_reads_and_writes_bucket_objects(sd15, bucket, capsys):
+    """official .safetensors -> Flax .msgpack -> official .bin with its metadata sidecar, all in the bucket."""
+    import numpy as np
+
+    from ipadapter_jax.weights import adapter_files
+
+    source = pipeline_fixtures.adapter_file(sd15.folder, "base")
+    paths.write_bytes(f"{bucket}/convert/in.safetensors", source.read_bytes())
+    argv = ["to-flax", "--adapter", f"{bucket}/convert/in.safetensors", "--unet-config", str(sd15.folder / "unet"),
+            "--out", f"{bucket}/convert/adapter.msgpack"]  # fmt: skip
+    assert convert_cli.main(argv) == 0
+    argv = ["to-torch", "--adapter", f"{bucket}/convert/adapter.msgpack", "--out", f"{bucket}/convert/out.bin"]
+    assert convert_cli.main(argv) == 0
+    assert paths.listdir(f"{bucket}/convert") == ["adapter.msgpack", "in.safetensors", "out.bin", "out.bin.json"]
+    expected, actual = adapter_files.read_ip_adapter(source), adapter_files.read_ip_adapter(f"{bucket}/convert/out.bin")
+    assert {k: v.keys() for k, v in actual.items()} == {k: v.keys() for k, v in expected.items()}
+    assert all(np.array_equal(actual[s][k], expected[s][k]) for s in expected for k in expected[s])
+    assert adapter_files.read_metadata(f"{bucket}/convert/out.bin")["adapter_kind"] == "base"
+    assert f"wrote {bucket}/convert/out.bin: base, " in capsys.readouterr().out

@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> Path | str:
         progress=not args.quiet,
         attention_implementation=args.attention,
     )
-    scorer = CLIPScorer(load_eval_clip(args.eval_clip), batch_size=args.score_batch)
+    eval_clip = staging.stage_down(args.eval_clip, what="evaluation CLIP", progress=not args.quiet)
+    scorer = CLIPScorer(load_eval_clip(eval_clip), batch_size=args.score_batch)
     identity = {
         "annotations": _absolute(args.annotations),
         "image_root": _absolute(args.image_root),
