@@ -158,6 +158,9 @@ def test_two_processes_share_one_bucket_workdir(cache, reference, bucket):
     runs.train_two_processes(workdir, runs.overrides(cache, STEPS, GLOBAL_BATCH // 8))
     runs.assert_states_close(runs.final_state(workdir), runs.final_state(reference))
     assert [r["step"] for r in _metrics(workdir)] == [2, 4]  # process 0 alone wrote it, whole each time
+    (events,) = paths.listdir(paths.join(workdir, tensorboard.EVENTS_DIR))  # one event file: process 0's
+    assert events.startswith("events.out.tfevents.")
+    _assert_events_equal_metrics(workdir)
 
 
 def test_a_bad_bucket_name_is_one_usage_error(server, capsys):
