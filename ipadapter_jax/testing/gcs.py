@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -189,7 +190,7 @@ def reset_clients(anonymous: bool) -> None:
 
 @contextlib.contextmanager
 def emulator(log_dir: str | None = None) -> Iterator[GcsServer]:
-    """A started `GcsServer`, stopped at the end of the block."""
+    """A started `GcsServer`, stopped at the end of the block (its local cache folder deleted)."""
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before anything imports gcsfs
     server = GcsServer(log_dir).start()
     try:
@@ -199,6 +200,7 @@ def emulator(log_dir: str | None = None) -> Iterator[GcsServer]:
 
         gc.collect()  # writers that upload from __del__ do it while the server still runs
         server.stop()
+        shutil.rmtree(server.cache_dir, ignore_errors=True)
 
 
 def python_env(server: GcsServer, **extra: str) -> dict[str, str]:
