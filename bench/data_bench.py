@@ -124,7 +124,7 @@ def time_loader(data, examples: int, threads: int, workers: int, batch: int = 8)
 def time_stages(data, pre, count: int = 16) -> dict:
     """Single-thread milliseconds per example of each raw preprocessing stage."""
     from ipadapter_jax.data import preprocess
-    from ipadapter_jax.models.image_encoder import preprocess as clip_preprocess
+    from ipadapter_jax.models.clip_preprocessing import preprocess as clip_preprocess
 
     records = [data.source[i] for i in range(count)]
     stages = {}
@@ -137,7 +137,7 @@ def time_stages(data, pre, count: int = 16) -> dict:
     stages["target resize+crop"] = time.perf_counter() - start
     start = time.perf_counter()
     for image in images:
-        clip_preprocess(image, pre.clip_size)
+        clip_preprocess(image, pre.clip)
     stages["clip resize+crop"] = time.perf_counter() - start
     start = time.perf_counter()
     for r in records:

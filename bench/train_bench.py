@@ -50,8 +50,8 @@ import ipadapter_jax  # noqa: E402,F401
 from ipadapter_jax.models.adapter import split_unet_params  # noqa: E402
 from ipadapter_jax.models.image_proj import ImageProjModel  # noqa: E402
 from ipadapter_jax.models.random_init import abstract_params, numpy_init  # noqa: E402
+from ipadapter_jax.models.scheduler_base import training_alphas_cumprod  # noqa: E402
 from ipadapter_jax.models.unet import IPUNet2DConditionModel  # noqa: E402
-from ipadapter_jax.training.components import alphas_cumprod  # noqa: E402
 from ipadapter_jax.training.step import (  # noqa: E402
     StepModels,
     init_train_state,
@@ -133,7 +133,7 @@ def jax_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str, unet_opt
         "unet": frozen_unet,
         "null_text_embeds": np.zeros((1, TOKENS, cross), np.float32),
         "null_image_embeds": np.zeros((1, CLIP_DIM), np.float32),
-        "alphas_cumprod": alphas_cumprod(SD_SCHEDULER),
+        "alphas_cumprod": training_alphas_cumprod(SD_SCHEDULER),
         "vae_scaling_factor": np.float32(0.18215),
     }
     inputs = adapter_inputs(cross, batch, latent)

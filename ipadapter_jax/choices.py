@@ -7,8 +7,8 @@ to start) and the training config's validation: one list per choice.
 # The UNet's attention kernels (`ipadapter_jax.models.unet.Attention`).
 ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn", "splash")
 
-# Sampling schedulers of the loaders and CLIs -> diffusers Flax scheduler kinds
-# (`ipadapter_jax.weights.diffusers_models.SCHEDULERS`).
+# Sampling schedulers of the loaders and CLIs -> scheduler kinds
+# (`ipadapter_jax.models.schedulers.SCHEDULERS`: diffusers' DDIM, DPM-Solver++ multistep and Euler).
 SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "euler"}
 
 # IP-Adapter kinds: which image features the projection reads and how it makes tokens

@@ -37,6 +37,6 @@ def test_background_and_unraisable_failures_are_one_line_each():
     assert lines == [
         "warning: in background thread writer: ZeroDivisionError: division by zero",
         "warning: in a library callback: Event loop is closed",
-        "error: [Errno 28] No space left on device: '/tmp/x'; likely cause: the disk is full (free space, or give a folder on a "
-        "larger disk); rerun to resume",
+        "error: [Errno 28] No space left on device: '/tmp/x'; likely cause: the disk is full (free space, or give a "
+        "folder on a larger disk); rerun to resume",
     ], proc.stderr

@@ -61,7 +61,7 @@ def setup(tmp_path_factory):
     spec = data_files.make_dataset(root)
     raw_dir, _ = builder.build_dataset(spec["json"], spec["root"], os.path.join(root, "out"), max_skip_fraction=0.5)
     tokenizer = data_files.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
-    pre = preprocess.Preprocessor([tokenizer], resolution=RESOLUTION, clip_size=24)
+    pre = preprocess.Preprocessor([tokenizer], resolution=RESOLUTION, clip=preprocess.ClipPreprocessing.default(24))
     encoders = _encoders(len(tokenizer))
     cache_dir = os.path.join(root, "cache")
     # Two simulated processes, one after the other: chunks 0, 2 then 1, 3 (5 records per chunk).

@@ -18,7 +18,9 @@ def data(tmp_path_factory):
     spec = data_files.make_dataset(root)
     path, _ = builder.build_dataset(spec["json"], spec["root"], os.path.join(root, "out"), max_skip_fraction=0.5)
     tokenizer = data_files.tiny_clip_tokenizer(os.path.join(root, "tokenizer"))
-    dataset = loader.open_dataset(path, preprocess.Preprocessor([tokenizer], resolution=32, clip_size=24))
+    dataset = loader.open_dataset(
+        path, preprocess.Preprocessor([tokenizer], resolution=32, clip=preprocess.ClipPreprocessing.default(24))
+    )
     assert len(dataset.source) == NUM_RECORDS and not dataset.cached
     return dataset
 

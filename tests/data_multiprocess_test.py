@@ -34,7 +34,7 @@ def _worker(process_id: int, port: int, dataset: str, out: str) -> None:
 
     from ipadapter_jax.data import embedding_cache, loader, preprocess
 
-    pre = preprocess.Preprocessor([], resolution=RESOLUTION, clip_size=8)
+    pre = preprocess.Preprocessor([], resolution=RESOLUTION, clip=preprocess.ClipPreprocessing.default(8))
     data = loader.open_dataset(dataset, pre)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))  # 4 devices, 2 per process
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -86,7 +86,7 @@ def test_two_processes_assemble_global_batches_and_build_a_cache(tmp_path):
 
     with open(out) as f:
         gathered = json.load(f)
-    pre = preprocess.Preprocessor([], resolution=RESOLUTION, clip_size=8)
+    pre = preprocess.Preprocessor([], resolution=RESOLUTION, clip=preprocess.ClipPreprocessing.default(8))
     data = loader.open_dataset(dataset, pre)
     it = loader.DataIterator(data, global_batch_size=GLOBAL_BATCH, seed=SEED, process_count=1, process_index=0)
     for step in range(STEPS):

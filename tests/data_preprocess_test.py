@@ -14,8 +14,10 @@ import ipadapter_jax  # noqa: F401  (log filter before transformers)
 from transformers import CLIPImageProcessor  # noqa: E402
 
 from ipadapter_jax.data import preprocess, rgb
-from ipadapter_jax.models.image_encoder import OPENAI_CLIP_STD
+from ipadapter_jax.models.clip_preprocessing import OPENAI_CLIP_STD
 from ipadapter_jax.testing import data_files
+
+pytestmark = pytest.mark.parity
 
 PIXEL = 1 / 255
 

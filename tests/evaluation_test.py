@@ -26,6 +26,8 @@ from ipadapter_jax.evaluation import evaluate, results, statistics
 from ipadapter_jax.evaluation.clip_score import CLIPScorer, clipscore, cosine, load_eval_clip
 from ipadapter_jax.testing import gcs, pipeline_fixtures, tiny_folders
 
+pytestmark = pytest.mark.parity
+
 TOLERANCE = 1e-5
 CAPTIONS = ["a red circle", "the dog and the cat", "", "z" * 40]  # the empty and the over-long caption included
 

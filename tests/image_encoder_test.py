@@ -13,9 +13,12 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.image_utils import PILImageResampling
 
-from ipadapter_jax.models.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_proj_inputs, preprocess
+from ipadapter_jax.models.clip_preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess
+from ipadapter_jax.models.image_encoder import image_proj_inputs
 from ipadapter_jax.weights.clip_image_encoder import clip_state_to_flax, load_clip_image_encoder, read_weights
 from ipadapter_jax.weights.torch_layout import ConversionError
+
+pytestmark = pytest.mark.parity
 
 
 def tiny_clip(hidden_act: str = "quick_gelu") -> CLIPVisionModelWithProjection:

@@ -35,6 +35,8 @@ from ipadapter_jax.weights.image_proj_keys import (
     param_shapes,
 )
 
+pytestmark = pytest.mark.parity
+
 # diffusers' loader reads heads as to_q rows / 64 and renames exactly layers 0..3: dim_head 64, depth 4.
 TINY = {
     "base": ImageProjModel(cross_attention_dim=24, clip_embeddings_dim=32, num_tokens=4),

@@ -45,6 +45,8 @@ from ipadapter_jax.weights.adapter_files import (
 )
 from ipadapter_jax.weights.image_proj_keys import CLIP_TOKENS
 
+pytestmark = pytest.mark.parity
+
 
 @pytest.fixture(scope="module", autouse=True)
 def single_threaded_torch():

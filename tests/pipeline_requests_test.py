@@ -94,7 +94,7 @@ def test_generate_cli_writes_the_images_a_grid_and_every_setting(sd15: tu.SavedP
     settings = json.loads((out / "settings.json").read_text())
     assert settings["outputs"] == [f"image_{i:02d}.png" for i in range(6)]
     assert settings["prompt"] == request["prompt"] and settings["seed"] == 3 and settings["scale"] == 0.6
-    assert settings["num_inference_steps"] == 3 and settings["scheduler"] == "FlaxDDIMScheduler"
+    assert settings["num_inference_steps"] == 3 and settings["scheduler"] == "DDIMScheduler"
     assert settings["base"] == str(sd15.folder) and settings["images"] == [str(image_path)]
     assert set(settings["timings"]) == {"load_s", "prepare_s", "compile_s", "sample_s"}
     expected = sd15.flax("base")(IMAGE, **request).images

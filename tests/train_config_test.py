@@ -93,3 +93,20 @@ def test_the_train_command_reports_it_in_one_line_before_any_work(tmp_path, caps
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (tmp_path / "run").exists()  # nothing was created, loaded or compiled
     assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("pytorch_numerics", [True, False])
+def test_the_numerics_option_reaches_the_unet_of_the_step_and_of_sampling(pytorch_numerics):
+    """`model.pytorch_numerics` (training) and `load_base(pytorch_numerics=)` (sampling) set the UNet's option;
+    what the option computes is tested against PyTorch in unet_parity_test."""
+    from ipadapter_jax.training.components import step_models
+    from ipadapter_jax.weights import load_base
+
+    config = get_preset("tiny")
+    config.model.pytorch_numerics = pytorch_numerics
+    model = TrainConfig.from_config_dict(config).model
+    base = load_base("tiny", pytorch_numerics=pytorch_numerics, progress=False)
+    assert step_models(model, base.unet.clone(pytorch_numerics=not pytorch_numerics), None).unet.pytorch_numerics is (
+        pytorch_numerics
+    )
+    assert base.unet.pytorch_numerics is pytorch_numerics

@@ -7,8 +7,8 @@ K'/V' weights. Flax side: `ipadapter_jax.training.step.make_train_step`. Same we
 decisions (the noise/timesteps are drawn with the step's own RNG derivation and handed to PyTorch). The memory
 options (diffusers' chunked attention, remat) must give the same step.
 
-diffusers' Flax GEGLU uses the tanh GELU, its PyTorch twin the exact one (~6e-5 relative on the UNet output);
-the PyTorch reference is switched to tanh so this test measures the training step, not that known gap.
+Our UNet computes with PyTorch's numerics (`pytorch_numerics`, the default: exact GELU, PyTorch's GroupNorm
+epsilons), so the reference is diffusers' UNet as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, FlaxDDPMScheduler
-from diffusers.models.activations import GEGLU
 
 from ipadapter_jax.models.adapter import split_unet_params
 from ipadapter_jax.models.random_init import abstract_params
@@ -43,6 +42,8 @@ from ipadapter_jax.weights.image_proj_keys import flax_to_official, load_image_p
 from ipadapter_jax.weights.official_layout import ip_layers_from_official, ip_layers_to_official
 from ipadapter_jax.weights.torch_layout import torch_state_to_flax
 
+pytestmark = pytest.mark.parity
+
 SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -61,9 +62,6 @@ def setup():
     config = tiny.SD15_TINY
     cross = config["cross_attention_dim"]
     torch_unet = tiny.torch_unet(config)
-    for module in torch_unet.modules():
-        if isinstance(module, GEGLU):
-            module.gelu = lambda gate: F.gelu(gate, approximate="tanh")
     base_state = {k: v.numpy() for k, v in torch_unet.state_dict().items()}
     official = tiny.random_official_adapter(torch_unet, clip_dim=CLIP_DIM)
 
@@ -186,16 +184,16 @@ OPTIONS = ["default", "memory_efficient_attention", "xla_attention", "splash_att
 @pytest.mark.parametrize("option", OPTIONS)
 def test_loss_matches_pytorch_reference(setup, option):
     _, metrics = setup["steps"][option]
-    assert abs(float(metrics["loss"]) - setup["torch_loss"]) <= 1e-5 * abs(setup["torch_loss"])
+    assert abs(float(metrics["loss"]) - setup["torch_loss"]) <= 1e-6 * abs(setup["torch_loss"])  # measured 1e-7
 
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_updated_adapter_matches_pytorch_adamw(setup, option):
-    """Updated params within 1e-5 of max|param|, except where the gradient's sign is numerical noise.
+    """Updated params within 5e-6 of max|param| (measured 1.5e-6), except where the gradient is rounding noise.
 
     Adam's first step moves each weight by lr * g / (|g| + eps), i.e. +-lr whatever |g|: an element whose
     gradient is ~0 moves by +-lr with a sign decided by rounding, in both implementations. Such elements
-    (|g| < 1e-3 max|g| of the tensor) are left out; they must be rare.
+    (|g| < 1e-5 max|g| of the tensor) are left out; they must be rare.
     """
     new_state, _ = setup["steps"][option]
     ours = {
@@ -207,18 +205,19 @@ def test_updated_adapter_matches_pytorch_adamw(setup, option):
         assert ours[section].keys() == reference.keys()
         for key, expected in reference.items():
             grad = np.abs(setup["torch_grads"][section][key])
-            defined = grad >= 1e-3 * grad.max()
+            defined = grad >= 1e-5 * grad.max()
             excluded, total = excluded + int((~defined).sum()), total + grad.size
             scale = np.abs(expected).max()
             err = (np.abs(ours[section][key] - expected) * defined).max() / scale
-            assert err <= 1e-5, f"{section}.{key}: {err:.2e}"
+            assert err <= 5e-6, f"{section}.{key}: {err:.2e}"
             # The step really moved the weight (Adam's first step: by ~lr = 1e-4), beyond the tolerance.
             assert np.abs(expected - setup["official"][section][key]).max() > 0.5e-4
     assert excluded <= 0.01 * total
 
 
 def test_returned_gradients_match_pytorch(setup):
-    """`return_grads=True`: the adapter's gradients, within 1e-4 of each tensor's max |grad| of PyTorch's."""
+    """`return_grads=True`: the adapter's gradients, within 2e-5 of each tensor's max |grad| of PyTorch's
+    (measured 8e-6)."""
     grads = jax.device_get(setup["steps"]["injected_noise"][1]["grads"])
     ours = {
         "image_proj": flax_to_official(grads["image_proj"]),
@@ -228,16 +227,17 @@ def test_returned_gradients_match_pytorch(setup):
         assert ours[section].keys() == reference.keys()
         for key, expected in reference.items():
             err = np.abs(ours[section][key] - expected).max() / np.abs(expected).max()
-            assert err <= 1e-4, f"{section}.{key}: {err:.2e}"
+            assert err <= 2e-5, f"{section}.{key}: {err:.2e}"
 
 
 def test_injected_noise_replaces_the_steps_own(setup):
     """Injecting the step's own draws changes nothing; injecting other noise changes the loss. (The step that also
-    returns its gradients is another XLA program, rounded differently: updated params within 1e-5 of max |param|,
-    the bound of the PyTorch parity test; measured 3e-6 relative on one element of 128k.)"""
+    returns its gradients is another XLA program, rounded differently: loss within 1e-6 (measured 2e-7), updated
+    params within 1e-5 of max |param|, the bound of the PyTorch parity test; measured 3e-6 relative on one element
+    of 128k.)"""
     default_state, default_metrics = setup["steps"]["default"]
     same_state, same_metrics = setup["steps"]["injected_noise"]
-    assert float(same_metrics["loss"]) == float(default_metrics["loss"])
+    assert float(same_metrics["loss"]) == pytest.approx(float(default_metrics["loss"]), rel=1e-6, abs=0)
     for a, b in zip(jax.tree.leaves(same_state.adapter), jax.tree.leaves(default_state.adapter)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
     _, other = setup["steps"]["other_noise"]

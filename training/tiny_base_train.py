@@ -46,8 +46,9 @@ from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # no
 
 from ipadapter_jax.data import synthetic
 from ipadapter_jax.data.preprocess import tokenize
-from ipadapter_jax.models.image_encoder import CLIP_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPImageEncoder
-from ipadapter_jax.training.components import alphas_cumprod
+from ipadapter_jax.models import clip_preprocessing as clip
+from ipadapter_jax.models.image_encoder import CLIPImageEncoder
+from ipadapter_jax.models.scheduler_base import training_alphas_cumprod
 from ipadapter_jax.training.step import sample_noise_and_timesteps
 from ipadapter_jax.weights import tiny_base
 
@@ -133,11 +134,10 @@ def fit(
 
 
 def clip_pixels(images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) uint8 -> (B, 224, 224, 3) CLIP input: bicubic up-sampling (PIL's kernel, as
-    `image_encoder.preprocess`, without its uint8 rounding), OpenAI mean/std."""
+    """(B, H, W, 3) uint8 -> (B, 224, 224, 3) CLIP input: bicubic (PIL's kernel, no uint8 rounding), OpenAI mean/std."""
     x = images.astype(jnp.float32) / 255.0
-    x = jnp.clip(jax.image.resize(x, (x.shape[0], CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3), "bicubic"), 0.0, 1.0)
-    return (x - jnp.asarray(OPENAI_CLIP_MEAN)) / jnp.asarray(OPENAI_CLIP_STD)
+    x = jnp.clip(jax.image.resize(x, (x.shape[0], clip.CLIP_IMAGE_SIZE, clip.CLIP_IMAGE_SIZE, 3), "bicubic"), 0.0, 1.0)
+    return (x - jnp.asarray(clip.OPENAI_CLIP_MEAN)) / jnp.asarray(clip.OPENAI_CLIP_STD)
 
 
 def to_vae_input(images: jax.Array) -> jax.Array:
@@ -275,7 +275,7 @@ def train_unet(
         return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))  # NCHW for the UNet
 
     train_latents, test_latents = in_chunks(posterior, pool.images), in_chunks(posterior, held_out.images)
-    schedule = jnp.asarray(alphas_cumprod(tiny_base.SCHEDULER))
+    schedule = jnp.asarray(training_alphas_cumprod(tiny_base.SCHEDULER))
     scaling = np.float32(vae.scaling_factor)
 
     def loss_fn(unet_params: dict, batch: dict, key: jax.Array) -> jax.Array:

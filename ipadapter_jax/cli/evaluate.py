@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         default="diffusers",
         help="UNet attention kernel; cudnn: cuDNN flash attention (NVIDIA GPUs, bfloat16)",
     )
+    models.add_argument(
+        "--flax-numerics",
+        action="store_true",
+        help="compute as diffusers' Flax UNet (tanh GELU) instead of its PyTorch UNet (the default)",
+    )
     sampling = run.add_argument_group("sampling (defaults: the paper's)")
     sampling.add_argument(
         "--scale", type=float, action="append", help="IP-Adapter scale (default 1.0); repeat for a sweep"
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace) -> Path | str:
         cache_dir=args.cache_dir,
         progress=not args.quiet,
         attention_implementation=args.attention,
+        pytorch_numerics=not args.flax_numerics,
     )
     eval_clip = staging.stage_down(args.eval_clip, what="evaluation CLIP", progress=not args.quiet)
     scorer = CLIPScorer(load_eval_clip(eval_clip), batch_size=args.score_batch)

@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         default="diffusers",
         help="UNet attention kernel; cudnn: cuDNN flash attention (NVIDIA GPUs, bfloat16)",
     )
+    models.add_argument(
+        "--flax-numerics",
+        action="store_true",
+        help="compute as diffusers' Flax UNet (tanh GELU) instead of its PyTorch UNet (the default)",
+    )
 
     prompt = parser.add_argument_group("prompt")
     prompt.add_argument("--image", action="append", required=True, help="image prompt; repeat for several images")
@@ -140,6 +145,7 @@ def generate(args: argparse.Namespace) -> Path | str:
         cache_dir=args.cache_dir,
         controlnet=args.controlnet,
         attention_implementation=args.attention,
+        pytorch_numerics=not args.flax_numerics,
     )
     load_s = time.perf_counter() - start
     result = pipe(

@@ -4,9 +4,9 @@
   is what torchvision's `Resize(r, BILINEAR)`, `CenterCrop(r)`, `ToTensor()`, `Normalize([.5], [.5])` do to a
   PIL image, including torchvision's crop offset `round((size - r) / 2)`. SDXL's micro-conditions come along:
   original (height, width), crop (top, left) and target (height, width).
-- CLIP image: `ipadapter_jax.models.image_encoder.preprocess`, the pipelines' own: what transformers'
-  `CLIPImageProcessor` does with its OpenAI defaults (shortest side to 224, PIL bicubic, center crop, /255,
-  OpenAI mean/std).
+- CLIP image: `ipadapter_jax.models.clip_preprocessing.preprocess`, the pipelines' own: what transformers'
+  `CLIPImageProcessor` does with the image encoder's settings (`ImageEncoder.image_preprocessing`; by default
+  OpenAI's: shortest side to the encoder's 224, PIL bicubic, center crop, /255, OpenAI mean/std).
 - Text: any Hugging Face tokenizer, padded/truncated to 77 ids.
 - Condition drop: one uniform draw per (seed, example index, epoch).
 
@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from ipadapter_jax.data.rgb import to_rgb
-from ipadapter_jax.models.image_encoder import preprocess as clip_preprocess
+from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
+from ipadapter_jax.models.clip_preprocessing import preprocess as clip_preprocess
 
 # Drop rates of the reference (image only, text only, both): r < .05, .05 <= r < .10, .10 <= r < .15.
 DROP_RATES = (0.05, 0.05, 0.05)
@@ -100,7 +101,7 @@ class Preprocessor:
 
     Output of `__call__` (one example, numpy):
       pixel_values       float32 (resolution, resolution, 3) in [-1, 1]
-      clip_pixel_values  float32 (clip_size, clip_size, 3), CLIP-normalised
+      clip_pixel_values  float32 (clip_size, clip_size, 3), CLIP-normalised with `clip`'s settings
       input_ids[_2]      int32 (max_length,), one key per tokenizer (SDXL: two)
       original_size      int32 (2,) (height, width) of the stored image
       crop_top_left      int32 (2,) (top, left)
@@ -109,8 +110,13 @@ class Preprocessor:
 
     tokenizers: Sequence[Any]
     resolution: int = 512
-    clip_size: int = 224
+    clip: ClipPreprocessing = ClipPreprocessing.default()
     max_length: int = 77
+
+    @property
+    def clip_size(self) -> int:
+        """The side of the CLIP images (the image encoder's input size)."""
+        return self.clip.output_size()[0]
 
     def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         image = decode_rgb(record["image"])
@@ -119,7 +125,7 @@ class Preprocessor:
         pixels, crop_top_left = target_image(image, self.resolution)
         example = {
             "pixel_values": pixels,
-            "clip_pixel_values": clip_preprocess(image, self.clip_size)[0],
+            "clip_pixel_values": clip_preprocess(image, self.clip)[0],
             "original_size": np.array([image.height, image.width], np.int32),
             "crop_top_left": crop_top_left,
             "target_size": np.array([self.resolution, self.resolution], np.int32),

@@ -14,8 +14,8 @@ Metrics (all in float32; embeddings are CLIP's projected features, `get_image_fe
   CLIP-T x100                     = 100 * CLIP-T
   CLIPScore (Hessel et al. 2021)  = 2.5 * max(CLIP-T, 0)
 
-Images go through `ipadapter_jax.models.image_encoder.preprocess` (exactly `CLIPImageProcessor` at 224 px); captions
-through the folder's tokenizer, truncated to the text model's context (77 tokens for OpenAI CLIP).
+Images go through `ipadapter_jax.models.clip_preprocessing.preprocess` (exactly `CLIPImageProcessor` at 224 px);
+captions through the folder's tokenizer, truncated to the text model's context (77 tokens for OpenAI CLIP).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from ipadapter_jax import quiet
-from ipadapter_jax.models.image_encoder import CLIP_IMAGE_SIZE, preprocess
+from ipadapter_jax.models.clip_preprocessing import CLIP_IMAGE_SIZE, preprocess
 from ipadapter_jax.models.random_init import abstract_params
 from ipadapter_jax.sharding import batch_sharding, local_mesh, replicated
 from ipadapter_jax.weights.torch_layout import ConversionError, torch_key_to_flax_module_path, torch_state_to_flax

@@ -19,8 +19,8 @@ class BaseModel:
     unet: `IPUNet2DConditionModel`; unet_params: its frozen params (without `to_k_ip`/`to_v_ip`).
     vae: diffusers `FlaxAutoencoderKL`; vae_params.
     text_encoders: one (SD1.5/SD2) or two (SDXL) `TextEncoder`s (tokenizer, bare Flax module, params).
-    scheduler: a diffusers Flax scheduler for sampling; scheduler_state: `scheduler.create_state()`. Its config
-      also carries the base's training noise schedule (betas), which training reads.
+    scheduler: the sampling scheduler (`ipadapter_jax.models.schedulers`); scheduler_state: `scheduler.create_state()`.
+      Its config also carries the base's training noise schedule (betas), which training reads.
     force_zeros_for_empty_prompt: SDXL's rule (its `model_index.json`): without a negative prompt, the negative
       text conditioning is zeros rather than the encoding of "".
     """

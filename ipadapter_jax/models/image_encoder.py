@@ -6,7 +6,8 @@ transformers 4.57 has no `FlaxCLIPVisionModelWithProjection`, so `CLIPImageEncod
 path: `vision_model/...` exactly as `FlaxCLIPVisionModel.params` (layers named `layers/0/...`) and
 `visual_projection/kernel` (see `ipadapter_jax.weights.clip_image_encoder` to load it).
 
-Pixel layout: NHWC, (B, 224, 224, 3) float32 after CLIP normalisation (`preprocess` produces it). That is the
+Pixel layout: NHWC, (B, S, S, 3) float32 after CLIP normalisation, S = config.image_size (224 for every released
+IP-Adapter encoder; `ipadapter_jax.models.clip_preprocessing.preprocess` produces it). That is the
 layout of transformers' bare Flax module; only its `FlaxCLIPVisionModel.__call__` wrapper takes NCHW.
 """
 
@@ -14,28 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from PIL import Image
 
 from ipadapter_jax import quiet
+from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing, preprocess
 from ipadapter_jax.models.image_proj import AdapterKind
 
 quiet.install()
 
 from transformers import CLIPVisionConfig  # noqa: E402  (after the log filter)
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer  # noqa: E402
-
-# OpenAI CLIP's preprocessing, as `CLIPImageProcessor()` and the IP-Adapter reference use it.
-CLIP_IMAGE_SIZE = 224
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @flax.struct.dataclass
@@ -78,19 +72,26 @@ class CLIPImageEncoder(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ImageEncoder:
-    """A CLIP image encoder and its params (`ipadapter_jax.weights.load_image_encoder` loads one)."""
+    """A CLIP image encoder, its params (`ipadapter_jax.weights.load_image_encoder` loads one) and its image
+    preprocessing (None: `CLIPImageProcessor`'s defaults at the encoder's `image_size`)."""
 
     module: CLIPImageEncoder
     params: Any
+    preprocessing: ClipPreprocessing | None = None
 
     @property
     def config(self) -> CLIPVisionConfig:
         return self.module.config
 
+    @property
+    def image_preprocessing(self) -> ClipPreprocessing:
+        """The preprocessing of this encoder's image prompts and training images."""
+        return self.preprocessing or ClipPreprocessing.default(self.config.image_size)
+
     def features(self, images: Any, kind: AdapterKind) -> jax.Array:
         """Images (PIL or uint8 arrays, any size and mode) -> what an adapter of `kind` projects, (K, ...):
-        CLIP preprocessing at the encoder's input size, the encoder, `projection_input`."""
-        pixels = preprocess(images, self.config.image_size)
+        CLIP preprocessing (`image_preprocessing`), the encoder, `projection_input`."""
+        pixels = preprocess(images, self.image_preprocessing)
         return self._encode(self.params, jnp.asarray(pixels), kind)
 
     def null_features(self, kind: AdapterKind) -> jax.Array:
@@ -105,43 +106,6 @@ class ImageEncoder:
             return projection_input(self.module.apply({"params": params}, pixel_values), kind)
 
         return jax.jit(encode, static_argnums=2)
-
-
-def preprocess(
-    images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray], size: int = CLIP_IMAGE_SIZE
-) -> np.ndarray:
-    """CLIP preprocessing, as transformers' `CLIPImageProcessor` with OpenAI's settings does it.
-
-    Each image: converted to RGB (PIL `convert`: grayscale replicated, alpha dropped, palette expanded),
-    shortest side resized to `size` (bicubic, PIL, on uint8; longer side truncated as transformers does), center
-    crop `size` x `size` (offset `(side - size) // 2`), scaled to [0, 1], normalised with the OpenAI mean/std.
-    Training data (`ipadapter_jax.data.preprocess`) goes through this same function.
-
-    Args:
-      images: one or a sequence of PIL images or uint8 arrays (H, W) / (H, W, C) of any size.
-      size: the encoder's input side (224 for every released IP-Adapter encoder).
-    Returns:
-      (B, size, size, 3) float32, NHWC.
-    """
-    if isinstance(images, (Image.Image, np.ndarray)):
-        images = [images]
-    return np.stack([_preprocess_one(image, size) for image in images])
-
-
-def _preprocess_one(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(size * long / short)
-    resized = (size, new_long) if width <= height else (new_long, size)
-    pixels = np.asarray(image.resize(resized, Image.Resampling.BICUBIC))
-    top = (pixels.shape[0] - size) // 2
-    left = (pixels.shape[1] - size) // 2
-    pixels = pixels[top : top + size, left : left + size].astype(np.float32) / 255.0
-    return (pixels - np.float32(OPENAI_CLIP_MEAN)) / np.float32(OPENAI_CLIP_STD)
 
 
 def projection_input(features: CLIPImageFeatures, kind: AdapterKind) -> jax.Array:
@@ -170,7 +134,7 @@ def image_proj_inputs(
     encoded once, in the same batch, and broadcast.
 
     Args:
-      pixel_values: (B, 224, 224, 3) NHWC, CLIP-normalised (`preprocess`).
+      pixel_values: (B, S, S, 3) NHWC, CLIP-normalised (`preprocess`), S = the encoder's image_size.
     """
     both = jnp.concatenate([pixel_values, jnp.zeros_like(pixel_values[:1])])
     inputs = projection_input(encoder.apply({"params": params}, both), kind)

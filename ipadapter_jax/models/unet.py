@@ -44,6 +44,8 @@ from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
 from diffusers.models.attention_flax import (  # noqa: E402  (after the log filter)
     FlaxAttention,
     FlaxBasicTransformerBlock,
+    FlaxFeedForward,
+    FlaxGEGLU,
     FlaxTransformer2DModel,
 )
 from diffusers.models.unets.unet_2d_blocks_flax import (  # noqa: E402
@@ -166,17 +168,41 @@ class IPAttention(Attention):
         return attended @ out_kernel
 
 
+class GEGLU(FlaxGEGLU):
+    """diffusers' `FlaxGEGLU`, with PyTorch's exact (erf) GELU when `pytorch_numerics` (diffusers' Flax GEGLU uses the
+    tanh approximation, its PyTorch GEGLU `F.gelu`, exact: the one line of `__call__` that differs)."""
+
+    pytorch_numerics: bool = True
+
+    def __call__(self, hidden_states: jax.Array, deterministic: bool = True) -> jax.Array:
+        """(B, L, dim) -> (B, L, 4 * dim)."""
+        if not self.pytorch_numerics:
+            return super().__call__(hidden_states, deterministic=deterministic)
+        hidden_linear, hidden_gelu = jnp.split(self.proj(hidden_states), 2, axis=2)
+        gated = hidden_linear * nn.gelu(hidden_gelu, approximate=False)
+        return self.dropout_layer(gated, deterministic=deterministic)
+
+
+def _pytorch_group_norm(child: nn.GroupNorm, container: Any) -> nn.GroupNorm:
+    """The Transformer2D input GroupNorm with PyTorch's epsilon 1e-6 (diffusers' Flax twin uses 1e-5)."""
+    return child.clone(epsilon=1e-6) if container.pytorch_numerics else child
+
+
 class _SwapChildren(nn.Module):
     """Mixin for a Flax container: as its (diffusers) `setup` attaches a child, swap in our subclass.
 
-    `_SWAPS` maps an attribute name to {diffusers class: our subclass}. A child created in `setup` without a
-    name is not registered until it is assigned to an attribute (Flax defers it), so here it can still be
-    exchanged for an instance of the subclass with identical dataclass fields. Fields that only our subclasses
-    declare (`attention_implementation`) are handed down from the container, which declares them too.
+    `_SWAPS` maps an attribute name to {diffusers class: our subclass, or a function (child, container) -> child}.
+    A child created in `setup` without a name is not registered until it is assigned to an attribute (Flax defers
+    it), so here it can still be exchanged for an instance of the subclass with identical dataclass fields. Fields
+    that only our subclasses declare (`attention_implementation`, `pytorch_numerics`) are handed down from the
+    container, which declares them too.
     """
 
-    _SWAPS: ClassVar[dict[str, dict[type, type]]] = {}
+    _SWAPS: ClassVar[dict[str, dict[type, Any]]] = {}
     attention_implementation: str = "diffusers"  # see `Attention`
+    # PyTorch's numerics where diffusers' Flax classes differ: exact GELU in GEGLU, GroupNorm epsilon 1e-6 at the
+    # input of each Transformer2D. False: diffusers' Flax behaviour (tanh GELU, 1e-5).
+    pytorch_numerics: bool = True
 
     @nn.nowrap
     def __setattr__(self, name: str, value: Any) -> None:
@@ -189,10 +215,12 @@ class _SwapChildren(nn.Module):
         super().__setattr__(name, value)
 
 
-def _swap(child: Any, table: dict[type, type], container: Any) -> Any:
+def _swap(child: Any, table: dict[type, Any], container: Any) -> Any:
     new_class = table.get(type(child))
     if new_class is None:
         return child
+    if not isinstance(new_class, type):
+        return new_class(child, container)
     assert child.name is None, f"{type(child).__name__} was attached under an explicit name; cannot swap it"
     fields = {
         f.name: getattr(child, f.name) for f in dataclasses.fields(child) if f.init and f.name not in ("parent", "name")
@@ -201,17 +229,30 @@ def _swap(child: Any, table: dict[type, type], container: Any) -> Any:
     return new_class(**fields, **{name: getattr(container, name) for name in ours}, parent=child.parent)
 
 
-class IPBasicTransformerBlock(_SwapChildren, FlaxBasicTransformerBlock):
-    """`FlaxBasicTransformerBlock` whose attn1 (self-attention) is an `Attention` and attn2 (cross-attention) an
-    `IPAttention`."""
+class FeedForward(_SwapChildren, FlaxFeedForward):
+    """`FlaxFeedForward` with our `GEGLU`."""
 
-    _SWAPS = {"attn1": {FlaxAttention: Attention}, "attn2": {FlaxAttention: IPAttention}}
+    _SWAPS = {"net_0": {FlaxGEGLU: GEGLU}}
+
+
+class IPBasicTransformerBlock(_SwapChildren, FlaxBasicTransformerBlock):
+    """`FlaxBasicTransformerBlock` whose attn1 (self-attention) is an `Attention`, attn2 (cross-attention) an
+    `IPAttention` and feed-forward a `FeedForward`."""
+
+    _SWAPS = {
+        "attn1": {FlaxAttention: Attention},
+        "attn2": {FlaxAttention: IPAttention},
+        "ff": {FlaxFeedForward: FeedForward},
+    }
 
 
 class IPTransformer2DModel(_SwapChildren, FlaxTransformer2DModel):
-    """`FlaxTransformer2DModel` built from `IPBasicTransformerBlock`s."""
+    """`FlaxTransformer2DModel` built from `IPBasicTransformerBlock`s, its input GroupNorm as PyTorch's."""
 
-    _SWAPS = {"transformer_blocks": {FlaxBasicTransformerBlock: IPBasicTransformerBlock}}
+    _SWAPS = {
+        "transformer_blocks": {FlaxBasicTransformerBlock: IPBasicTransformerBlock},
+        "norm": {nn.GroupNorm: _pytorch_group_norm},
+    }
 
 
 _IP_TRANSFORMERS = {"attentions": {FlaxTransformer2DModel: IPTransformer2DModel}}

@@ -125,6 +125,7 @@ class IPAdapterPipeline:
         devices: Sequence[jax.Device] | None = None,
         progress: bool = True,
         attention_implementation: str = "diffusers",
+        pytorch_numerics: bool = True,
     ) -> IPAdapterPipeline:
         """The pipeline from files, as the users' PyTorch side has them (`ipadapter_jax.weights`' loaders).
 
@@ -132,7 +133,9 @@ class IPAdapterPipeline:
           base: a diffusers pipeline folder (SD1.5/SD2 family or SDXL), or "tiny".
           adapter: an official IP-Adapter file (`.safetensors`/`.bin`; base, Plus or Full detected from its keys)
             or our Flax adapter file (`.msgpack`).
-          image_encoder: a `CLIPVisionModelWithProjection` folder, or "tiny".
+          image_encoder: a `CLIPVisionModelWithProjection` folder, or "tiny". Image prompts are preprocessed as
+            `base`'s `feature_extractor/` says, else as the encoder folder's `preprocessor_config.json`, else with
+            `CLIPImageProcessor`'s defaults at the encoder's size (`ipadapter_jax.weights.load_image_encoder`).
           scheduler: "ddim" (the paper's), "dpm-solver++" or "euler".
           dtype: computation dtype (params stay float32).
           cache_dir: keep the converted Flax params here (later loads skip the conversion).
@@ -140,12 +143,14 @@ class IPAdapterPipeline:
           progress: a progress bar over the base model's components.
           attention_implementation: the UNet's attention kernel, "diffusers", "xla" or "cudnn" (NVIDIA GPUs with
             bf16: cuDNN flash attention); see `ipadapter_jax.models.unet.Attention`.
+          pytorch_numerics: compute as diffusers' PyTorch UNet (default) or, False, as its Flax UNet.
         Raises:
           ValueError (ConversionError): a missing or malformed file, or models that do not fit each other.
           OSError: unreadable files.
         """
         from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
         from ipadapter_jax.weights.diffusers_models import load_controlnet
+        from ipadapter_jax.weights.load import feature_extractor_config
 
         base_model = load_base(
             base,
@@ -154,8 +159,9 @@ class IPAdapterPipeline:
             cache_dir=cache_dir,
             progress=progress,
             attention_implementation=attention_implementation,
+            pytorch_numerics=pytorch_numerics,
         )
-        encoder = load_image_encoder(image_encoder, dtype=dtype)
+        encoder = load_image_encoder(image_encoder, dtype=dtype, preprocessor_config=feature_extractor_config(base))
         loaded_adapter = load_adapter(adapter, base_model, image_encoder=encoder, dtype=dtype)
         extra = {}
         if controlnet is not None:
@@ -169,9 +175,9 @@ class IPAdapterPipeline:
         return self.mesh.size
 
     def with_scheduler(self, scheduler: Any, scheduler_state: Any) -> IPAdapterPipeline:
-        """The same models and devices with another diffusers Flax scheduler and its `create_state()`, e.g.
-        `FlaxDPMSolverMultistepScheduler` (DPM-Solver++) or `FlaxEulerDiscreteScheduler`. Its sampling function
-        compiles on first use."""
+        """The same models and devices with another scheduler and its `create_state()`, e.g.
+        `ipadapter_jax.weights.diffusers_models.load_scheduler(folder, "euler")`'s (any object with the interface of
+        `ipadapter_jax.models.schedulers`). Its sampling function compiles on first use."""
         return IPAdapterPipeline(
             self.base.replace(scheduler=scheduler, scheduler_state=scheduler_state),
             self.image_encoder,
@@ -213,7 +219,7 @@ class IPAdapterPipeline:
 
         Args:
           image: the image prompt: one image or several (their tokens concatenated), PIL or uint8 arrays of any
-            size and mode (CLIP preprocessing: RGB, shortest side 224, center crop). None with `image_embeds`
+            size and mode (preprocessed as `ImageEncoder.image_preprocessing` says). None with `image_embeds`
             None: plain text-to-image.
           prompt, negative_prompt: a string or one per prompt. Image-only generation: the default "" prompt.
           image_embeds: instead of `image`, CLIP features (K, *feature_shape) from `encode_image`.

@@ -20,13 +20,15 @@ from ipadapter_jax import paths
 from ipadapter_jax.data import preprocess
 from ipadapter_jax.models.adapter import Adapter, split_unet_params
 from ipadapter_jax.models.base_model import BaseModel
+from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
 from ipadapter_jax.models.image_encoder import ImageEncoder
+from ipadapter_jax.models.scheduler_base import training_alphas_cumprod
 from ipadapter_jax.training.config import ModelConfig, TrainConfig
 from ipadapter_jax.training.encode import Encoders
 from ipadapter_jax.training.step import StepModels
 from ipadapter_jax.weights import known_models, load_adapter, load_base, load_image_encoder, new_adapter
 from ipadapter_jax.weights.image_proj_keys import build_image_proj, param_shapes
-from ipadapter_jax.weights.load import TINY
+from ipadapter_jax.weights.load import TINY, feature_extractor_config
 from ipadapter_jax.weights.unet_config import abstract_ip_unet_params
 
 
@@ -37,22 +39,14 @@ class Components:
     tokenizers: list[Any]
     frozen: dict  # {"unet", "encoders", "alphas_cumprod", "vae_scaling_factor"} (null encodings added by the run)
     adapter: dict  # initial {"image_proj", "ip_layers"}
+    clip: ClipPreprocessing  # the image encoder's preprocessing
 
     def preprocessor(self, resolution: int) -> preprocess.Preprocessor:
-        """Host preprocessing for these encoders: images at `resolution`, ids padded to the tokenizer's length."""
+        """Host preprocessing for these encoders: images at `resolution`, CLIP images as the image encoder's
+        preprocessing makes them, ids padded to the tokenizer's length."""
         return preprocess.Preprocessor(
-            self.tokenizers, resolution=resolution, max_length=self.tokenizers[0].model_max_length
+            self.tokenizers, resolution=resolution, clip=self.clip, max_length=self.tokenizers[0].model_max_length
         )
-
-
-def alphas_cumprod(scheduler_config: Any) -> np.ndarray:
-    """Cumulative alpha products of the base's DDPM training schedule (its scheduler config's betas), computed by
-    diffusers' own Flax scheduler."""
-    from diffusers import FlaxDDPMScheduler
-
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    settings = {key: scheduler_config[key] for key in keys if scheduler_config.get(key) is not None}
-    return np.asarray(FlaxDDPMScheduler(**settings).create_state().common.alphas_cumprod, np.float32)
 
 
 def step_models(model: ModelConfig, unet: nn.Module, image_proj: nn.Module) -> StepModels:
@@ -60,6 +54,7 @@ def step_models(model: ModelConfig, unet: nn.Module, image_proj: nn.Module) -> S
     unet = unet.clone(
         use_memory_efficient_attention=model.memory_efficient_attention,
         attention_implementation=model.attention_implementation,
+        pytorch_numerics=model.pytorch_numerics,
     )
     return StepModels(unet=unet, image_proj=image_proj, remat=model.remat)
 
@@ -75,7 +70,9 @@ def load(config: TrainConfig, workdir: str) -> Components:
     model.require_models()
     cache = None if model.base == TINY else paths.join(workdir, "flax_cache")
     base = load_base(model.base, dtype=dtype, cache_dir=cache, weights_variant=model.weights_variant or None)
-    image_encoder = load_image_encoder(model.image_encoder, dtype=dtype)
+    image_encoder = load_image_encoder(
+        model.image_encoder, dtype=dtype, preprocessor_config=feature_extractor_config(model.base)
+    )
     if model.init_adapter:
         adapter = load_adapter(model.init_adapter, base, image_encoder=image_encoder, dtype=dtype)
         if adapter.kind != model.adapter_kind:
@@ -145,8 +142,9 @@ def _components(model: ModelConfig, base: BaseModel, image_encoder: ImageEncoder
                 "text_encoders": tuple(encoder.params for encoder in base.text_encoders),
                 "image_encoder": image_encoder.params,
             },
-            "alphas_cumprod": alphas_cumprod(base.scheduler.config),
+            "alphas_cumprod": training_alphas_cumprod(base.scheduler.config),
             "vae_scaling_factor": np.float32(base.vae.config.scaling_factor),
         },
         adapter=adapter.params,
+        clip=image_encoder.image_preprocessing,
     )

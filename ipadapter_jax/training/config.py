@@ -43,6 +43,7 @@ class ModelConfig:
     remat: bool = False
     memory_efficient_attention: bool = False
     attention_implementation: str = "diffusers"
+    pytorch_numerics: bool = True
 
     def validate(self) -> None:
         """Checks every field; `base` and `image_encoder` may be empty (a preset's shapes), `require_models`

@@ -9,7 +9,7 @@ One function per component folder, plus `load_pipeline` for a whole pipeline fol
 | `text_encoder/`   | config.json              | transformers `FlaxCLIPTextModel`                        |
 | `text_encoder_2/` | config.json              | transformers `FlaxCLIPTextModelWithProjection` (SDXL)   |
 | `tokenizer*/`     | vocab.json, merges.txt   | transformers `CLIPTokenizer`                            |
-| `scheduler/`      | scheduler_config.json    | a diffusers Flax scheduler (DDIM by default)            |
+| `scheduler/`      | scheduler_config.json    | our `ipadapter_jax.models.schedulers` (DDIM by default) |
 | a ControlNet      | config.json              | diffusers `FlaxControlNetModel`                         |
 
 How params are made: the module is built from the folder's config, its param tree's shapes come from
@@ -30,8 +30,6 @@ instead of converting. Every load returns a `LoadReport` (time, size, dtype, cac
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ipadapter_jax import quiet
 from ipadapter_jax.models.adapter import split_unet_params
+from ipadapter_jax.models.schedulers import SCHEDULERS, NoiseSchedule, Scheduler
 from ipadapter_jax.models.unet import IPUNet2DConditionModel
 from ipadapter_jax.weights.component_params import LoadedModel, LoadReport, load_params
 from ipadapter_jax.weights.diffusers_configs import (
@@ -62,12 +61,6 @@ quiet.install()
 from diffusers import (  # noqa: E402  (after the log filter)
     FlaxAutoencoderKL,
     FlaxControlNetModel,
-    FlaxDDIMScheduler,
-    FlaxDDPMScheduler,
-    FlaxDPMSolverMultistepScheduler,
-    FlaxEulerDiscreteScheduler,
-    FlaxLMSDiscreteScheduler,
-    FlaxPNDMScheduler,
 )
 from transformers import (  # noqa: E402
     CLIPTextConfig,
@@ -75,18 +68,6 @@ from transformers import (  # noqa: E402
     FlaxCLIPTextModel,
     FlaxCLIPTextModelWithProjection,
 )
-
-logger = logging.getLogger(__name__)
-
-SCHEDULERS = {
-    "ddim": FlaxDDIMScheduler,
-    "ddpm": FlaxDDPMScheduler,
-    "pndm": FlaxPNDMScheduler,
-    "lms": FlaxLMSDiscreteScheduler,
-    "euler": FlaxEulerDiscreteScheduler,
-    "dpm_solver_multistep": FlaxDPMSolverMultistepScheduler,
-}
-
 
 _TEXT_BUFFERS = ("text_model.embeddings.position_ids",)
 
@@ -100,15 +81,15 @@ class FlaxPipeline:
     """A Stable Diffusion (SD1.5/SD2) or SDXL pipeline folder loaded for Flax.
 
     `text_encoder_2`/`tokenizer_2` are SDXL's second text encoder (None for SD1.5/SD2). `scheduler_state` is
-    the Flax scheduler's state (`scheduler.create_state()`), to be passed to its methods.
+    the scheduler's training noise schedule (`scheduler.create_state()`), to be passed to its `set_timesteps`.
     """
 
     unet: LoadedModel
     vae: LoadedModel
     text_encoder: LoadedModel
     tokenizer: CLIPTokenizer
-    scheduler: Any
-    scheduler_state: Any
+    scheduler: Scheduler
+    scheduler_state: NoiseSchedule
     text_encoder_2: LoadedModel | None = None
     tokenizer_2: CLIPTokenizer | None = None
 
@@ -259,9 +240,14 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_scheduler(folder: str | Path, kind: str = "ddim") -> tuple[Any, Any]:
-    """A diffusers Flax scheduler of `kind` (a key of `SCHEDULERS`) with the noise schedule of `folder`'s
-    `scheduler_config.json` (see `scheduler_from_config`). Returns (scheduler, `scheduler.create_state()`)."""
+def load_scheduler(folder: str | Path, kind: str = "ddim") -> tuple[Scheduler, NoiseSchedule]:
+    """The scheduler of `kind` (a key of `ipadapter_jax.models.schedulers.SCHEDULERS`) with the settings of
+    `folder`'s `scheduler_config.json` (see `scheduler_from_config`). Returns (scheduler, `scheduler.create_state()`).
+
+    Raises:
+      ConversionError: the config file is missing or not JSON.
+      UnsupportedSchedulerSetting: a setting of the config that the scheduler cannot honour (file, key, value).
+    """
     _check_scheduler_kind(kind)
     path = Path(folder) / "scheduler_config.json"
     return scheduler_from_config(read_json(path, "the scheduler's diffusers config"), kind, source=str(path))
@@ -269,28 +255,17 @@ def load_scheduler(folder: str | Path, kind: str = "ddim") -> tuple[Any, Any]:
 
 def scheduler_from_config(
     config: Mapping[str, Any], kind: str = "ddim", *, source: str = "scheduler config"
-) -> tuple[Any, Any]:
-    """A diffusers Flax scheduler of `kind` (a key of `SCHEDULERS`) with the noise schedule of `config`.
+) -> tuple[Scheduler, NoiseSchedule]:
+    """The scheduler of `kind` behaving as diffusers' PyTorch scheduler of that kind made with `from_config(config)`.
 
-    The config may be of another class (SD1.5 ships PNDM, SDXL Euler): the settings the chosen class takes
-    (betas, prediction type, steps offset, clipping...) are carried over, the rest is logged and ignored.
+    The config may be of another class (SD1.5 ships PNDM, SDXL Euler): settings the chosen class does not take are
+    ignored (they cannot change it), the ones it takes are honoured or refused with `UnsupportedSchedulerSetting`
+    naming `source` (the rule: `ipadapter_jax.models.schedulers`' docstring).
     Returns:
       (scheduler, state), with `state = scheduler.create_state()`.
     """
     _check_scheduler_kind(kind)
-    cls = SCHEDULERS[kind]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "dtype"}
-    kwargs = {k: v for k, v in config.items() if k in accepted}
-    if kwargs.get("trained_betas") is not None:
-        kwargs["trained_betas"] = jnp.asarray(kwargs["trained_betas"], jnp.float32)
-    ignored = sorted(k for k in config if k not in accepted and not k.startswith("_"))
-    if ignored:
-        logger.info("%s: %s does not take %s; ignored", source, cls.__name__, ", ".join(ignored))
-    scheduler = cls(**kwargs)
-    if "steps_offset" not in accepted:
-        # diffusers' Flax DPM-Solver reads config.steps_offset for "leading" spacing (SDXL's) but does not take
-        # it as an argument: record the folder's value in its config.
-        scheduler.register_to_config(steps_offset=config.get("steps_offset", 0))
+    scheduler = SCHEDULERS[kind].from_config(config, source=source)
     return scheduler, scheduler.create_state()
 
 

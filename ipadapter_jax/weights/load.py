@@ -28,6 +28,7 @@ from ipadapter_jax import paths, staging
 from ipadapter_jax.choices import SCHEDULERS
 from ipadapter_jax.models.adapter import Adapter, ip_layers_from_unet
 from ipadapter_jax.models.base_model import BaseModel
+from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
 from ipadapter_jax.models.image_encoder import ImageEncoder
 from ipadapter_jax.models.random_init import numpy_init
 from ipadapter_jax.models.text_encoder import TextEncoder
@@ -57,6 +58,7 @@ def load_base(
     cache_dir: str | os.PathLike | None = None,
     weights_variant: str | None = None,
     attention_implementation: str = "diffusers",
+    pytorch_numerics: bool = True,
     progress: bool = True,
 ) -> BaseModel:
     """A Stable Diffusion model folder (SD1.5/SD2 family or SDXL, as diffusers saves it) as a `BaseModel`.
@@ -73,6 +75,8 @@ def load_base(
         cache is staged into a local copy, used there, and what a load adds is uploaded (process 0).
       weights_variant: the weight files' variant suffix, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
       attention_implementation: the UNet's attention kernel (`ipadapter_jax.models.unet.Attention`).
+      pytorch_numerics: the UNet computes as diffusers' PyTorch UNet does (exact GELU, its GroupNorm epsilons);
+        False: as diffusers' Flax UNet does (~6e-5 relative from PyTorch).
       progress: a progress bar over the components.
     Raises:
       ConversionError: a missing or malformed folder, config or weight file.
@@ -110,17 +114,49 @@ def load_base(
             scheduler_state=loaded.scheduler_state,
             force_zeros_for_empty_prompt=bool(force_zeros),
         )
-    return model.replace(unet=model.unet.clone(attention_implementation=attention_implementation))
+    unet = model.unet.clone(attention_implementation=attention_implementation, pytorch_numerics=pytorch_numerics)
+    return model.replace(unet=unet)
 
 
-def load_image_encoder(folder: str | os.PathLike, *, dtype: Any = jnp.float32) -> ImageEncoder:
+def load_image_encoder(
+    folder: str | os.PathLike, *, dtype: Any = jnp.float32, preprocessor_config: str | os.PathLike | None = None
+) -> ImageEncoder:
     """A `CLIPVisionModelWithProjection` folder (`config.json` + safetensors, as `save_pretrained` writes it;
-    IP-Adapter's `models/image_encoder`), or "tiny", as an `ImageEncoder` computing in `dtype`."""
+    IP-Adapter's `models/image_encoder`), or "tiny", as an `ImageEncoder` computing in `dtype`.
+
+    Its image preprocessing (`ImageEncoder.image_preprocessing`) comes from `preprocessor_config` (a
+    `CLIPImageProcessor` config file; `feature_extractor_config` finds a pipeline folder's), else from the folder's
+    own `preprocessor_config.json`, else `CLIPImageProcessor`'s defaults at the encoder's `image_size`.
+    Raises:
+      ConversionError: a preprocessor config that does not make (image_size, image_size) images, or is not JSON.
+    """
     if os.fspath(folder) == TINY:
         return tiny_base.load_image_encoder(jnp.dtype(dtype))
     folder = staging.stage_down(folder, what="image encoder")  # a bucket folder (gs://): from a local copy
     module, params = load_clip_image_encoder(folder, dtype=jnp.dtype(dtype))
-    return ImageEncoder(module, params)
+    path = Path(preprocessor_config or Path(folder) / "preprocessor_config.json")
+    if preprocessor_config is None and not path.is_file():
+        return ImageEncoder(module, params)
+    try:
+        preprocessing = ClipPreprocessing.from_config(json.loads(path.read_text()), source=str(path))
+    except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+        raise ConversionError(f"{path}: not a CLIPImageProcessor config ({err})") from None
+    size = module.config.image_size
+    if preprocessing.output_size() != (size, size):
+        raise ConversionError(
+            f"{path}: crop_size/size make {preprocessing.output_size() or 'image-dependent'} images; the image "
+            f"encoder {folder} takes image_size={size} (expected ({size}, {size}))"
+        )
+    return ImageEncoder(module, params, preprocessing)
+
+
+def feature_extractor_config(base: str | os.PathLike) -> Path | None:
+    """A diffusers pipeline folder's `feature_extractor/preprocessor_config.json`, or None (none there, or "tiny").
+    diffusers preprocesses IP-Adapter image prompts with the pipeline's feature extractor when it has one."""
+    if os.fspath(base) == TINY:
+        return None
+    path = Path(base) / "feature_extractor" / "preprocessor_config.json"
+    return path if path.is_file() else None
 
 
 def load_adapter(

@@ -21,7 +21,8 @@ from flax import serialization, traverse_util
 
 from ipadapter_jax import quiet
 from ipadapter_jax.models.base_model import BaseModel
-from ipadapter_jax.models.image_encoder import CLIP_IMAGE_SIZE, CLIPImageEncoder, ImageEncoder
+from ipadapter_jax.models.clip_preprocessing import CLIP_IMAGE_SIZE
+from ipadapter_jax.models.image_encoder import CLIPImageEncoder, ImageEncoder
 from ipadapter_jax.models.random_init import abstract_params, numpy_init
 from ipadapter_jax.models.text_encoder import TextEncoder
 from ipadapter_jax.models.unet import IPUNet2DConditionModel
