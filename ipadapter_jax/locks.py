@@ -6,6 +6,10 @@ fails at once with an error naming the file and the holder. A lock left by a pro
 loss) on this host is taken over with a one-line warning: the pid no longer runs, or now belongs to a process
 that started later (pid reuse; Linux's /proc start time). A lock from another host cannot be checked and is
 never taken over: the error says to delete the file once that build is known to be gone.
+
+In a bucket (gs://) the lock is an object created only if absent (a generation precondition: exactly one of
+several writers succeeds), and a dead holder's lock is taken over by a compare-and-swap on its generation; the
+rules for "dead" are the same. A pod's processes share one workdir: process 0 alone takes the lock.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+
+from ipadapter_jax import paths
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +67,7 @@ def _me() -> dict:
 
 def _read(path: str) -> dict | None:
     try:
-        with open(path) as f:
-            holder = json.load(f)
+        holder = paths.read_json(path)
         return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
     except (OSError, ValueError):
         return None
@@ -107,6 +112,8 @@ def acquire(directory: str, lock_name: str, writer: str) -> str:
     the kind of process that takes it, for the error message (e.g. "`data build`").
 
     Raises LockHeldError naming the lock file and its holder when a live process holds it."""
+    if paths.is_remote(directory):
+        return _acquire_remote(paths.join(directory, lock_name), directory, writer)
     path = os.path.join(directory, lock_name)
     me, holder = _me(), None
     for _ in range(40):
@@ -123,11 +130,7 @@ def acquire(directory: str, lock_name: str, writer: str) -> str:
                     time.sleep(0.05)
                     continue
             elif not _dead(holder):
-                raise LockHeldError(
-                    f"{path}: the folder is locked by {_describe(holder)}; likely cause: another {writer} is "
-                    f"writing to {directory}: wait for it to finish, or delete the lock file if that process is "
-                    "known to be gone"
-                ) from None
+                raise _held_error(path, holder, directory, writer) from None
             _take_over(path, holder)
             continue
         with os.fdopen(fd, "w") as f:
@@ -141,12 +144,43 @@ def acquire(directory: str, lock_name: str, writer: str) -> str:
     )
 
 
+def _held_error(path: str, holder: dict | None, directory: str, writer: str) -> LockHeldError:
+    return LockHeldError(
+        f"{path}: the folder is locked by {_describe(holder)}; likely cause: another {writer} is writing to "
+        f"{directory}: wait for it to finish, or delete the lock file if that process is known to be gone"
+    )
+
+
+def _acquire_remote(path: str, directory: str, writer: str) -> str:
+    """`acquire` in a bucket: create-if-absent, or swap out a dead holder's object (same generation only)."""
+    me = json.dumps(_me()).encode()
+    for _ in range(40):
+        try:
+            paths.write_if_generation(path, me, "0")
+            return path
+        except FileExistsError:
+            pass
+        generation = paths.generation(path)
+        if generation is None:
+            continue  # released meanwhile
+        holder = _read(path)
+        if holder is not None and not _dead(holder):
+            raise _held_error(path, holder, directory, writer)
+        try:
+            paths.write_if_generation(path, me, generation)
+        except FileExistsError:
+            continue  # another process took it over first
+        what = "an unreadable lock object" if holder is None else f"pid {holder['pid']} no longer runs"
+        logger.warning("warning: took over the stale lock %s (%s)", path, what)
+        return path
+    raise LockHeldError(f"{path}: could not take the lock; likely cause: several {writer}s started on {directory}")
+
+
 def release(path: str) -> None:
     """Removes the lock file if this process still holds it."""
     holder = _read(path)
     if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        paths.remove(path)
 
 
 @contextlib.contextmanager

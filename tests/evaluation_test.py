@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ipadapter_jax import paths, staging
 from ipadapter_jax.cli import evaluate as cli
 from ipadapter_jax.data import synthetic
 from ipadapter_jax.evaluation import evaluate, results, statistics
 from ipadapter_jax.evaluation.clip_score import CLIPScorer, clipscore, cosine, load_eval_clip
-from ipadapter_jax.testing import pipeline_fixtures, tiny_folders
+from ipadapter_jax.testing import gcs, pipeline_fixtures, tiny_folders
 
 pytestmark = pytest.mark.parity
 
@@ -261,3 +263,27 @@ def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     (tmp_path / "other" / results.RUN_NAME).write_text(json.dumps(run_json))
     assert cli.main(["compare", str(run_dir), str(tmp_path / "other"), "--out", str(out)]) == 1
     assert "seed (0 vs 5)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_run_reads_and_writes_a_bucket(tmp_path, eval_inputs):
+    """Annotations, images and the output folder in a bucket (fake-gcs-server on 127.0.0.1): the run folder is
+    uploaded complete, and a rerun resumes from it."""
+    if not gcs.available():
+        pytest.skip("the `test` extra (fake-gcs-server) is not installed")
+    with gcs.emulator(str(tmp_path)) as server, server.environment():
+        bucket = server.create_bucket()
+        staging.upload(eval_inputs["root"], f"{bucket}/images", what="images", progress=False)
+        staging.upload(eval_inputs["annotations"], f"{bucket}/captions.json", what="annotations", progress=False)
+        moved = {eval_inputs["annotations"]: f"{bucket}/captions.json", eval_inputs["root"]: f"{bucket}/images"}
+        args = [moved.get(arg, arg) for arg in eval_inputs["args"]]
+        out = f"{bucket}/eval"
+        assert cli.main(["run", *args, "--limit", "2", "--out", out]) == 0
+        summary = paths.read_json(f"{out}/{results.SUMMARY_NAME}")
+        assert summary["images"] == 2 and summary["prompts_scored_this_run"] == 2
+        assert {results.RESULTS_NAME, results.SUMMARY_NAME, results.SHEET_NAME} <= set(paths.listdir(out))
+        # Another host: nothing staged there yet; the bucket's folder is resumed (`environment()` restores the
+        # variable).
+        os.environ[staging.CACHE_ENV] = str(tmp_path / "fresh_cache")
+        assert cli.main(["run", *args, "--limit", "2", "--out", out]) == 0
+        assert paths.read_json(f"{out}/{results.SUMMARY_NAME}")["prompts_scored_this_run"] == 0

@@ -4,7 +4,7 @@ training loop short.
 
 Layers, from the ground up (a module may import its own layer and the ones below):
 
-    ipadapter_jax (the package root), quiet, choices, sharding, locks, presets
+    ipadapter_jax (the package root), quiet, choices, sharding, paths, staging, locks, presets
     models
     weights, data
     pipelines
@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ipadapter_jax"
 LAYERS = [
-    {"ipadapter_jax", "quiet", "choices", "sharding", "locks", "presets"},
+    {"ipadapter_jax", "quiet", "choices", "sharding", "paths", "staging", "locks", "presets"},
     {"models"},
     {"weights", "data"},
     {"pipelines"},

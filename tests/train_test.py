@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 
 import numpy as np
@@ -112,22 +111,8 @@ def test_trains_from_diffusers_model_folders(dataset, tmp_path):
 
 def test_two_processes_equal_one(dataset, single_device_run, tmp_path):
     """2 processes x 4 devices (jax.distributed on localhost) == the 1-device run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     workdir = str(tmp_path / "multihost")
-    args = runs.overrides(dataset, STEPS, GLOBAL_BATCH // 8)
-    procs = [
-        runs.train_subprocess(
-            workdir,
-            args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-            devices=4,
-        )
-        for i in range(2)
-    ]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out
+    runs.train_two_processes(workdir, runs.overrides(dataset, STEPS, GLOBAL_BATCH // 8))
     runs.assert_states_close(runs.final_state(workdir), single_device_run)
 
 

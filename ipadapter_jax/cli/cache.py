@@ -10,7 +10,6 @@ resume (finished chunks are kept). Run it on every host of a pod with `--multiho
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -34,15 +33,17 @@ def run(argv: list[str]) -> int:
     if not flag_values.raw or not flag_values.out:
         raise UsageError("--raw and --out are required")
     config = run_flags.train_config(flag_values)
+    run_flags.check_storage(config, flag_values.raw, flag_values.out, flag_values.workdir)
     run_flags.initialize_distributed(flag_values)
 
     import jax
 
     import ipadapter_jax  # noqa: F401  (the log filter, before the models are imported)
+    from ipadapter_jax import paths
     from ipadapter_jax.training.cache_encodings import build_cache
 
     batch_size = flag_values.batch_size or 8 * jax.local_device_count()
-    workdir = flag_values.workdir or os.path.join(flag_values.out, ".components")
+    workdir = flag_values.workdir or paths.join(flag_values.out, ".components")
     build_cache(config, flag_values.raw, flag_values.out, workdir, batch_size)
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -72,6 +71,9 @@ def _metadata_args(parser: argparse.ArgumentParser) -> None:
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    from ipadapter_jax import paths
+
+    paths.check_storage([getattr(args, name, None) for name in ("adapter", "out", "file")])
     {"to-flax": _to_flax, "to-torch": _to_torch, "inspect": _inspect}[args.command](args)
     return 0
 
@@ -83,8 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_output(args: argparse.Namespace, suffixes: tuple[str, ...], what: str) -> None:
     """The output must not be the input, and its suffix must say its format (readers choose by suffix)."""
+    from ipadapter_jax import paths
+
     out, source = Path(args.out), Path(args.adapter)
-    if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):
+    if paths.is_remote(args.out) or paths.is_remote(args.adapter):
+        same = args.out.rstrip("/") == args.adapter.rstrip("/")
+    else:
+        same = out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source))
+    if same:
         raise UsageError(f"--out {args.out} is the input file: write the converted adapter to another path")
     if out.suffix not in suffixes:
         raise UsageError(
@@ -168,6 +176,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _summary(path: str) -> dict[str, str]:
     """What an adapter file holds, read from its official-layout tensors (any of the three formats)."""
+    from ipadapter_jax import paths
     from ipadapter_jax.weights import adapter_files as ip_adapter_files
     from ipadapter_jax.weights import flax_adapter_file
     from ipadapter_jax.weights.image_proj_keys import detect_kind
@@ -185,7 +194,7 @@ def _summary(path: str) -> dict[str, str]:
     dtypes = sorted({str(v.dtype) for part in state.values() for v in part.values()})
     cross = next(iter(state["ip_adapter"].values())).shape[1]
     summary = {
-        "file": f"{path} ({os.path.getsize(path) / 2**20:.1f} MiB, {file_format})",
+        "file": f"{path} ({paths.size(path) / 2**20:.1f} MiB, {file_format})",
         "adapter_kind": spec.kind,
         "tokens": str(spec.num_tokens),
         "image_proj": ", ".join(f"{k}={v}" for k, v in spec.hparams.items()),
@@ -199,8 +208,10 @@ def _summary(path: str) -> dict[str, str]:
 
 def _describe(path: str) -> str:
     """One line about a file just written; reading it back also proves it is readable."""
+    from ipadapter_jax import paths
+
     s = _summary(path)
-    size = os.path.getsize(path) / 2**20
+    size = paths.size(path) / 2**20
     layers = s["cross-attention layers"]
     return f"{s['adapter_kind']}, {s['tokens']} tokens, {layers}; {s['params']} params; {s['dtypes']}; {size:.1f} MiB"
 

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    from ipadapter_jax import paths
+
+    paths.check_storage([args.json, args.root, args.out])
     from ipadapter_jax.data import builder  # after parsing: `--help` stays fast
 
     path, report = builder.build_dataset(
@@ -97,7 +100,7 @@ def run(argv: list[str]) -> int:
         print(f"resumed an interrupted build after entry {report['resumed_from_entry']}")
     print(f"entries: {report['total']}  written: {report['written']}  converted to RGB: {report['converted']}")
     print(f"skipped: {report['skipped']}" + "".join(f"\n  {k}: {n}" for k, n in sorted(report["skip_counts"].items())))
-    print(f"report: {path}/{builder.REPORT_NAME}")
+    print(f"report: {paths.join(path, builder.REPORT_NAME)}")
     return 0
 
 

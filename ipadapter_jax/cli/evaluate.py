@@ -113,8 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return report_errors(dispatch, list(sys.argv[1:] if argv is None else argv))
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Loads the models once, evaluates each scale (a sweep: one run folder per scale + comparison.json)."""
+def run(args: argparse.Namespace) -> Path | str:
+    """Loads the models once, evaluates each scale (a sweep: one run folder per scale + comparison.json).
+
+    A bucket --out (gs://) is evaluated in its local copy (staged down first, so a rerun resumes) and uploaded at
+    the end; bucket annotations and image folders are read from local copies."""
+    from ipadapter_jax import paths, staging
+
+    paths.check_storage([args.out, args.annotations, args.image_root, args.base, args.adapter, args.image_encoder,
+                         args.eval_clip, args.cache_dir])  # fmt: skip
     import jax
 
     if args.compile_cache != "none":
@@ -131,11 +138,13 @@ def run(args: argparse.Namespace) -> Path:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    prompts, skipped = eval_prompts(args.annotations, args.limit)
+    annotations = staging.stage_down(args.annotations, what="annotations", progress=not args.quiet)
+    image_root = staging.stage_down(args.image_root, what="images", progress=not args.quiet)
+    prompts, skipped = eval_prompts(annotations, args.limit)
     if not prompts:
         raise ValueError(f"{args.annotations}: no usable image-caption entry ({skipped} skipped)")
     scales = args.scale or [1.0]
-    out = Path(args.out)
+    out = Path(staging.stage_down(args.out, what="evaluation") if paths.exists(args.out) else staging.mirror(args.out))
     pipe = IPAdapterPipeline.from_pretrained(
         args.base,
         args.adapter,
@@ -147,14 +156,15 @@ def run(args: argparse.Namespace) -> Path:
         attention_implementation=args.attention,
         pytorch_numerics=not args.flax_numerics,
     )
-    scorer = CLIPScorer(load_eval_clip(args.eval_clip), batch_size=args.score_batch)
+    eval_clip = staging.stage_down(args.eval_clip, what="evaluation CLIP", progress=not args.quiet)
+    scorer = CLIPScorer(load_eval_clip(eval_clip), batch_size=args.score_batch)
     identity = {
-        "annotations": str(Path(args.annotations).resolve()),
-        "image_root": str(Path(args.image_root).resolve()),
-        "base": str(Path(args.base).resolve()),
-        "adapter": str(Path(args.adapter).resolve()),
-        "image_encoder": str(Path(args.image_encoder).resolve()),
-        "eval_clip": str(Path(args.eval_clip).resolve()),
+        "annotations": _absolute(args.annotations),
+        "image_root": _absolute(args.image_root),
+        "base": _absolute(args.base),
+        "adapter": _absolute(args.adapter),
+        "image_encoder": _absolute(args.image_encoder),
+        "eval_clip": _absolute(args.eval_clip),
         "scheduler": args.scheduler,
         "dtype": args.dtype,
     }
@@ -173,7 +183,7 @@ def run(args: argparse.Namespace) -> Path:
             pipe,
             scorer,
             prompts,
-            args.image_root,
+            image_root,
             dataclasses.replace(base_settings, scale=scale),
             folder,
             identity=identity,
@@ -193,7 +203,17 @@ def run(args: argparse.Namespace) -> Path:
         result = write_comparison(out / "comparison.json", folders[0], folders[1:], args.bootstrap)
         for comparison in result["comparisons"]:
             print(_difference_line(comparison), file=sys.stderr)
+    if paths.is_remote(args.out):
+        staging.upload(out, args.out, what="evaluation", last=("summary.json", "comparison.json"))
+        return args.out
     return out
+
+
+def _absolute(path: str) -> str:
+    """A URL as given, a local path resolved (what the run folder records of its inputs)."""
+    from ipadapter_jax import paths
+
+    return path if paths.is_remote(path) else str(Path(path).resolve())
 
 
 def _interval(metric: dict) -> str:

@@ -17,6 +17,7 @@ function out of it.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -112,8 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return report_errors(run, list(sys.argv[1:] if argv is None else argv))
 
 
-def generate(args: argparse.Namespace) -> Path:
-    """Loads the models, generates, writes images, grid and settings; returns the output folder."""
+def generate(args: argparse.Namespace) -> Path | str:
+    """Loads the models, generates, writes images, grid and settings; returns the output folder (a URL for a
+    bucket: the files are written locally, then uploaded)."""
+    from ipadapter_jax import paths, staging
+
+    paths.check_storage([args.base, args.adapter, args.image_encoder, args.out, args.cache_dir, args.controlnet,
+                         args.control_image, *args.image, *(args.negative_image or ())])  # fmt: skip
     import jax
 
     _configure_compile_cache(jax, args.compile_cache)
@@ -126,7 +132,8 @@ def generate(args: argparse.Namespace) -> Path:
     images = [_open_image(path) for path in args.image]
     negative_images = [_open_image(path) for path in args.negative_image or ()]
     control_image = None if args.control_image is None else _open_image(args.control_image)
-    out_dir = Path(args.out or Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
+    target = args.out or str(Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
+    out_dir = Path(staging.mirror(target))
 
     start = time.perf_counter()
     pipe = IPAdapterPipeline.from_pretrained(
@@ -190,6 +197,9 @@ def generate(args: argparse.Namespace) -> Path:
         f"sampling {timings['sample_s']:.1f} s",
         file=sys.stderr,
     )
+    if paths.is_remote(target):
+        staging.upload(out_dir, target, what="images", last=("settings.json",), progress=False)
+        return target
     return out_dir
 
 
@@ -218,8 +228,10 @@ def _parse_scale(text: str) -> float | dict:
 def _open_image(path: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
+    from ipadapter_jax import paths
+
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path) as image:
             image.load()
             return image.copy()
     except UnidentifiedImageError:

@@ -123,9 +123,10 @@ def _drop_traceback(record: logging.LogRecord) -> bool:
 
 
 def _is_usage_error(err: Exception) -> bool:
+    from ipadapter_jax.paths import BadURL  # light: the standard library only
     from ipadapter_jax.training.config import ConfigError  # light: dataclasses only
 
-    return isinstance(err, (UsageError, ConfigError))
+    return isinstance(err, (UsageError, ConfigError, BadURL))
 
 
 def _one_line(err: Exception) -> str:

@@ -14,6 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from ipadapter_jax import paths
 from ipadapter_jax.cli.main import UsageError
 from ipadapter_jax.presets import PRESETS, preset_path
 from ipadapter_jax.training.config import TrainConfig
@@ -67,6 +68,14 @@ def train_config(flag_values: flags.FlagValues) -> TrainConfig:
             f"--config {value}: neither a preset ({', '.join(PRESETS)}) nor a config file that loads ({cause})"
         ) from None
     return TrainConfig.from_config_dict(config)
+
+
+def check_storage(config: TrainConfig, *others: str | None) -> None:
+    """`ipadapter_jax.paths.check_storage` over the config's paths and `others` (workdir, --out, ...): a bad bucket
+    name, a missing bucket or missing credentials is one error before any work."""
+    model, data = config.model, config.data
+    paths.check_storage([*others, data.path, data.eval_path, model.base, model.image_encoder, model.init_adapter,
+                         *config.samples.images])  # fmt: skip
 
 
 def initialize_distributed(flag_values: flags.FlagValues) -> None:

@@ -1,7 +1,7 @@
 """`ipadapter-jax train`: train (or resume) an IP-Adapter in a workdir.
 
     ipadapter-jax train --config tiny --workdir out/tiny --config.data.path=DATA
-    ipadapter-jax train --config sd15 --workdir runs/sd15 --config.model.base=SD15 \\
+    ipadapter-jax train --config sd15 --workdir gs://BUCKET/runs/sd15 --config.model.base=SD15 \\
         --config.model.image_encoder=IMAGE_ENCODER --config.data.path=data/cache     (pod: on every host, --multihost)
 
 Exit status 75 after SIGTERM (the last step is checkpointed: rerun the same command to resume); see
@@ -26,6 +26,7 @@ def run(argv: list[str]) -> int:
     if not flag_values.workdir:
         raise UsageError("--workdir is required")
     config = run_flags.train_config(flag_values)  # validated before anything is loaded
+    run_flags.check_storage(config, flag_values.workdir)
     run_flags.initialize_distributed(flag_values)
 
     import ipadapter_jax  # noqa: F401  (the log filter, before the models are imported)

@@ -36,7 +36,9 @@ Interruptions lose at most one shard: a rerun of the same command (same annotati
 continues after the last complete shard, even after SIGKILL; other settings are refused (or start over with
 `overwrite`). Nothing is published until complete: the dataset is finished in `out_dir/.building-*` and moved
 into place at the end, the old one kept until then. A lock file in `out_dir` (`ipadapter_jax.locks`) keeps a second
-build off the same folder. Images are assumed unchanged between an interrupted run and its resumption.
+build off the same folder. Images are assumed unchanged between an interrupted run and its resumption. Buckets
+(gs://; array_record writes POSIX files only): built in the local mirror (`ipadapter_jax.staging`, resumable there),
+uploaded with `dataset_info.json` last; bucket annotations and images are staged to local disk first.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ import math
 import numbers
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -60,7 +61,8 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from ipadapter_jax import locks
+from ipadapter_jax import locks, paths
+from ipadapter_jax import staging as bucket_staging
 from ipadapter_jax.data import build_report, rgb, shards
 from ipadapter_jax.data.annotations import Entry, outside_root, read_annotations, scan_annotations, screen_entries
 
@@ -250,7 +252,7 @@ def _validate(max_skip_fraction: float, max_aspect_ratio: float, num_threads: in
 
 def dataset_dir(out_dir: str | os.PathLike) -> str:
     """Where `build_dataset(..., out_dir)` publishes the dataset (the directory the loader opens)."""
-    return os.path.join(os.fspath(out_dir), DATASET_NAME, VERSION)
+    return paths.join(out_dir, DATASET_NAME, VERSION)
 
 
 def build_dataset(
@@ -286,6 +288,18 @@ def build_dataset(
     report file lists all of them.
     """
     _validate(max_skip_fraction, max_aspect_ratio, num_threads, shard_examples, shard_bytes)
+    options = dict(max_skip_fraction=max_skip_fraction, max_aspect_ratio=max_aspect_ratio, num_threads=num_threads,
+                   shard_examples=shard_examples, shard_bytes=shard_bytes, progress=progress)  # fmt: skip
+    if paths.is_remote(out_dir):  # built in the local mirror, then uploaded with dataset_info.json last
+        remote, mirror = os.fspath(out_dir), bucket_staging.mirror(out_dir)
+        with locks.locked(remote, LOCK_NAME, "`data build`"):
+            if paths.exists(dataset_dir(remote)) and not overwrite:
+                raise FileExistsError(f"{dataset_dir(remote)} exists; pass overwrite=True (--overwrite) to rebuild it")
+            shutil.rmtree(dataset_dir(mirror), ignore_errors=True)  # the local copy of an earlier upload
+            local, report = build_dataset(annotations, image_root, mirror, overwrite=overwrite, **options)
+            return shards.upload_dataset(local, remote, os.path.join(mirror, REPORT_NAME)), report
+    annotations = bucket_staging.stage_down(annotations, what="annotations", progress=progress)
+    image_root = bucket_staging.stage_down(image_root, what="images", progress=progress)
     out_dir, image_root, annotations = os.fspath(out_dir), os.fspath(image_root), os.fspath(annotations)
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"{image_root}: the image folder does not exist; likely cause: a wrong --root")
@@ -325,7 +339,7 @@ def build_dataset(
         report.status = "complete"
         report.write(report_path, staging.items)
         shutil.copy(report_path, os.path.join(version_dir, REPORT_NAME))
-        _publish(out_dir, version_dir, final_dir)
+        shards.publish(out_dir, version_dir, final_dir)
         staging.discard()
         return final_dir, build_report.returned(report_path)
 
@@ -374,22 +388,13 @@ def _counts(report: build_report.BuildReport) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in report.skip_counts.most_common())
 
 
-def _publish(out_dir: str, version_dir: str, final_dir: str) -> None:
-    """Moves the finished dataset into place; the old one (if overwriting) stays readable until then."""
-    old = None
-    if os.path.exists(final_dir):
-        old = tempfile.mkdtemp(prefix=".building-old-", dir=out_dir)
-        os.replace(final_dir, os.path.join(old, VERSION))
-    os.makedirs(os.path.dirname(final_dir), exist_ok=True)
-    os.replace(version_dir, final_dir)
-    if old:
-        shutil.rmtree(old)
-
-
 def raw_source(path: str | os.PathLike, split: str = "train") -> Any:
     """Random-access source over a built dataset (`dataset_dir(out_dir)`): `len()`, `[i]` -> record dict
     with `image` as encoded bytes (decoded later by the loader's preprocessing, not by TFDS), `text` and
     `image_file` as UTF-8 bytes, `width`, `height`, `annotation_index` as numpy ints. Picklable (grain
-    workers)."""
-    builder = tfds.builder_from_directory(os.fspath(path))
+    workers). A bucket dataset (gs://) is read from a local copy (`staging.stage_down`): array_record's reader would
+    hang on the URL."""
+    if paths.is_remote(path) and not paths.exists(paths.join(path, "dataset_info.json")):
+        raise FileNotFoundError(f"{path}: no complete dataset there (no dataset_info.json)")
+    builder = tfds.builder_from_directory(bucket_staging.stage_down(path, what="dataset"))
     return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})

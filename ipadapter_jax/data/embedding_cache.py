@@ -17,6 +17,10 @@ Layout of a cache directory:
 Processes split the chunks (chunk c goes to process c mod n); each encodes on its own devices, so no
 collective ties them together. A chunk appears under its final name only when complete, so an interrupted
 pass resumes by skipping finished chunks (the directory must be shared by all processes).
+
+In a bucket (gs://; array_record reads and writes POSIX files only): chunks are written in the local mirror
+(`staging.mirror`) and each is uploaded as one object when complete; cache_info.json, uploaded last, marks the cache
+complete. Readers (`CachedSource`) stage the cache to local disk first.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from array_record.python import array_record_module
 from flax import serialization
 from jax.experimental import multihost_utils
 
-from ipadapter_jax import sharding
+from ipadapter_jax import paths, sharding, staging
 from ipadapter_jax.data import builder, preprocess
 
 CACHE_INFO = "cache_info.json"
@@ -47,7 +51,7 @@ EncodeFn = Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]
 
 def is_cache(path: str | os.PathLike) -> bool:
     """Whether `path` is a complete embedding cache."""
-    return os.path.exists(os.path.join(path, CACHE_INFO))
+    return paths.exists(paths.join(path, CACHE_INFO))
 
 
 def chunk_name(chunk: int, num_chunks: int) -> str:
@@ -58,7 +62,7 @@ class CachedSource:
     """Random-access source over a cache: `len()`, `[i]` -> dict of numpy arrays of record i. Picklable."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = staging.stage_down(path, what="embedding cache")  # a local copy of a bucket cache
         with open(os.path.join(self.path, CACHE_INFO)) as f:
             self.info = json.load(f)
         self._records = grain.sources.ArrayRecordDataSource(
@@ -191,46 +195,52 @@ def build_embedding_cache(
       The cache info when this call completed the cache (all chunks present and this process finalises:
       process 0, or any process when jax runs a single process); None otherwise.
     """
-    out_dir = os.fspath(out_dir)
+    out_dir, local_dir = os.fspath(out_dir), staging.mirror(out_dir)  # local_dir: where chunks are written
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     source = builder.raw_source(raw_dir)
     num_records = len(source)
     num_chunks = -(-num_records // chunk_size)
     files = [chunk_name(c, num_chunks) for c in range(num_chunks)]
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(local_dir, exist_ok=True)
     run = _encoder(encoders, keep, devices or jax.local_devices(), batch_size)
 
-    mine = [c for c in range(num_chunks) if c % count == index and not os.path.exists(os.path.join(out_dir, files[c]))]
-    for name in os.listdir(out_dir):  # partial chunks of an interrupted pass
+    mine = [c for c in range(num_chunks) if c % count == index and not paths.exists(paths.join(out_dir, files[c]))]
+    for name in os.listdir(local_dir):  # partial chunks of an interrupted pass
         if ".tmp" in name and name.split(".tmp")[0] in {files[c] for c in mine}:
-            os.remove(os.path.join(out_dir, name))
+            os.remove(os.path.join(local_dir, name))
     total = sum(min(chunk_size, num_records - c * chunk_size) for c in mine)
     bar = tqdm.tqdm(total=total, desc="embedding cache", unit="ex", disable=not progress or index != 0)
     rows = grain.MapDataset.range(num_records).map(_RawRow(source, preprocessor))
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
     for c in mine:
         batches = rows[c * chunk_size : (c + 1) * chunk_size].batch(batch_size).to_iter_dataset(read_options)
-        _encode_chunk(run, batches, batch_size, keep, os.path.join(out_dir, files[c]), bar)
+        _encode_chunk(run, batches, batch_size, keep, os.path.join(local_dir, files[c]), bar)
+        if paths.is_remote(out_dir):  # one object, complete or absent
+            staging.upload(
+                os.path.join(local_dir, files[c]), paths.join(out_dir, files[c]), what="chunk", progress=False
+            )
     bar.close()
 
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("embedding_cache")
-    if not all(os.path.exists(os.path.join(out_dir, name)) for name in files):
+    if not all(paths.exists(paths.join(out_dir, name)) for name in files):
         return None
     if jax.process_count() > 1 and index != 0:
         return None
 
     null = {k: np.repeat(v[None], batch_size, 0) for k, v in preprocessor.null_example().items()}
     null_outputs = jax.device_get(run(null))
-    with open(os.path.join(out_dir, NULL_EXAMPLE), "wb") as f:
-        f.write(serialization.msgpack_serialize({k: v[0] for k, v in null_outputs.items()}))
-    first = serialization.msgpack_restore(grain.sources.ArrayRecordDataSource([os.path.join(out_dir, files[0])])[0])
+    paths.write_bytes(
+        paths.join(out_dir, NULL_EXAMPLE), serialization.msgpack_serialize({k: v[0] for k, v in null_outputs.items()})
+    )
+    first_chunk = staging.stage_down(paths.join(out_dir, files[0]), what="chunk", progress=False)
+    first = serialization.msgpack_restore(grain.sources.ArrayRecordDataSource([first_chunk])[0])
     info = {
         "num_records": num_records,
         "files": files,
         "chunk_size": chunk_size,
-        "raw_dataset": os.path.abspath(raw_dir),
+        "raw_dataset": os.fspath(raw_dir) if paths.is_remote(raw_dir) else os.path.abspath(raw_dir),
         "encoders": list(encoders),
         "features": {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in first.items()},
         "preprocessor": {
@@ -239,8 +249,5 @@ def build_embedding_cache(
             "max_length": preprocessor.max_length,
         },
     }
-    tmp = os.path.join(out_dir, f"{CACHE_INFO}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, CACHE_INFO))
+    paths.write_json(paths.join(out_dir, CACHE_INFO), info)  # last: marks the cache complete
     return info

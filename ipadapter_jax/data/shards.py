@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer, naming
 from tensorflow_datasets.core import splits as splits_lib
+
+from ipadapter_jax import paths, staging
 
 DATASET_NAME = "ip_adapter_captions"
 VERSION = "1.0.0"
@@ -250,3 +253,26 @@ def _write_json(path: str, data: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+def publish(out_dir: str, version_dir: str, final_dir: str) -> None:
+    """Moves the finished dataset into place; the old one (if overwriting) stays readable until then."""
+    old = None
+    if os.path.exists(final_dir):
+        old = tempfile.mkdtemp(prefix=".building-old-", dir=out_dir)
+        os.replace(final_dir, os.path.join(old, VERSION))
+    os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+    os.replace(version_dir, final_dir)
+    if old:
+        shutil.rmtree(old)
+
+
+def upload_dataset(local_dir: str, remote_out: str, report: str) -> str:
+    """Uploads a dataset built locally to `remote_out/<name>/<version>` (an older one there is deleted first;
+    `dataset_info.json` and `features.json` go last: readers take the dataset as complete once they exist) and its
+    report to `remote_out/build_report.json`; returns the dataset's URL."""
+    remote_dir = paths.join(remote_out, DATASET_NAME, VERSION)
+    paths.rmtree(remote_dir)
+    staging.upload(local_dir, remote_dir, what="dataset", last=("dataset_info.json", "features.json"))
+    staging.upload(report, paths.join(remote_out, os.path.basename(report)), what="build report", progress=False)
+    return remote_dir

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ipadapter_jax import paths
 from ipadapter_jax.data import builder, synthetic
 from ipadapter_jax.presets import get_preset
 
@@ -67,11 +69,25 @@ def train_subprocess(
     )
 
 
+def train_two_processes(workdir: str, args: list[str], devices: int = 4) -> None:
+    """Two `train_subprocess`es of one run (jax.distributed on a free localhost port, `devices` each); both must
+    succeed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [train_subprocess(workdir, [*args, *cluster, f"--process_id={i}"], devices=devices) for i in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+
+
 def final_state(workdir: str) -> dict:
-    """Flattened adapter, optimizer state and step of the latest checkpoint in `workdir` (numpy, any device count)."""
-    root = os.path.join(workdir, "checkpoints")
-    step = max(int(d) for d in os.listdir(root) if d.isdigit())
-    path = os.path.join(root, str(step), "state")
+    """Flattened adapter, optimizer state and step of the latest checkpoint in `workdir` (numpy, any device count;
+    local or gs://)."""
+    root = paths.join(workdir, "checkpoints")
+    step = max(int(d) for d in paths.listdir(root) if d.isdigit())
+    path = paths.join(root, str(step), "state")
     metadata = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run: the `TrainState` (adapter, optimizer, step, RNG), the data position, and a
 fingerprint of the state that every restore verifies.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,fingerprint}`; `max_to_keep` newest kept; saves are
+Layout: `<workdir>/checkpoints/<step>/{state,data,fingerprint}` (local or gs://); `max_to_keep` newest kept; saves are
 asynchronous (the next steps run while the previous state is written); temporary folders of saves that never
 finished (a kill, a full disk) are removed when the manager opens. Restores go through an abstract target carrying
 the shardings of the current mesh, so optax's state structure survives and a run may resume on a different device
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
@@ -27,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ipadapter_jax import paths
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict
     """
     for step in sorted(mngr.all_steps(), reverse=True):
         # Checkpoints written before fingerprints existed are restored unverified (their values still checked).
-        verified = os.path.isdir(os.path.join(os.fspath(mngr.directory), str(step), "fingerprint"))
+        verified = paths.is_dir(paths.join(os.fspath(mngr.directory), str(step), "fingerprint"))
         items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         if verified:
             items["fingerprint"] = ocp.args.JsonRestore()
@@ -118,11 +119,10 @@ def _problem(state: Any, stored: dict | None) -> str | None:
 
 def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
     """Moves the checkpoint of `step` to the workdir's corrupt_checkpoints/ (process 0) and reloads the manager."""
-    source = os.path.join(os.fspath(mngr.directory), str(step))
-    target = os.path.join(os.path.dirname(os.fspath(mngr.directory)), CORRUPT_DIR, f"{step}-{int(time.time())}")
+    source = paths.join(os.fspath(mngr.directory), str(step))
+    target = paths.join(paths.parent(os.fspath(mngr.directory)), CORRUPT_DIR, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(source, target)
+        paths.move(source, target)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -132,7 +132,8 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
 
 
 def _directory(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """workdir/checkpoints: orbax writes a bucket folder (gs://) directly (tensorstore's gcs driver)."""
+    return paths.join(workdir if paths.is_remote(workdir) else os.path.abspath(workdir), "checkpoints")
 
 
 @jax.jit

@@ -10,13 +10,13 @@ function (`_components`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ipadapter_jax import paths
 from ipadapter_jax.data import preprocess
 from ipadapter_jax.models.adapter import Adapter, split_unet_params
 from ipadapter_jax.models.base_model import BaseModel
@@ -68,7 +68,7 @@ def load(config: TrainConfig, workdir: str) -> Components:
     """
     model, dtype = config.model, jnp.dtype(config.model.dtype)
     model.require_models()
-    cache = None if model.base == TINY else os.path.join(workdir, "flax_cache")
+    cache = None if model.base == TINY else paths.join(workdir, "flax_cache")
     base = load_base(model.base, dtype=dtype, cache_dir=cache, weights_variant=model.weights_variant or None)
     image_encoder = load_image_encoder(
         model.image_encoder, dtype=dtype, preprocessor_config=feature_extractor_config(model.base)

@@ -168,6 +168,27 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplesConfig:
+    """Grids of samples for fixed image prompts in TensorBoard (`config.samples`; `every` = 0: none)."""
+
+    every: int = 0
+    images: tuple = ()
+    count: int = 4
+    per_prompt: int = 2
+    steps: int = 20
+    guidance_scale: float = 5.0
+    scale: float = 1.0
+
+    def validate(self) -> None:
+        _at_least(self.every, 0, "samples.every")
+        for name in ("count", "per_prompt", "steps"):
+            _at_least(getattr(self, name), 1, f"samples.{name}")
+        _at_least(self.guidance_scale, 0.0, "samples.guidance_scale")
+        if not all(isinstance(path, str) and path for path in self.images):
+            raise ConfigError(f"samples.images must be image file paths, got {self.images!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A whole training run. `from_config_dict` is the way in from config files."""
 
@@ -176,6 +197,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     loss: LossOptions = LossOptions()
     mesh: MeshConfig = MeshConfig()
+    samples: SamplesConfig = SamplesConfig()
     sharding_rules: tuple = (("^frozen/", "replicate"), (".*", "fsdp"))
     seed: int = 0
     ema_decay: float = 0.0
@@ -187,9 +209,10 @@ class TrainConfig:
     export_every: int = 10_000
     on_nonfinite: str = "stop"
     profile_steps: tuple = ()
+    tensorboard: bool = True
 
     def validate(self) -> None:
-        for part in (self.model, self.data, self.optim, self.loss, self.mesh):
+        for part in (self.model, self.data, self.optim, self.loss, self.mesh, self.samples):
             part.validate()
         from ipadapter_jax.sharding import check_rules  # jax-free callers may validate without importing jax
 

@@ -5,18 +5,21 @@ total is reached or the run was preempted); `Profile` runs at its own two steps.
 alone, that the loop (`ipadapter_jax.training.loop`) calls in order:
 
     MetricsLog       metrics.jsonl (loss, grad/param norm, LR, images/s, TFLOP/s, MFU) and the progress bar;
-                     raises `NonFiniteLoss` under on_nonfinite="stop"
+                     raises `NonFiniteLoss` under on_nonfinite="stop"; passes each record to its `listeners`
     HeldOutLoss      the held-out batch's loss (fixed noise and timesteps) into metrics.jsonl
     Checkpoint       orbax checkpoints (asynchronous), with the data position
     Export           the adapter as an official .safetensors (workdir/exports/) that diffusers loads
     Profile          a jax.profiler trace of a step range into workdir/profile
+    TensorBoard      event files in workdir/tensorboard (`ipadapter_jax.training.tensorboard`)
+
+The workdir may be a bucket (gs://, `ipadapter_jax.paths`): metrics.jsonl is then rewritten whole at each record
+(a bucket has no append), exports are single object uploads, and a profile is traced locally and uploaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +29,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+from ipadapter_jax import paths, staging
 from ipadapter_jax.training import checkpoint
 from ipadapter_jax.weights.adapter_files import save_ip_adapter
 
@@ -69,12 +73,16 @@ class Every:
     def __call__(self, info: StepInfo) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Releases what the hook holds at the end of the run (nothing, unless overridden)."""
+
 
 class MetricsLog(Every):
     """Summarises the steps since the last log into one metrics.jsonl record (process 0 writes).
 
     On resume, records past the resumed step (logged after the checkpoint the run restarts from) are dropped,
-    so the file stays one record per logged step, in order.
+    so the file stays one record per logged step, in order. Every written record also goes to each of `listeners`
+    (process 0). In a bucket the file is rewritten whole at each record (one object upload: no append there).
     """
 
     def __init__(
@@ -91,12 +99,12 @@ class MetricsLog(Every):
     ):
         self.every, self.global_batch, self.step_flops = every, global_batch, step_flops
         self.on_nonfinite, self.log, self.is_main = on_nonfinite, log, is_main
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = paths.join(workdir, METRICS_FILE)
         self.pending: list[dict] = []
         self.last: dict = {}
+        self.listeners: list[Callable[[dict], None]] = []
         self._start, self._steps = time.time(), 0
-        if is_main:
-            drop_records_after(self.path, first_step)
+        self._lines = drop_records_after(self.path, first_step) if is_main else []
         self.bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not is_main, desc="train", unit="step")
 
     def record(self, metrics: dict) -> None:
@@ -122,11 +130,20 @@ class MetricsLog(Every):
             self.log(message + " (skipped: on_nonfinite=skip)")
 
     def write(self, record: dict) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        line = json.dumps(record) + "\n"
+        if paths.is_remote(self.path):
+            self._lines.append(line)
+            paths.write_text(self.path, "".join(self._lines))
+        else:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
+        for listener in self.listeners:
+            listener(record)
 
     def close(self) -> None:
+        """Closes the progress bar."""
         self.bar.close()
 
 
@@ -162,26 +179,34 @@ class Export(Every):
         return info.step % self.every == 0 and not info.done
 
     def __call__(self, info: StepInfo) -> None:
-        path = os.path.join(self.workdir, "exports", f"ip-adapter_{info.step:08d}.safetensors")
+        path = paths.join(self.workdir, "exports", f"ip-adapter_{info.step:08d}.safetensors")
         export_adapter(info.state.adapter, path, self.metadata)
 
 
 class Profile:
-    """A jax.profiler trace of steps first+1 .. last into workdir/profile."""
+    """A jax.profiler trace of steps first+1 .. last into workdir/profile (for a bucket: traced into its local
+    mirror, then uploaded)."""
 
     def __init__(self, workdir: str, first: int, last: int):
-        self.path, self.first, self.last, self.active = os.path.join(workdir, "profile"), first, last, False
+        self.path, self.first, self.last, self.active = paths.join(workdir, "profile"), first, last, False
 
     def due(self, info: StepInfo) -> bool:
         return info.step in (self.first, self.last) or (self.active and info.done)
 
     def __call__(self, info: StepInfo) -> None:
         if not self.active and info.step == self.first and not info.done:
-            jax.profiler.start_trace(self.path)
+            jax.profiler.start_trace(staging.mirror(self.path))
             self.active = True
         elif self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if paths.is_remote(self.path):
+                staging.upload(staging.mirror(self.path), self.path, what="profile", progress=False)
+
+    def close(self) -> None:
+        """Stops a trace still running (a run that ended inside the range)."""
+        if self.active:
+            self(StepInfo(self.last, None, done=True))
 
 
 def export_adapter(adapter: Any, path: str, metadata: dict[str, str]) -> None:
@@ -191,7 +216,7 @@ def export_adapter(adapter: Any, path: str, metadata: dict[str, str]) -> None:
     """
     host_adapter = multihost_utils.process_allgather(adapter, tiled=True)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        paths.makedirs(paths.parent(path))
         save_ip_adapter(host_adapter, path, metadata=metadata)
 
 
@@ -215,15 +240,13 @@ def summarise(fetched: list[dict], step: int, steps: int, elapsed: float, global
     return summary
 
 
-def drop_records_after(path: str, step: int) -> None:
-    """Rewrites a metrics.jsonl without the records of steps after `step` (atomically; no file: nothing)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+def drop_records_after(path: str, step: int) -> list[str]:
+    """Rewrites a metrics.jsonl (local or in a bucket) without the records of steps after `step`, atomically;
+    returns the lines kept (no file: none)."""
+    if not paths.exists(path):
+        return []
+    lines = [line + "\n" for line in paths.read_text(path).splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        paths.write_text(path, "".join(kept))
+    return kept

@@ -10,13 +10,13 @@ are due, until the total is reached or SIGTERM arrives -> the final export.
 A run restarted with the same workdir resumes from its latest checkpoint: same params, optimizer state and data
 order as if never interrupted. SIGTERM (preemption) finishes the current step, checkpoints it and raises
 `Preempted` (the command's exit status 75). The adapter is exported in the official layout every
-`export_every` steps (workdir/exports/) and at the end (workdir/ip-adapter.safetensors).
+`export_every` steps (workdir/exports/) and at the end (workdir/ip-adapter.safetensors). The workdir may be a
+bucket (gs://): checkpoints, metrics, TensorBoard events and exports are written there (`ipadapter_jax.paths`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import Iterator, Mapping
@@ -25,11 +25,12 @@ from typing import Any
 import jax
 import tqdm
 
-from ipadapter_jax import locks
+from ipadapter_jax import locks, paths
 from ipadapter_jax.training import checkpoint
 from ipadapter_jax.training import hooks as hooks_lib
 from ipadapter_jax.training.config import TrainConfig
 from ipadapter_jax.training.run import Run, build_run
+from ipadapter_jax.training.tensorboard import TensorBoard
 
 WORKDIR_LOCK = ".train.lock"  # in the workdir, held by process 0 while a run writes there
 
@@ -46,7 +47,7 @@ def train(config: TrainConfig | Mapping[str, Any], workdir: str) -> dict:
       ConfigError: an invalid config.  Preempted: SIGTERM.  NonFiniteLoss: on_nonfinite="stop" saw a NaN/inf.
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_config_dict(config)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     with _workdir_lock(workdir), _Preemption() as preemption:
         run = build_run(config, workdir, log=_log)
         metrics = _metrics_log(run)
@@ -72,10 +73,11 @@ def train(config: TrainConfig | Mapping[str, Any], workdir: str) -> dict:
         finally:
             run.checkpoints.wait_until_finished()
             run.batches.close()
-            metrics.close()
+            for hook in (metrics, *periodic):
+                hook.close()
         if step < config.total_steps:
             raise Preempted(f"SIGTERM: checkpointed step {step} in {workdir}; rerun the same command to resume")
-        final = os.path.join(workdir, hooks_lib.FINAL_EXPORT)
+        final = paths.join(workdir, hooks_lib.FINAL_EXPORT)
         hooks_lib.export_adapter(run.state.adapter, final, _export_metadata(config))
     _log(f"exported {final}")
     return metrics.last
@@ -116,6 +118,8 @@ def _hooks(run: Run, metrics: hooks_lib.MetricsLog) -> list[Any]:
     hooks.append(hooks_lib.Export(run.workdir, config.export_every, _export_metadata(config)))
     if config.profile_steps:
         hooks.append(hooks_lib.Profile(run.workdir, *config.profile_steps))
+    if config.tensorboard:
+        hooks.append(TensorBoard(run, metrics))
     return hooks
 
 

@@ -9,7 +9,6 @@ shardings and a donated state. The loop (`ipadapter_jax.training.loop`) then onl
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from ipadapter_jax import sharding
+from ipadapter_jax import paths, sharding
 from ipadapter_jax.data import loader
 from ipadapter_jax.models.image_encoder import null_projection_input
 from ipadapter_jax.training import checkpoint, components
@@ -62,7 +61,7 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     """Builds (or resumes) the run of `config` in `workdir` (created)."""
     if not config.data.path:
         raise ConfigError("data.path is empty: give a built dataset or an embedding cache (`--config.data.path=...`)")
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     comps = components.load(config, workdir)
 

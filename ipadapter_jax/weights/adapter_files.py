@@ -36,6 +36,7 @@ import safetensors.numpy
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
+from ipadapter_jax import paths, staging
 from ipadapter_jax.weights import image_proj_keys
 from ipadapter_jax.weights.atomic_write import atomic_output
 from ipadapter_jax.weights.image_proj_keys import ImageProjSpec, detect_kind
@@ -67,7 +68,7 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
       ConversionError: an unknown suffix; a truncated or corrupt file; a `.bin` holding objects other than
         tensors; a missing section or a key outside the two sections. The message names the file.
     """
-    path = Path(path)
+    path = Path(staging.stage_down(path, what="adapter file"))  # a bucket object: read from a local copy
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -89,10 +90,12 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of an IP-Adapter file: the safetensors header's, or a `.bin`'s sidecar JSON ({} if none)."""
+    if Path(path).suffix == ".safetensors":
+        return _read_safetensors(Path(staging.stage_down(path, what="adapter file")), tensors=False)[1]
+    if paths.is_remote(path) and not paths.exists(metadata_sidecar(path)):
+        return {}
+    sidecar = Path(staging.stage_down(metadata_sidecar(path), what="metadata sidecar"))
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path, tensors=False)[1]
-    sidecar = metadata_sidecar(path)
     if not sidecar.is_file():
         return {}
     try:
@@ -105,8 +108,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()}
 
 
-def metadata_sidecar(path: str | os.PathLike) -> Path:
-    """Where the metadata of a `.bin` file lives: `ip-adapter.bin` -> `ip-adapter.bin.json`."""
+def metadata_sidecar(path: str | os.PathLike) -> Any:
+    """Where the metadata of a `.bin` file lives: `ip-adapter.bin` -> `ip-adapter.bin.json` (a Path; a URL string
+    for a bucket object)."""
+    if paths.is_remote(path):
+        return os.fspath(path) + ".json"
     path = Path(path)
     return path.with_name(path.name + ".json")
 
@@ -167,9 +173,11 @@ def save_ip_adapter(
       metadata: str -> str entries to record, e.g. {"base_model": ..., "image_encoder": ...}; "adapter_kind" and
         "num_tokens" are derived from the weights and may only be repeated with the same value.
     Returns:
-      `path`. On any failure nothing is left at `path` (a previous file there is kept) or beside it.
+      `path` (a URL string for a bucket). On any failure nothing is left at `path` (a previous file is kept) or beside
+      it; in a bucket the file appears as one complete object.
     """
-    path = Path(path)
+    target = os.fspath(path)
+    path = Path(target)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if dtype not in DTYPES:
@@ -184,13 +192,13 @@ def save_ip_adapter(
     state = {name: {k: v.astype(DTYPES[dtype], copy=False) for k, v in part.items()} for name, part in state.items()}
     if format == "safetensors":
         flat = {f"{name}.{key}": value for name, part in state.items() for key, value in part.items()}
-        with atomic_output(path) as tmp:
+        with atomic_output(target) as tmp:
             safetensors.numpy.save_file(flat, tmp, metadata=header)
     else:
-        with atomic_output(path) as tmp, atomic_output(metadata_sidecar(path)) as tmp_sidecar:
+        with atomic_output(target) as tmp, atomic_output(metadata_sidecar(target)) as tmp_sidecar:
             _torch_save(state, tmp)
             tmp_sidecar.write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-    return path
+    return target if paths.is_remote(target) else path
 
 
 def adapter_metadata(adapter: Mapping[str, Any], extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ipadapter_jax import paths
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
@@ -22,6 +24,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     gets the permissions a plain `open(path, "w")` would give (from the umask), also when the writer replaced
     the file with a private one (safetensors writes 0600 files).
     """
+    if paths.is_remote(path):
+        with paths.local_output(path) as tmp:
+            yield Path(tmp)
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     with open(tmp, "xb"):

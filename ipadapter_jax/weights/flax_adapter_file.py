@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from flax import serialization, traverse_util
 
+from ipadapter_jax import paths, staging
 from ipadapter_jax.weights.adapter_files import adapter_metadata
 from ipadapter_jax.weights.atomic_write import atomic_output
 from ipadapter_jax.weights.image_proj_keys import ImageProjSpec
@@ -48,10 +49,9 @@ def save_flax_adapter(
         for section in ("image_proj", "ip_layers")
     }
     content = {"format": FORMAT, "version": VERSION, "metadata": adapter_metadata(params, metadata), "params": params}
-    path = Path(path)
-    with atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:  # a bucket path (gs://): one object upload
         tmp.write_bytes(serialization.msgpack_serialize(content))
-    return path
+    return path if paths.is_remote(path) else Path(path)
 
 
 def read_flax_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
@@ -61,7 +61,7 @@ def read_flax_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
       FileNotFoundError: no such file.
       ConversionError: truncated or corrupt, or not an adapter file of this format/version (names the file).
     """
-    path = Path(path)
+    path = Path(staging.stage_down(path, what="adapter file"))  # a bucket object: read from a local copy
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ipadapter_jax import paths, staging
 from ipadapter_jax.choices import SCHEDULERS
 from ipadapter_jax.models.adapter import Adapter, ip_layers_from_unet
 from ipadapter_jax.models.base_model import BaseModel
@@ -32,7 +33,7 @@ from ipadapter_jax.models.image_encoder import ImageEncoder
 from ipadapter_jax.models.random_init import numpy_init
 from ipadapter_jax.models.text_encoder import TextEncoder
 from ipadapter_jax.models.unet import check_attention_implementation
-from ipadapter_jax.weights import tiny_base
+from ipadapter_jax.weights import flax_cache, tiny_base
 from ipadapter_jax.weights.adapter_files import load_ip_adapter
 from ipadapter_jax.weights.clip_image_encoder import load_clip_image_encoder
 from ipadapter_jax.weights.diffusers_models import load_pipeline
@@ -65,11 +66,13 @@ def load_base(
     Args:
       base: a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; SDXL adds
         `text_encoder_2/`, `tokenizer_2/`) with PyTorch weights, or "tiny" (the embedded tiny base).
-        `model_index.json`'s `force_zeros_for_empty_prompt` is honoured (default: True for SDXL).
+        `model_index.json`'s `force_zeros_for_empty_prompt` is honoured (default: True for SDXL). A bucket folder
+        (gs://) is staged into the local cache first (its component subfolders and top-level JSON files).
       scheduler: the sampling scheduler: "ddim" (the paper's), "dpm-solver++" or "euler", with the folder's
         noise schedule.
       dtype: computation dtype; params stay float32.
-      cache_dir: keep the converted Flax params here (later loads skip the conversion).
+      cache_dir: keep the converted Flax params here (later loads skip the conversion). In a bucket (gs://) the
+        cache is staged into a local copy, used there, and what a load adds is uploaded (process 0).
       weights_variant: the weight files' variant suffix, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
       attention_implementation: the UNet's attention kernel (`ipadapter_jax.models.unet.Attention`).
       pytorch_numerics: the UNet computes as diffusers' PyTorch UNet does (exact GELU, its GroupNorm epsilons);
@@ -85,15 +88,18 @@ def load_base(
     if os.fspath(base) == TINY:
         model = tiny_base.load_base(dtype, SCHEDULERS[scheduler])
     else:
-        folder = Path(base)
+        folder = Path(staging.stage_down(base, what="base model", include=_model_file, progress=progress))
+        local_cache = _staged_cache(cache_dir, progress)
         loaded = load_pipeline(
             folder,
             scheduler=SCHEDULERS[scheduler],
             dtype=dtype,
             variant=weights_variant or None,
-            cache_dir=None if cache_dir is None else Path(cache_dir),
+            cache_dir=None if local_cache is None else Path(local_cache),
             progress=progress,
         )
+        if cache_dir is not None and paths.is_remote(cache_dir):
+            _upload_cache(local_cache, os.fspath(cache_dir), progress)
         pairs = [(loaded.tokenizer, loaded.text_encoder), (loaded.tokenizer_2, loaded.text_encoder_2)]
         # transformers' Flax CLIP text models are wrappers; the bare linen module is their `.module`.
         encoders = tuple(TextEncoder(tok, model.module.module, model.params) for tok, model in pairs if model)
@@ -126,6 +132,7 @@ def load_image_encoder(
     """
     if os.fspath(folder) == TINY:
         return tiny_base.load_image_encoder(jnp.dtype(dtype))
+    folder = staging.stage_down(folder, what="image encoder")  # a bucket folder (gs://): from a local copy
     module, params = load_clip_image_encoder(folder, dtype=jnp.dtype(dtype))
     path = Path(preprocessor_config or Path(folder) / "preprocessor_config.json")
     if preprocessor_config is None and not path.is_file():
@@ -234,6 +241,38 @@ def new_adapter(
         "ip_layers": ip_layers_from_unet(base.unet_params),
     }
     return Adapter(image_proj, params)
+
+
+def _model_file(relative: str) -> bool:
+    """What staging a base model folder copies: its component subfolders and top-level JSON (not the single-file
+    checkpoints some repositories keep next to them)."""
+    return "/" in relative or relative.endswith(".json")
+
+
+def _staged_cache(cache_dir: str | os.PathLike | None, progress: bool) -> str | None:
+    """A local Flax cache folder for `cache_dir`: itself, or for a bucket folder its local copy."""
+    if cache_dir is None or not paths.is_remote(cache_dir):
+        return None if cache_dir is None else os.fspath(cache_dir)
+    if paths.exists(cache_dir):
+        return staging.stage_down(cache_dir, what="Flax cache", progress=progress)
+    os.makedirs(staging.mirror(cache_dir), exist_ok=True)
+    return staging.mirror(cache_dir)
+
+
+def _upload_cache(local: str, url: str, progress: bool) -> None:
+    """Uploads the components whose local cache differs from the bucket's (process 0; `cache.json` last)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    for name in sorted(os.listdir(local)):
+        info = os.path.join(local, name, flax_cache.CACHE_INFO)
+        remote = paths.join(url, name, flax_cache.CACHE_INFO)
+        if not os.path.isfile(info) or (paths.exists(remote) and paths.read_bytes(remote) == Path(info).read_bytes()):
+            continue
+        paths.rmtree(paths.join(url, name))
+        staging.upload(os.path.join(local, name), paths.join(url, name), what=f"Flax cache {name}",
+                     last=(flax_cache.CACHE_INFO,), progress=progress)  # fmt: skip
 
 
 def _model_index(folder: Path) -> dict:

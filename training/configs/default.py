@@ -81,4 +81,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.export_every = 10_000  # .safetensors in the official layout, loadable by diffusers' load_ip_adapter
     c.on_nonfinite = "stop"  # "stop": checkpoint the last good state and exit with an error; "skip"
     c.profile_steps = ()  # (first, last) step range traced with jax.profiler into workdir/profile
+    # TensorBoard event files in workdir/tensorboard (process 0; tensorboardX, no TensorFlow): every metrics.jsonl
+    # record as scalars (train/loss, train/learning_rate, train/grad_norm, perf/images_per_s, perf/mfu, eval/loss, ...)
+    c.tensorboard = True
+    # ... and every samples.every steps (0 = never; e.g. eval_every) a grid of samples of the current adapter for fixed
+    # image prompts: samples.images (files, local or gs://) or the first samples.count images of the raw dataset
+    # (eval_path, else data.path, else the raw dataset of the embedding cache). Loads the base model a second time.
+    c.samples = ml_collections.ConfigDict()
+    c.samples.every = 0
+    c.samples.images = ()
+    c.samples.count = 4
+    c.samples.per_prompt = 2  # samples per image prompt (seeds 0..count-1, the same at every grid)
+    c.samples.steps = 20  # DDIM steps
+    c.samples.guidance_scale = 5.0
+    c.samples.scale = 1.0  # IP-Adapter scale
     return c
