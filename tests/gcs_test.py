@@ -31,7 +31,11 @@ from ipadapter_jax.testing import training_runs as runs
 from ipadapter_jax.training import hooks, tensorboard
 from ipadapter_jax.training.loop import train
 
-pytestmark = pytest.mark.skipif(not gcs.available(), reason="the `test` extra (fake-gcs-server) is not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.multiprocess,
+    pytest.mark.skipif(not gcs.available(), reason="the `test` extra (fake-gcs-server) is not installed"),
+]
 
 STEPS = 4
 GLOBAL_BATCH = 8
