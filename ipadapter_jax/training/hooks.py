@@ -30,20 +30,8 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from ipadapter_jax import paths, staging
-from ipadapter_jax.training import checkpoint
+from ipadapter_jax.training import accelerators, checkpoint
 from ipadapter_jax.weights.adapter_files import save_ip_adapter
-
-# Peak dense bf16 FLOP/s per chip, for MFU (REFERENCE.md s.4). Unknown devices (CPUs) report no MFU.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_EXPORT = "ip-adapter.safetensors"
@@ -234,7 +222,7 @@ def summarise(fetched: list[dict], step: int, steps: int, elapsed: float, global
         "images_per_s": steps * global_batch / elapsed,
         "tflops_per_s": steps * step_flops / elapsed / 1e12,
     }
-    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+    peak = accelerators.peak_flops(jax.devices()[0].device_kind)  # unknown devices (CPUs): no MFU
     if peak:
         summary["mfu"] = summary["tflops_per_s"] * 1e12 / (peak * jax.device_count())
     return summary

@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     # The UNet's attention kernel (`ipadapter_jax.models.unet.Attention`): "diffusers" (its einsum attention, or the
     # chunked one above), "xla" (jax.nn.dot_product_attention) or "cudnn" (cuDNN flash attention: NVIDIA GPUs,
     # bf16; on an H200 1.57x the default's images/s with a third of its memory, bench/train_bench.py --gpu).
+    # On TPUs: "splash" (Pallas splash attention; SD1.5 512 px, batch 8/chip, bf16 on v5e: 9.0 GiB per chip, 44%
+    # headroom, by `ipadapter-jax plan`; the default needs 13.9 GiB there).
     c.model.attention_implementation = "diffusers"
     # The UNet computes as diffusers' PyTorch UNet (exact GELU, GroupNorm epsilon 1e-6 in Transformer2D), so the
     # weights trained here behave the same in PyTorch; False: as diffusers' Flax UNet (~6e-5 relative apart).
