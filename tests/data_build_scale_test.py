@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ipadapter_jax import locks
-from ipadapter_jax.data import annotations, build_report, builder
+from ipadapter_jax.data import annotations, build_report, builder, shards
 from ipadapter_jax.testing import data_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,11 +131,11 @@ def test_lock_held_elsewhere_or_by_a_live_process_is_refused(tmp_path, caplog):
 
 def test_interrupted_finish_is_completed_by_the_rerun(spec, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    publish = builder._publish
-    monkeypatch.setattr(builder, "_publish", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    publish = shards.publish
+    monkeypatch.setattr(shards, "publish", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, shard_examples=5)
-    monkeypatch.setattr(builder, "_publish", publish)
+    monkeypatch.setattr(shards, "publish", publish)
     path, report = builder.build_dataset(spec["json"], spec["root"], out, max_skip_fraction=0.5, shard_examples=5)
     assert report["resumed_from_entry"] == 31
     _assert_same_records(path, spec["records"])

@@ -56,7 +56,7 @@ def train(config: TrainConfig | Mapping[str, Any], workdir: str) -> dict:
             metrics.write({"step": 0, "eval_loss": run.held_out_loss(run.state.adapter)})
         step = run.first_step
         try:
-            preemption.deferred = True  # from here SIGTERM finishes the step and checkpoints it
+            preemption.defer()  # from here SIGTERM finishes the step and checkpoints it
             while step < config.total_steps and not preemption.requested:
                 run.state, step_metrics = run.step(run.state, run.frozen, next(run.batches))
                 step += 1
@@ -129,11 +129,21 @@ def _export_metadata(config: TrainConfig) -> dict[str, str]:
 
 class _Preemption:
     """SIGTERM during the run: before the first step (loading, compiling) it ends the run at once with `Preempted`
-    (nothing to checkpoint); once `deferred`, it sets `requested` and the loop checkpoints after the current step.
-    The previous handler is restored on exit."""
+    (nothing to checkpoint); once `defer`red, it sets `requested` and the loop checkpoints after the current step.
+    The previous handler is restored on exit.
+
+    The exception raised in the handler surfaces wherever the main thread is, and a library may swallow it there
+    (jax turns an exception while reading its persistent compilation cache into a warning): `requested` is set
+    either way, and `defer` raises it again."""
 
     def __init__(self) -> None:
         self.deferred, self.requested = False, False
+
+    def defer(self) -> None:
+        """From now on SIGTERM only sets `requested`; raises `Preempted` if one came (and was swallowed) before."""
+        self.deferred = True
+        if self.requested:
+            raise Preempted("SIGTERM before the first step: nothing to checkpoint; rerun the same command to start")
 
     def __enter__(self) -> _Preemption:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -143,9 +153,9 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, *_: object) -> None:
+        self.requested = True
         if not self.deferred:
             raise Preempted("SIGTERM before the first step: nothing to checkpoint; rerun the same command to start")
-        self.requested = True
 
 
 def _log(message: str) -> None:
