@@ -33,21 +33,17 @@ from ipadapter_jax.models.image_encoder import ImageEncoder
 from ipadapter_jax.models.random_init import numpy_init
 from ipadapter_jax.models.text_encoder import TextEncoder
 from ipadapter_jax.models.unet import check_attention_implementation
-from ipadapter_jax.weights import flax_cache, tiny_base
+from ipadapter_jax.weights import flax_cache, known_models, tiny_base
 from ipadapter_jax.weights.adapter_files import load_ip_adapter
 from ipadapter_jax.weights.clip_image_encoder import load_clip_image_encoder
 from ipadapter_jax.weights.diffusers_models import load_pipeline
 from ipadapter_jax.weights.flax_adapter_file import SUFFIX as FLAX_ADAPTER_SUFFIX
 from ipadapter_jax.weights.flax_adapter_file import load_flax_adapter
-from ipadapter_jax.weights.image_proj_keys import ImageProjSpec, build_image_proj, param_shapes
+from ipadapter_jax.weights.image_proj_keys import build_image_proj, param_shapes
 from ipadapter_jax.weights.torch_layout import ConversionError
 from ipadapter_jax.weights.unet_config import abstract_ip_unet_params
 
 TINY = "tiny"
-
-
-# The Plus Resampler of the reference (REFERENCE.md s.1): width 768 for SD1.5-width UNets, 1280 otherwise.
-_RESAMPLER = dict(depth=4, dim_head=64, ff_mult=4)
 
 
 def load_base(
@@ -212,30 +208,8 @@ def new_adapter(
     queries over the penultimate hidden states, the reference's depth 4 / head size 64) or "full" (one token per
     hidden state; `num_tokens` must equal the encoder's 1 + patches).
     """
-    cross = base.unet.cross_attention_dim
-    encoder = image_encoder.config
-    if kind == "base":
-        hparams = dict(cross_attention_dim=cross, clip_embeddings_dim=encoder.projection_dim, num_tokens=num_tokens)
-    elif kind == "plus":
-        width = 768 if cross == 768 else 1280
-        hparams = dict(
-            dim=width,
-            heads=width // _RESAMPLER["dim_head"],
-            num_queries=num_tokens,
-            embedding_dim=encoder.hidden_size,
-            output_dim=cross,
-            **_RESAMPLER,
-        )
-    elif kind == "full":
-        tokens = 1 + (encoder.image_size // encoder.patch_size) ** 2
-        if num_tokens != tokens:
-            raise ValueError(
-                f"a full adapter makes one token per hidden state: num_tokens must be {tokens}, got {num_tokens}"
-            )
-        hparams = dict(cross_attention_dim=cross, clip_embeddings_dim=encoder.hidden_size)
-    else:
-        raise ValueError(f"adapter kind must be 'base', 'plus' or 'full', got {kind!r}")
-    image_proj = build_image_proj(ImageProjSpec(kind, num_tokens, hparams), jnp.dtype(dtype))
+    spec = known_models.image_proj_spec(kind, base.unet.cross_attention_dim, image_encoder.config, num_tokens)
+    image_proj = build_image_proj(spec, jnp.dtype(dtype))
     params = {
         "image_proj": numpy_init(param_shapes(image_proj), seed=seed),
         "ip_layers": ip_layers_from_unet(base.unet_params),
