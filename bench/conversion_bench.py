@@ -36,28 +36,9 @@ sys.path.insert(0, ROOT)
 import ipadapter_jax  # noqa: E402,F401  (the Flax deprecation log filter, before diffusers is imported)
 
 # isort: split
+from ipadapter_jax.weights import known_models  # noqa: E402
 
-# runwayml/stable-diffusion-v1-5 unet/config.json
-SD15_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
+SD15_UNET_CONFIG = known_models.SD15["unet"]  # runwayml/stable-diffusion-v1-5 unet/config.json
 
 MAX_RATIO = 2.0  # peak memory beyond the baseline, in copies of the weights
 
