@@ -17,3 +17,8 @@ ADAPTER_KINDS = ("base", "plus", "full")
 
 # Computation dtypes (params stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
+
+# How the training target image is cropped to a square after its shortest side is resized
+# (`ipadapter_jax.data.preprocess.target_image`): torchvision's CenterCrop (tutorial_train.py, SD1.5), the
+# SDXL tutorial's floor-centred crop (tutorial_train_sdxl.py's default) or its random crop.
+TARGET_CROPS = ("center", "center_floor", "random")

@@ -1,6 +1,7 @@
 """The embedding cache with tiny stand-in encoders (diffusers' Flax VAE, transformers' Flax CLIP text model, a
 linear image embedding): stored values, chunked resume, simulated processes, and training on cached data."""
 
+import dataclasses
 import os
 
 import ipadapter_jax  # noqa: F401  (log filter before diffusers/transformers)
@@ -115,6 +116,16 @@ def test_cache_holds_the_encoders_outputs(setup):
     np.testing.assert_allclose(
         null["text_states"].astype(np.float32), expected_null["text_states"][0].astype(np.float32), rtol=1e-2, atol=1e-2
     )
+
+
+def test_a_random_crop_is_refused_before_any_work(setup, tmp_path):
+    raw_dir, _, pre, encoders, info = setup
+    assert info["preprocessor"]["crop"] == "center"
+    with pytest.raises(ValueError, match="one encoding per image"):
+        embedding_cache.build_embedding_cache(
+            raw_dir, tmp_path / "cache", dataclasses.replace(pre, crop="random"), encoders, progress=False
+        )
+    assert not (tmp_path / "cache").exists()
 
 
 def test_interrupted_pass_resumes_missing_chunks_only(setup, tmp_path):

@@ -1,13 +1,16 @@
 """The grain loader: epoch order, process shards, resume, worker processes and global arrays."""
 
+import dataclasses
 import os
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from ipadapter_jax.data import builder, loader, preprocess
 from ipadapter_jax.testing import data_files
+from ipadapter_jax.training import encode
 
 NUM_RECORDS = 18
 
@@ -170,3 +173,25 @@ def test_threads_outside_the_prefetch_buffer_are_one_clear_error(data, threads):
         ValueError, match=rf"num_threads must be between 1 and prefetch_buffer_size \(4\), got {threads}"
     ):
         loader.DataIterator(data, global_batch_size=4, seed=0, num_threads=threads, prefetch_buffer_size=4)
+
+
+def test_random_crop_batches_carry_their_sdxl_time_ids(data):
+    """crop='random' (tutorial_train_sdxl.py): each row is its stored image resized and cropped at the offsets the
+    row reports, which reach SDXL's time ids as [orig h, orig w, top, left, 32, 32]; the offsets change by epoch."""
+    random_crop = dataclasses.replace(data, example_fn=dataclasses.replace(data.example_fn, crop="random"))
+    batches, _ = _run(random_crop, 2 * NUM_RECORDS // 6, global_batch_size=6, seed=0)  # two epochs
+    offsets = {}
+    for batch in batches:
+        time_ids = np.asarray(encode.sdxl_time_ids(batch))
+        for row, index in enumerate(batch["index"]):
+            image = preprocess.decode_rgb(data.source[int(index)]["image"])
+            w, h = image.size
+            size = (32, int(32 * h / w)) if w <= h else (int(32 * w / h), 32)
+            resized = np.asarray(image.resize(size, Image.BILINEAR)).astype(np.float32) / 127.5 - 1
+            top, left = (int(v) for v in batch["crop_top_left"][row])
+            assert 0 <= top <= size[1] - 32 and 0 <= left <= size[0] - 32
+            np.testing.assert_array_equal(batch["pixel_values"][row], resized[top : top + 32, left : left + 32])
+            assert time_ids[row].tolist() == [h, w, top, left, 32, 32]
+            offsets.setdefault(int(index), []).append((top, left))
+    assert len(offsets) == NUM_RECORDS and all(len(v) == 2 for v in offsets.values())
+    assert any(a != b for a, b in offsets.values())  # a new crop each epoch

@@ -134,3 +134,28 @@ def test_condition_drop_rates_and_reproducibility():
         expected = (r < 0.05 or 0.10 <= r < 0.15, 0.05 <= r < 0.15)
         assert preprocess.condition_drop(7, i, 0) == expected
     assert preprocess.condition_drop(7, 3, 0, rates=(0.0, 0.0, 0.0)) == (False, False)
+
+
+def test_target_crops_hand_derived():
+    # 41 x 24 (w x h) at 16: short side 24 -> 16, long side int(16 * 41 / 24) = 27; margins (0, 11).
+    image = Image.fromarray(data_files.smooth_rgb(np.random.default_rng(1), 24, 41))
+    resized = np.asarray(image.resize((27, 16), Image.BILINEAR)).astype(np.float32) / 127.5 - 1.0
+    expected = {"center": 6, "center_floor": 5}  # torchvision: round(5.5) = 6; tutorial_train_sdxl.py: 11 // 2 = 5
+    for crop, left in expected.items():
+        pixels, top_left = preprocess.target_image(image, 16, crop)
+        assert top_left.tolist() == [0, left]
+        np.testing.assert_array_equal(pixels, resized[:, left : left + 16])
+    lefts = set()
+    for epoch in range(20):
+        pixels, top_left = preprocess.target_image(image, 16, "random", (0, 3, epoch))
+        top, left = top_left.tolist()
+        assert top == 0 and 0 <= left <= 11
+        np.testing.assert_array_equal(pixels, resized[:, left : left + 16])
+        again, same = preprocess.target_image(image, 16, "random", (0, 3, epoch))  # one draw per (seed, index, epoch)
+        assert same.tolist() == [top, left] and np.array_equal(again, pixels)
+        lefts.add(left)
+    assert len(lefts) >= 5, lefts  # 20 uniform draws of 12 offsets
+    with pytest.raises(ValueError, match="needs the example's"):
+        preprocess.target_image(image, 16, "random")
+    with pytest.raises(ValueError, match="crop must be one of"):
+        preprocess.target_image(image, 16, "centre")

@@ -31,6 +31,7 @@ def test_presets_override_the_default():
     assert (default.optim.lr, default.data.drop_rates, default.data.resolution) == (1e-4, (0.05, 0.05, 0.05), 512)
     assert (demo.optim.lr, demo.data.drop_rates, demo.model.base) == (1e-3, (0.05, 0.85, 0.05), "tiny")
     assert (plus.model.adapter_kind, plus.model.num_tokens) == ("plus", 16)
+    assert (default.data.crop, TrainConfig.from_config_dict(get_preset("sdxl")).data.crop) == ("center", "center_floor")
 
 
 BAD = [
@@ -46,6 +47,7 @@ BAD = [
     ("loss.snr_gamma", -1.0, "loss.snr_gamma must be >= 0.0"),
     ("on_nonfinite", "ignore", "on_nonfinite must be one of 'stop', 'skip'"),
     ("data.resolution", 100, "data.resolution must be a multiple of 8"),
+    ("data.crop", "centre", "data.crop must be one of"),
     ("model.adapter_kind", "faceid", "model.adapter_kind must be one of"),
     ("model.attention_implementation", "flash", "model.attention_implementation must be one of"),
     ("mesh.fsdp", 0, "mesh.fsdp must be >= 1"),

@@ -82,8 +82,9 @@ class CachedSource:
             return serialization.msgpack_restore(f.read())
 
 
-def cached_example(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A cached record is already an example (the loader's `example_fn` for caches)."""
+def cached_example(record: dict[str, np.ndarray], draw: preprocess.Draw | None = None) -> dict[str, np.ndarray]:
+    """A cached record is already an example (the loader's `example_fn` for caches; nothing is drawn: the cache
+    holds one encoding per record)."""
     return dict(record)
 
 
@@ -179,7 +180,8 @@ def build_embedding_cache(
     Args:
       raw_dir: a built dataset (`builder.dataset_dir(...)`).
       out_dir: the cache directory (shared by all processes).
-      preprocessor: the preprocessing whose output the encoders read (fixes resolution and tokenizers).
+      preprocessor: the preprocessing whose output the encoders read (fixes resolution, crop and tokenizers); its
+        crop cannot be "random" (one encoding per image).
       encoders: name -> (encode_fn, params). All run in one jitted function; their output names must differ.
         Cast outputs inside encode_fn to the dtype to store (e.g. bfloat16 halves the cache).
       batch_size: examples per encoder call on this process, divisible by the number of devices.
@@ -195,6 +197,11 @@ def build_embedding_cache(
       The cache info when this call completed the cache (all chunks present and this process finalises:
       process 0, or any process when jax runs a single process); None otherwise.
     """
+    if preprocessor.crop == "random":
+        raise ValueError(
+            "crop='random' draws a new crop every epoch, but an embedding cache holds one encoding per image: train "
+            "from the built dataset, or cache with crop 'center' or 'center_floor'"
+        )
     out_dir, local_dir = os.fspath(out_dir), staging.mirror(out_dir)  # local_dir: where chunks are written
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -247,6 +254,7 @@ def build_embedding_cache(
             "resolution": preprocessor.resolution,
             "clip_size": preprocessor.clip_size,
             "max_length": preprocessor.max_length,
+            "crop": preprocessor.crop,
         },
     }
     paths.write_json(paths.join(out_dir, CACHE_INFO), info)  # last: marks the cache complete

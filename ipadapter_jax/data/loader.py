@@ -41,13 +41,14 @@ from ipadapter_jax.data import builder, embedding_cache, preprocess
 class Dataset:
     """A random-access dataset and how to turn its records into examples.
 
-    source: `len()` and `[i]` -> record. example_fn: record -> dict of numpy arrays (one example).
+    source: `len()` and `[i]` -> record. example_fn: (record, draw) -> dict of numpy arrays (one example); draw
+    is the example's (seed, record index, epoch), for random preprocessing (`preprocess.Preprocessor`).
     null_example: what a dropped condition stands for (raw: ids of "" and zero images; cached: the
     encoders' outputs for those inputs), one example without batch dimension.
     """
 
     source: Any
-    example_fn: Callable[[Any], dict[str, np.ndarray]]
+    example_fn: Callable[[Any, preprocess.Draw], dict[str, np.ndarray]]
     null_example: dict[str, np.ndarray]
     cached: bool
 
@@ -108,7 +109,7 @@ class _Element:
             k = grain.experimental.index_shuffle(
                 k, max_index=self.num_records - 1, seed=epoch_seed(self.seed, epoch), rounds=4
             )
-        example = self.data.example_fn(self.data.source[k])
+        example = self.data.example_fn(self.data.source[k], (self.seed, k, epoch))
         if "index" in example and int(example["index"]) != k:  # a cache written out of order
             raise ValueError(f"record {k} holds example {int(example['index'])}")
         drop_image, drop_text = preprocess.condition_drop(self.seed, k, epoch, self.drop_rates)

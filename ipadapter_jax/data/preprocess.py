@@ -1,9 +1,12 @@
 """Per-example preprocessing of the IP-Adapter reference recipe (REFERENCE.md s.3), on the host in numpy.
 
-- Target image: resize the shortest side to `resolution` (PIL bilinear), center crop, scale to [-1, 1]. This
-  is what torchvision's `Resize(r, BILINEAR)`, `CenterCrop(r)`, `ToTensor()`, `Normalize([.5], [.5])` do to a
-  PIL image, including torchvision's crop offset `round((size - r) / 2)`. SDXL's micro-conditions come along:
-  original (height, width), crop (top, left) and target (height, width).
+- Target image: resize the shortest side to `resolution` (PIL bilinear), crop a square, scale to [-1, 1]. The
+  crop (`TARGET_CROPS`): "center" is what torchvision's `Resize(r, BILINEAR)`, `CenterCrop(r)`, `ToTensor()`,
+  `Normalize([.5], [.5])` do to a PIL image (tutorial_train.py), offset `round((size - r) / 2)`; "center_floor" is
+  tutorial_train_sdxl.py's default, offset `(size - r) // 2`; "random" is that script's random crop, offsets
+  uniform in [0, size - r], drawn per (seed, example index, epoch). SDXL's micro-conditions come along:
+  original (height, width), crop (top, left) and target (height, width), which the step concatenates into
+  SDXL's time ids in that order (tutorial_train_sdxl.py's `add_time_ids`).
 - CLIP image: `ipadapter_jax.models.clip_preprocessing.preprocess`, the pipelines' own: what transformers'
   `CLIPImageProcessor` does with the image encoder's settings (`ImageEncoder.image_preprocessing`; by default
   OpenAI's: shortest side to the encoder's 224, PIL bicubic, center crop, /255, OpenAI mean/std).
@@ -24,12 +27,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ipadapter_jax.choices import TARGET_CROPS
 from ipadapter_jax.data.rgb import to_rgb
 from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
 from ipadapter_jax.models.clip_preprocessing import preprocess as clip_preprocess
 
 # Drop rates of the reference (image only, text only, both): r < .05, .05 <= r < .10, .10 <= r < .15.
 DROP_RATES = (0.05, 0.05, 0.05)
+
+# Where an example's draws come from: (seed, record index, epoch), the same for any process or worker count.
+Draw = tuple[int, int, int]
+# Second word of the random-crop generator's seed, so that its stream is not the condition drop's.
+_CROP_STREAM = 1
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -47,20 +56,40 @@ def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(short_side * width / height), short_side
 
 
-def target_image(image: Image.Image, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """The diffusion target: bilinear shortest-side resize, torchvision-style center crop, [-1, 1].
+def crop_offsets(margins: tuple[int, int], crop: str, draw: Draw | None = None) -> tuple[int, int]:
+    """(top, left) of the square crop, given the resized image's (height - r, width - r) margins.
+
+    "center": `round(margin / 2)` (torchvision: half to even); "center_floor": `margin // 2`; "random": each
+    uniform in [0, margin], from a generator seeded by `draw` = (seed, index, epoch) (required).
+    """
+    if crop == "center":
+        return tuple(int(round(m / 2.0)) for m in margins)
+    if crop == "center_floor":
+        return tuple(m // 2 for m in margins)
+    if crop == "random":
+        if draw is None:
+            raise ValueError("crop='random' needs the example's (seed, index, epoch) draw")
+        rng = np.random.default_rng((*draw, _CROP_STREAM))
+        return tuple(int(rng.integers(0, m + 1)) for m in margins)
+    raise ValueError(f"crop must be one of {TARGET_CROPS}, got {crop!r}")
+
+
+def target_image(
+    image: Image.Image, resolution: int, crop: str = "center", draw: Draw | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The diffusion target: bilinear shortest-side resize, a square crop (`crop_offsets`), [-1, 1].
 
     Args:
       image: 8-bit RGB PIL image.
       resolution: side of the square output.
+      crop: one of `TARGET_CROPS`; draw: (seed, index, epoch), for "random".
     Returns:
       pixels: float32 (resolution, resolution, 3) in [-1, 1].
       crop_top_left: int32 (2,), (top, left) of the crop in the resized image (SDXL's crop condition).
     """
     width, height = _resized_size(image.width, image.height, resolution)
     resized = image.resize((width, height), Image.BILINEAR)
-    top = int(round((height - resolution) / 2.0))
-    left = int(round((width - resolution) / 2.0))
+    top, left = crop_offsets((height - resolution, width - resolution), crop, draw)
     crop = np.asarray(resized)[top : top + resolution, left : left + resolution]
     pixels = crop.astype(np.float32) / 127.5 - 1.0
     return pixels, np.array([top, left], np.int32)
@@ -106,23 +135,26 @@ class Preprocessor:
       original_size      int32 (2,) (height, width) of the stored image
       crop_top_left      int32 (2,) (top, left)
       target_size        int32 (2,) (resolution, resolution)
+    `crop` (one of `TARGET_CROPS`) places the target's square; "random" draws it from `draw`, the loader's
+    (seed, index, epoch) of the example.
     """
 
     tokenizers: Sequence[Any]
     resolution: int = 512
     clip: ClipPreprocessing = ClipPreprocessing.default()
     max_length: int = 77
+    crop: str = "center"
 
     @property
     def clip_size(self) -> int:
         """The side of the CLIP images (the image encoder's input size)."""
         return self.clip.output_size()[0]
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(self, record: dict[str, Any], draw: Draw | None = None) -> dict[str, np.ndarray]:
         image = decode_rgb(record["image"])
         text = record["text"]
         text = text.decode("utf-8") if isinstance(text, bytes) else text
-        pixels, crop_top_left = target_image(image, self.resolution)
+        pixels, crop_top_left = target_image(image, self.resolution, self.crop, draw)
         example = {
             "pixel_values": pixels,
             "clip_pixel_values": clip_preprocess(image, self.clip)[0],

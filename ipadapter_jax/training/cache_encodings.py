@@ -20,7 +20,7 @@ def build_cache(config: TrainConfig, raw: str, out: str, workdir: str, batch_siz
     process completed the cache (see `embedding_cache.build_embedding_cache`).
     """
     comps = components.load(config, workdir)
-    preprocessor = comps.preprocessor(config.data.resolution)
+    preprocessor = comps.preprocessor(config.data.resolution, config.data.crop)
 
     def encode(params: dict, batch: dict) -> dict:
         return encode_batch(comps.encoders, params, batch)

@@ -41,11 +41,15 @@ class Components:
     adapter: dict  # initial {"image_proj", "ip_layers"}
     clip: ClipPreprocessing  # the image encoder's preprocessing
 
-    def preprocessor(self, resolution: int) -> preprocess.Preprocessor:
-        """Host preprocessing for these encoders: images at `resolution`, CLIP images as the image encoder's
-        preprocessing makes them, ids padded to the tokenizer's length."""
+    def preprocessor(self, resolution: int, crop: str = "center") -> preprocess.Preprocessor:
+        """Host preprocessing for these encoders: images at `resolution` cropped by `crop` (`TARGET_CROPS`), CLIP
+        images as the image encoder's preprocessing makes them, ids padded to the tokenizer's length."""
         return preprocess.Preprocessor(
-            self.tokenizers, resolution=resolution, clip=self.clip, max_length=self.tokenizers[0].model_max_length
+            self.tokenizers,
+            resolution=resolution,
+            clip=self.clip,
+            max_length=self.tokenizers[0].model_max_length,
+            crop=crop,
         )
 
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ipadapter_jax.choices import ADAPTER_KINDS, ATTENTION_IMPLEMENTATIONS, DTYPES
+from ipadapter_jax.choices import ADAPTER_KINDS, ATTENTION_IMPLEMENTATIONS, DTYPES, TARGET_CROPS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The published model families whose shapes `ipadapter_jax.weights.known_models` holds (`model.architecture`).
@@ -85,8 +85,11 @@ class DataConfig:
     batch_size_per_device: int = 8
     num_workers: int = 0
     drop_rates: tuple[float, float, float] = (0.05, 0.05, 0.05)
+    crop: str = "center"
 
     def validate(self) -> None:
+        if self.crop not in TARGET_CROPS:
+            raise ConfigError(f"data.crop must be one of {TARGET_CROPS}, got {self.crop!r}")
         _at_least(self.resolution, 8, "data.resolution")
         if self.resolution % 8:
             raise ConfigError(f"data.resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")

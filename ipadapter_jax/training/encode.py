@@ -74,10 +74,16 @@ def encode_batch(encoders: Encoders, params: dict, batch: dict) -> dict:
         "image_embeds": encode_image(encoders, params["image_encoder"], batch["clip_pixel_values"]),
     }
     if encoders.is_sdxl:
-        out["time_ids"] = jnp.concatenate(
-            [batch["original_size"], batch["crop_top_left"], batch["target_size"]], axis=-1
-        ).astype(jnp.float32)
+        out["time_ids"] = sdxl_time_ids(batch)
     return out
+
+
+def sdxl_time_ids(batch: dict) -> jax.Array:
+    """SDXL's micro-conditions as its time ids, float32 (B, 6): original (height, width), crop (top, left), target
+    (height, width), in tutorial_train_sdxl.py's `add_time_ids` order."""
+    return jnp.concatenate([batch["original_size"], batch["crop_top_left"], batch["target_size"]], axis=-1).astype(
+        jnp.float32
+    )
 
 
 def encode_if_raw(encoders: Encoders | None, params: dict | None, batch: dict) -> dict:

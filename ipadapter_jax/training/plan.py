@@ -69,7 +69,7 @@ class Planner:
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, topology.devices)
         _check_slices(self.mesh, topology)
         self.comps = components.abstract_components(config)
-        example = self.comps.preprocessor(config.data.resolution).null_example()
+        example = self.comps.preprocessor(config.data.resolution, config.data.crop).null_example()
         null = _encode(self.comps, _batched(example, 1))  # shapes of the run's `null_encodings`
         frozen = dict(self.comps.frozen, null_text_embeds=null["text_embeds"], null_image_embeds=null["image_embeds"])
         if "text_pooled" in null:

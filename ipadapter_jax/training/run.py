@@ -66,7 +66,7 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     comps = components.load(config, workdir)
 
     # Data: raw examples are encoded inside the step; an embedding cache already holds the encodings.
-    preprocessor = comps.preprocessor(config.data.resolution)
+    preprocessor = comps.preprocessor(config.data.resolution, config.data.crop)
     data = loader.open_dataset(config.data.path, preprocessor)
     _check_cache_settings(data, config)
     global_batch = config.data.batch_size_per_device * jax.device_count()
@@ -106,15 +106,24 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
 
 
 def _check_cache_settings(data: loader.Dataset, config: TrainConfig) -> None:
-    """An embedding cache is encoded at one resolution: training it at another is a config error."""
-    if data.cached:
-        resolution = data.source.info["preprocessor"]["resolution"]
-        if resolution != config.data.resolution:
-            raise ConfigError(
-                f"data.resolution is {config.data.resolution} but the embedding cache {config.data.path} was "
-                f"encoded at {resolution} px (its cache_info.json): set --config.data.resolution={resolution} or "
-                "encode the dataset again"
-            )
+    """An embedding cache is encoded at one resolution and crop: training it with others is a config error."""
+    if not data.cached:
+        return
+    settings = data.source.info["preprocessor"]
+    resolution, crop = settings["resolution"], settings.get("crop", "center")  # caches before crops: center
+    if resolution != config.data.resolution:
+        raise ConfigError(
+            f"data.resolution is {config.data.resolution} but the embedding cache {config.data.path} was "
+            f"encoded at {resolution} px (its cache_info.json): set --config.data.resolution={resolution} or "
+            "encode the dataset again"
+        )
+    if crop != config.data.crop:
+        random = " (a random crop needs the built dataset: a cache holds one encoding per image)"
+        raise ConfigError(
+            f"data.crop is {config.data.crop!r} but the embedding cache {config.data.path} was encoded with crop "
+            f"{crop!r} (its cache_info.json): set --config.data.crop={crop} or train from the built dataset"
+            + (random if config.data.crop == "random" else "")
+        )
 
 
 def null_encodings(comps: components.Components, data: loader.Dataset) -> dict:

@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size_per_device = 8
     c.data.num_workers = 0  # grain worker processes per host
     c.data.drop_rates = (0.05, 0.05, 0.05)  # image only, text only, both
+    # The target's square crop after the shortest-side resize: "center" (torchvision's CenterCrop, as
+    # tutorial_train.py), "center_floor" (tutorial_train_sdxl.py's default) or "random" (its random crop, a new one
+    # every epoch; SDXL sees the offsets as time ids; raw datasets only, not embedding caches).
+    c.data.crop = "center"
     c.data.eval_path = ""  # optional held-out dataset: its first global batch is scored every eval_every steps
 
     c.optim = ml_collections.ConfigDict()

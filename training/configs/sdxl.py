@@ -16,5 +16,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.architecture = "sdxl"
     c.data.resolution = 1024
     c.data.batch_size_per_device = 4
+    c.data.crop = "center_floor"  # tutorial_train_sdxl.py's default; "random" is its random crop
     c.sharding_rules = ((".*", "fsdp"),)
     return c
