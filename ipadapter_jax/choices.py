@@ -17,3 +17,27 @@ ADAPTER_KINDS = ("base", "plus", "full")
 
 # Computation dtypes (params stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
+
+# Named per-layer IP-Adapter scale presets (`ipadapter_jax.models.scale_presets`): ComfyUI_IPAdapter_plus's weight
+# types (its names with "-" for " ") and InstantStyle's style / style+layout blocks.
+WEIGHT_TYPES = (
+    "linear",
+    "ease-in",
+    "ease-out",
+    "ease-in-out",
+    "reverse-in-out",
+    "weak-input",
+    "weak-output",
+    "weak-middle",
+    "strong-middle",
+    "style-transfer",
+    "composition",
+    "strong-style-transfer",
+    "style-and-composition",
+    "strong-style-and-composition",
+    "instantstyle-style",
+    "instantstyle-style-layout",
+)
+
+# How several images of one image prompt become the adapter's input (`ipadapter_jax.pipelines.image_combine`).
+IMAGE_COMBINE_MODES = ("concat", "add", "subtract", "average", "norm-average")
