@@ -145,13 +145,13 @@ def run(args: argparse.Namespace) -> Path | str:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    scales = args.scale or [1.0]
+    scale_specs = [_scale_spec(args, scale) for scale in scales]
     annotations = staging.stage_down(args.annotations, what="annotations", progress=not args.quiet)
     image_root = staging.stage_down(args.image_root, what="images", progress=not args.quiet)
     prompts, skipped = eval_prompts(annotations, args.limit)
     if not prompts:
         raise ValueError(f"{args.annotations}: no usable image-caption entry ({skipped} skipped)")
-    scales = args.scale or [1.0]
-    scale_specs = [_scale_spec(args, scale) for scale in scales]
     out = Path(staging.stage_down(args.out, what="evaluation") if paths.exists(args.out) else staging.mirror(args.out))
     pipe = IPAdapterPipeline.from_pretrained(
         args.base,
