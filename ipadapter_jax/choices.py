@@ -22,3 +22,27 @@ DTYPES = ("float32", "bfloat16", "float16")
 # (`ipadapter_jax.data.preprocess.target_image`): torchvision's CenterCrop (tutorial_train.py, SD1.5), the
 # SDXL tutorial's floor-centred crop (tutorial_train_sdxl.py's default) or its random crop.
 TARGET_CROPS = ("center", "center_floor", "random")
+
+# Named per-layer IP-Adapter scale presets (`ipadapter_jax.models.scale_presets`): ComfyUI_IPAdapter_plus's weight
+# types (its names with "-" for " ") and InstantStyle's style / style+layout blocks.
+WEIGHT_TYPES = (
+    "linear",
+    "ease-in",
+    "ease-out",
+    "ease-in-out",
+    "reverse-in-out",
+    "weak-input",
+    "weak-output",
+    "weak-middle",
+    "strong-middle",
+    "style-transfer",
+    "composition",
+    "strong-style-transfer",
+    "style-and-composition",
+    "strong-style-and-composition",
+    "instantstyle-style",
+    "instantstyle-style-layout",
+)
+
+# How several images of one image prompt become the adapter's input (`ipadapter_jax.pipelines.image_combine`).
+IMAGE_COMBINE_MODES = ("concat", "add", "subtract", "average", "norm-average")

@@ -241,9 +241,13 @@ def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     assert cli.main(["run", *args, "--limit", "3", "--seed", "1", "--out", str(run_dir)]) == 1
     assert "settings.seed: 0 -> 1" in capsys.readouterr().err
 
-    # A scale sweep on the same prompts and seeds: scale 1 repeats the first run's numbers.
+    # A scale sweep on the same prompts and seeds, of the "linear" preset (the scale on every layer): scale 1
+    # repeats the first run's numbers.
     sweep = tmp_path / "sweep"
-    assert cli.main(["run", *args, "--limit", "2", "--scale", "0", "--scale", "1", "--out", str(sweep)]) == 0
+    sweep_args = ["--limit", "2", "--scale", "0", "--scale", "1", "--weight-type", "linear"]
+    assert cli.main(["run", *args, *sweep_args, "--out", str(sweep)]) == 0
+    run_settings = json.loads((sweep / "scale_1" / results.RUN_NAME).read_text())["settings"]
+    assert run_settings["scale"] == {"name": "linear", "weight": 1.0, "composition_weight": None}
     swept = {scale: [float(r["clip_i"]) for r in _rows(sweep / f"scale_{scale}")] for scale in (0, 1)}
     np.testing.assert_allclose(swept[1], clip_i[:4], atol=1e-5)
     assert swept[0] != swept[1]  # the random adapter changes the images
@@ -263,6 +267,13 @@ def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     (tmp_path / "other" / results.RUN_NAME).write_text(json.dumps(run_json))
     assert cli.main(["compare", str(run_dir), str(tmp_path / "other"), "--out", str(out)]) == 1
     assert "seed (0 vs 5)" in capsys.readouterr().err
+
+
+def test_eval_run_composition_weight_needs_a_weight_type(tmp_path, capsys):
+    args = ["--annotations", "a.json", "--image-root", "i", "--base", "b", "--adapter", "a", "--image-encoder", "e"]
+    assert cli.main(["run", *args, "--eval-clip", "c", "--out", str(tmp_path), "--composition-weight", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--composition-weight needs --weight-type" in err[0]
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
     ipadapter-jax eval run --annotations captions_val2017.json --image-root val2017/ --base SD15_DIR \\
         --adapter ip-adapter_sd15.safetensors --image-encoder IMAGE_ENCODER_DIR --eval-clip CLIP_L14_DIR \\
         --out eval/sd15 [--limit N] [--scale 1.0 [--scale 0.5 ...]] [--steps 50] [--guidance-scale 7.5] \\
-        [--num-samples 4] [--seed 0]
+        [--num-samples 4] [--seed 0] [--weight-type style-transfer]
     ipadapter-jax eval compare eval/adapter_a eval/adapter_b [...] --out comparison.json
 
 `run` writes run.json, results.csv, summary.json, contact_sheet.png (and samples/) into --out and resumes when
@@ -21,9 +21,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS, SCHEDULERS
-from ipadapter_jax.cli.main import ArgumentParser, report_errors
+from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS, SCHEDULERS, WEIGHT_TYPES
+from ipadapter_jax.cli.main import ArgumentParser, UsageError, report_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     sampling = run.add_argument_group("sampling (defaults: the paper's)")
     sampling.add_argument(
         "--scale", type=float, action="append", help="IP-Adapter scale (default 1.0); repeat for a sweep"
+    )
+    sampling.add_argument(
+        "--weight-type", choices=WEIGHT_TYPES, help="per-layer scale preset (style-transfer, ...), times --scale"
+    )
+    sampling.add_argument(
+        "--composition-weight", type=float, help="composition layers' weight of the style-and-composition presets"
     )
     sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     sampling.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
@@ -138,12 +145,13 @@ def run(args: argparse.Namespace) -> Path | str:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    scales = args.scale or [1.0]
+    scale_specs = [_scale_spec(args, scale) for scale in scales]
     annotations = staging.stage_down(args.annotations, what="annotations", progress=not args.quiet)
     image_root = staging.stage_down(args.image_root, what="images", progress=not args.quiet)
     prompts, skipped = eval_prompts(annotations, args.limit)
     if not prompts:
         raise ValueError(f"{args.annotations}: no usable image-caption entry ({skipped} skipped)")
-    scales = args.scale or [1.0]
     out = Path(staging.stage_down(args.out, what="evaluation") if paths.exists(args.out) else staging.mirror(args.out))
     pipe = IPAdapterPipeline.from_pretrained(
         args.base,
@@ -178,13 +186,13 @@ def run(args: argparse.Namespace) -> Path | str:
         prompt=args.prompt,
     )
     folders = [out / f"scale_{scale:g}" for scale in scales] if len(scales) > 1 else [out]
-    for scale, folder in zip(scales, folders):
+    for scale, scale_spec, folder in zip(scales, scale_specs, folders):
         summary = run_evaluation(
             pipe,
             scorer,
             prompts,
             image_root,
-            dataclasses.replace(base_settings, scale=scale),
+            dataclasses.replace(base_settings, scale=scale_spec),
             folder,
             identity=identity,
             batch_images=args.batch_images,
@@ -207,6 +215,17 @@ def run(args: argparse.Namespace) -> Path | str:
         staging.upload(out, args.out, what="evaluation", last=("summary.json", "comparison.json"))
         return args.out
     return out
+
+
+def _scale_spec(args: argparse.Namespace, scale: float) -> Any:
+    """--scale, or the --weight-type preset weighted by it."""
+    from ipadapter_jax.models.scale_presets import ScalePreset
+
+    if args.weight_type is None:
+        if args.composition_weight is not None:
+            raise UsageError("--composition-weight needs --weight-type")
+        return scale
+    return ScalePreset(args.weight_type, scale, args.composition_weight)
 
 
 def _absolute(path: str) -> str:

@@ -1,7 +1,8 @@
 """`ipadapter-jax generate`: images from an image prompt (and optional text, ControlNet) with an IP-Adapter.
 
     ipadapter-jax generate --base MODEL_DIR --adapter ip-adapter_sd15.safetensors --image-encoder ENCODER_DIR \\
-        --image a.png [--image b.png] [--prompt "best quality"] [--scale 0.6] [--num-images 4] [--out DIR]
+        --image a.png [--image b.png] [--prompt "best quality"] [--scale 0.6] [--num-images 4] [--out DIR] \
+        [--weight-type style-transfer] [--combine average]
 
 MODEL_DIR is a diffusers pipeline folder (SD1.5/SD2 family or SDXL, PyTorch weights); the adapter is an official
 IP-Adapter file (.safetensors/.bin) or our Flax adapter (.msgpack); ENCODER_DIR a `CLIPVisionModelWithProjection`
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS, SCHEDULERS
+from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS, IMAGE_COMBINE_MODES, SCHEDULERS, WEIGHT_TYPES
 from ipadapter_jax.cli.main import ArgumentParser, UsageError, finite_float, positive_int, report_errors
 
 DTYPES = ("float32", "bfloat16")
@@ -67,6 +68,24 @@ def _parser() -> argparse.ArgumentParser:
         default="1.0",
         help="IP-Adapter scale: a number or a JSON per-block dict, e.g. "
         '\'{"up": {"block_0": [0.0, 1.0, 0.0]}}\' (default 1.0)',
+    )
+    prompt.add_argument(
+        "--weight-type",
+        choices=WEIGHT_TYPES,
+        help="per-layer scale preset (style-transfer, composition, ease-in, ...), times --scale (a number)",
+    )
+    prompt.add_argument(
+        "--composition-weight",
+        type=finite_float,
+        help="composition layers' weight of --weight-type style-and-composition / strong-style-and-composition "
+        "(default 1)",
+    )
+    prompt.add_argument(
+        "--combine",
+        choices=IMAGE_COMBINE_MODES,
+        default="concat",
+        help="several --image -> one adapter input: concat (their tokens, default), add, subtract, average, "
+        "norm-average",
     )
     prompt.add_argument(
         "--image-step-range",
@@ -126,7 +145,7 @@ def generate(args: argparse.Namespace) -> Path | str:
     # After the log filter (`import ipadapter_jax`): the loaders import diffusers' and transformers' Flax classes.
     from ipadapter_jax.pipelines import IPAdapterPipeline, image_grid
 
-    scale = _parse_scale(args.scale)
+    scale = _scale(args)
     if (args.controlnet is None) != (args.control_image is None):
         raise UsageError("--controlnet and --control-image go together")
     images = [_open_image(path) for path in args.image]
@@ -153,6 +172,7 @@ def generate(args: argparse.Namespace) -> Path | str:
         prompt=args.prompt or "",
         negative_prompt=args.negative_prompt,
         negative_image=negative_images or None,
+        combine=args.combine,
         scale=scale,
         image_step_range=tuple(args.image_step_range),
         guidance_scale=args.guidance_scale,
@@ -207,6 +227,23 @@ def _configure_compile_cache(jax: Any, folder: str | None) -> None:
     if folder == "none":
         return
     jax.config.update("jax_compilation_cache_dir", folder or str(Path.home() / ".cache" / "ipadapter-jax" / "xla"))
+
+
+def _scale(args: argparse.Namespace) -> Any:
+    """--scale, or with --weight-type the `ScalePreset` it names, weighted by --scale."""
+    from ipadapter_jax.models.scale_presets import ScalePreset
+
+    scale = _parse_scale(args.scale)
+    if args.weight_type is None:
+        if args.composition_weight is not None:
+            raise UsageError("--composition-weight needs --weight-type")
+        return scale
+    if not isinstance(scale, float):
+        raise UsageError(f"--weight-type takes --scale as a number (its weight), got {args.scale!r}")
+    try:
+        return ScalePreset(args.weight_type, scale, args.composition_weight)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _parse_scale(text: str) -> float | dict:

@@ -48,6 +48,7 @@ from ipadapter_jax.evaluation.results import (
     write_json,
 )
 from ipadapter_jax.evaluation.statistics import summarize
+from ipadapter_jax.models.scale_presets import ScalePreset
 from ipadapter_jax.pipelines.images import image_grid
 
 
@@ -64,11 +65,11 @@ class EvalPrompt:
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """Generation settings; the defaults are the paper's (image-only prompt: empty text, scale 1.0).
-    height/width None: the base model's default size."""
+    scale: a number or a `ScalePreset` (a named per-layer weight type); height/width None: the base model's size."""
 
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    scale: float = 1.0
+    scale: float | ScalePreset = 1.0
     num_samples: int = 4
     seed: int = 0
     height: int | None = None

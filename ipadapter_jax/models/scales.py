@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from ipadapter_jax.models.adapter import ip_layer_paths
+from ipadapter_jax.models.scale_presets import ScalePreset
 
-ScaleSpec = float | Mapping[str, Any]
+ScaleSpec = float | Mapping[str, Any] | ScalePreset
 
 _BLOCK_KEY = re.compile(r"block_(\d+)$")
 
@@ -36,7 +37,9 @@ def ip_scale_tree(unet_params: Any, scale: ScaleSpec) -> dict:
     `unet_params`: the IP-UNet params or the adapter's `ip_layers` (only the layer paths are read).
     """
     layers = ip_layer_paths(unet_params)
-    if not isinstance(scale, Mapping):
+    if isinstance(scale, ScalePreset):
+        values = scale.layer_scales(layers)
+    elif not isinstance(scale, Mapping):
         values = {path: float(scale) for path in layers}
     else:
         values = _expand_block_scales(layers, scale)

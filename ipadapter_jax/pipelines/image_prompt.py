@@ -9,7 +9,8 @@ that the expensive, adapter-independent one can be cached by the caller:
    Plus/Full (`ipadapter_jax.models.image_encoder.projection_input`). This is what diffusers calls image
    embeddings (`ip_adapter_image_embeds`); averaging or interpolating them is meaningful.
 2. tokens: the adapter's projection; K images of one prompt give the concatenation of their tokens,
-   (K * num_tokens, cross_attention_dim).
+   (K * num_tokens, cross_attention_dim), or, with another `combine` mode (`image_combine`: add, subtract,
+   average, norm-average), the tokens of their features combined into one input, (num_tokens, cross).
 
 Negative features (the unconditional branch of guidance) default to the reference's
 (`ImageEncoder.null_features`: zeros for the base adapter, the encoder's features of the all-zero image for
@@ -29,6 +30,7 @@ from PIL import Image
 
 from ipadapter_jax.models.adapter import Adapter
 from ipadapter_jax.models.image_encoder import ImageEncoder
+from ipadapter_jax.pipelines.image_combine import combine_features, combine_mode_name, combine_negative_features
 
 ImageInput = Image.Image | np.ndarray
 
@@ -49,6 +51,7 @@ class ImagePrompt:
     embeds: instead of images, precomputed features: shared (K, ...), per_prompt (P, K, ...).
     negative_images / negative_embeds: replace the default unconditional features; 1 (used for every prompt
       image) or K, shared by all prompts.
+    combine: how the K images become the adapter's input (`image_combine`; default concat).
     """
 
     images: tuple | None = None
@@ -56,6 +59,7 @@ class ImagePrompt:
     per_prompt: bool = False
     negative_images: tuple | None = None
     negative_embeds: np.ndarray | None = None
+    combine: str = "concat"
 
     @classmethod
     def of(
@@ -65,12 +69,14 @@ class ImagePrompt:
         negative_image: Any = None,
         negative_image_embeds: Any = None,
         per_prompt: bool = False,
+        combine: str = "concat",
     ) -> ImagePrompt | None:
         """From the pipeline's keyword arguments; None when there is no image prompt (text-to-image)."""
         if image is not None and image_embeds is not None:
             raise ValueError("pass either image or image_embeds, not both")
         if negative_image is not None and negative_image_embeds is not None:
             raise ValueError("pass either negative_image or negative_image_embeds, not both")
+        combine = combine_mode_name(combine)
         if image is None and image_embeds is None:
             if negative_image is not None or negative_image_embeds is not None:
                 raise ValueError("a negative image needs an image prompt")
@@ -85,11 +91,12 @@ class ImagePrompt:
             per_prompt=per_prompt,
             negative_images=None if negative_image is None else tuple(as_image_list(negative_image)),
             negative_embeds=None if negative_image_embeds is None else np.asarray(negative_image_embeds, np.float32),
+            combine=combine,
         )
 
     @property
     def num_images(self) -> int:
-        """K, the images of one image prompt (their tokens are concatenated)."""
+        """K, the images of one image prompt (before `combine`)."""
         if self.embeds is not None:
             return self.embeds.shape[1] if self.per_prompt else self.embeds.shape[0]
         return len(self.images[0]) if self.per_prompt else len(self.images)
@@ -118,6 +125,7 @@ class ImagePrompt:
             "per_prompt_images": self.per_prompt,
             "image_embeds_given": self.embeds is not None,
             "negative_image": self.negative_images is not None or self.negative_embeds is not None,
+            "combine": self.combine,
         }
 
 
@@ -143,7 +151,8 @@ class ImagePromptEncoder:
         return self._project(self.adapter.params["image_proj"], features)
 
     def encode(self, prompt: ImagePrompt, num_prompts: int, guided: bool) -> np.ndarray:
-        """-> image tokens (P, G, K * num_tokens, cross): G = 2 (negative, positive) with guidance, else 1."""
+        """-> image tokens (P, G, K' * num_tokens, cross): G = 2 (negative, positive) with guidance, else 1;
+        K' = K with concat, else 1 (`prompt.combine`)."""
         prompt.check(num_prompts)
         if prompt.embeds is not None:
             features = jnp.asarray(prompt.embeds)
@@ -154,6 +163,7 @@ class ImagePromptEncoder:
         else:
             features = self.features(list(prompt.images))[None]
         count = features.shape[1]
+        features = combine_features(features, prompt.combine)
         if guided:
             if prompt.negative_images is not None:
                 negative = self.features(list(prompt.negative_images))
@@ -166,6 +176,7 @@ class ImagePromptEncoder:
                     f"negative image features {tuple(negative.shape)} do not fit the prompt images' "
                     f"{tuple(features.shape[1:])}: need 1 or {count} of shape {tuple(features.shape[2:])}"
                 )
+            negative = combine_negative_features(negative, prompt.combine, count)
             features = jnp.stack([jnp.broadcast_to(negative, features.shape), features], axis=1)  # (P', 2, K, ...)
         else:
             features = features[:, None]  # (P', 1, K, ...)

@@ -201,6 +201,7 @@ class IPAdapterPipeline:
         negative_image: ImageInput | Sequence[ImageInput] | None = None,
         negative_image_embeds: np.ndarray | None = None,
         per_prompt_images: bool = False,
+        combine: str = "concat",
         scale: ScaleSpec = 1.0,
         image_step_range: tuple[float, float] = (0.0, 1.0),
         guidance_scale: float = 7.5,
@@ -228,7 +229,8 @@ class IPAdapterPipeline:
           per_prompt_images: `image` is a sequence with one image prompt per text prompt (each one image or K
             images; K the same for all), `image_embeds` is (P, K, *feature_shape); prompt p's images see only
             image prompt p. One call then generates for many image prompts at once.
-          scale: IP-Adapter scale, a number or a per-block dict (`ipadapter_jax.models.scales`).
+          combine: K images -> the adapter's input (`image_combine`): concat, add, subtract, average, norm-average.
+          scale: IP-Adapter scale: a number, a per-block dict or a `ScalePreset` (`ipadapter_jax.models.scales`).
           image_step_range: (start, end) fractions of the steps; step i uses the image branch iff
             start <= i / num_inference_steps < end.
           guidance_scale: classifier-free guidance is on iff > 1.
@@ -248,7 +250,9 @@ class IPAdapterPipeline:
         request = GenerationRequest.of(
             prompt,
             negative_prompt,
-            image_prompt=ImagePrompt.of(image, image_embeds, negative_image, negative_image_embeds, per_prompt_images),
+            image_prompt=ImagePrompt.of(
+                image, image_embeds, negative_image, negative_image_embeds, per_prompt_images, combine
+            ),
             scale=scale,
             image_step_range=image_step_range,
             guidance_scale=guidance_scale,

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ipadapter_jax.models.scale_presets import ScalePreset
 from ipadapter_jax.pipelines.image_prompt import ImageInput, ImagePrompt
 
 
@@ -23,7 +24,7 @@ class GenerationRequest:
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...] | None = None
     image_prompt: ImagePrompt | None = None
-    scale: float | Mapping[str, Any] = 1.0
+    scale: float | Mapping[str, Any] | ScalePreset = 1.0
     image_step_range: tuple[float, float] = (0.0, 1.0)
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
@@ -102,6 +103,7 @@ class GenerationRequest:
                 "per_prompt_images": False,
                 "image_embeds_given": False,
                 "negative_image": False,
+                "combine": "concat",
             }
         )
         return {
@@ -124,7 +126,9 @@ class GenerationRequest:
 
 
 def _scale_values(scale: Any, where: str = "") -> list[tuple[str, float]]:
-    """Every number in a scale spec (a number, or nested dicts/lists of numbers), with where it sits."""
+    """Every number in a scale spec (a number, nested dicts/lists of numbers, a preset), with where it sits."""
+    if isinstance(scale, ScalePreset):
+        return [(".weight", float(scale.weight))]
     if isinstance(scale, Mapping):
         return [item for key, value in scale.items() for item in _scale_values(value, f"{where}.{key}")]
     if isinstance(scale, (list, tuple)):
@@ -133,6 +137,8 @@ def _scale_values(scale: Any, where: str = "") -> list[tuple[str, float]]:
 
 
 def _json_scale(scale: Any) -> Any:
+    if isinstance(scale, ScalePreset):
+        return scale.settings()
     if isinstance(scale, Mapping):
         return {key: _json_scale(value) for key, value in scale.items()}
     if isinstance(scale, (list, tuple)):
