@@ -198,7 +198,7 @@ def torch_step_fn(unet_kwargs: dict, batch: int, latent: int, dtype: str):
             attn = modules[name[: -len(".processor")]]
             official["ip_adapter"][f"{layer_id}.to_k_ip.weight"] = attn.to_k.weight.detach().numpy().copy()
             official["ip_adapter"][f"{layer_id}.to_v_ip.weight"] = attn.to_v.weight.detach().numpy().copy()
-    unet._load_ip_adapter_weights([{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}])
+    unet._load_ip_adapter_weights([{s: {k: torch.tensor(v) for k, v in d.items()} for s, d in official.items()}])
     unet.to(device)
     unet.train()
     unet.requires_grad_(False)

@@ -130,10 +130,9 @@ def setup():
         batch_in = dict(batch, noise=noise_in, timesteps=timesteps_in)
         steps[option] = injected(init_train_state(adapter, optimizer, seed=SEED), frozen, batch_in)
 
-    # --- PyTorch reference step, on the same noise and timesteps
-    torch_unet._load_ip_adapter_weights(
-        [{s: {k: torch.from_numpy(v) for k, v in d.items()} for s, d in official.items()}]
-    )
+    # --- PyTorch reference step, on the same noise and timesteps. Copies: with accelerate installed diffusers loads
+    # the given tensors in place (low_cpu_mem_usage), and the optimizer step would update `official` with them.
+    torch_unet._load_ip_adapter_weights([{s: {k: torch.tensor(v) for k, v in d.items()} for s, d in official.items()}])
     trained = [
         p for n, p in torch_unet.named_parameters() if "to_k_ip" in n or "to_v_ip" in n or "encoder_hid_proj" in n
     ]
