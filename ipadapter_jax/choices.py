@@ -17,3 +17,7 @@ ADAPTER_KINDS = ("base", "plus", "full")
 
 # Computation dtypes (params stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
+
+# How an adapter's IP weight enters its attention (`ipadapter_jax.models.ip_attention`): the output only (the
+# paper's and diffusers'), or keys and values after cubiq/ComfyUI_IPAdapter_plus's `embeds_scaling`.
+EMBEDS_SCALING = ("v_only", "k_v", "k_v_c_penalty", "k_mean_v_c_penalty")
