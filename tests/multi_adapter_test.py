@@ -210,7 +210,7 @@ def test_generate_cli_two_adapters_and_masks_from_a_settings_file_match_diffuser
     _, theirs = sd15_pair
     masks = IPAdapterMaskProcessor().preprocess([LEFT_MASK, RIGHT_MASK], height=64, width=96)
     theirs.set_ip_adapter_scale([0.8, 0.5])
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (1, 4, 8, 12)))
+    noise = np.array(jax.random.normal(jax.random.PRNGKey(3), (1, 4, 8, 12)))
     with torch.no_grad():
         expected = theirs(
             prompt="a red cat", num_inference_steps=STEPS, height=64, width=96, latents=torch.from_numpy(noise),
@@ -222,8 +222,7 @@ def test_generate_cli_two_adapters_and_masks_from_a_settings_file_match_diffuser
 
 def test_an_adapter_exported_by_training_runs_next_to_an_official_one(sd15: tu.SavedPipelines, sd15_pair, tmp_path):
     """A fresh Plus adapter (the paper's init, 6 tokens) written by training's export (`hooks.export_adapter`, what
-    `ipadapter-jax train` writes) replaces the second adapter; diffusers loads the same two files. Same shapes as
-    the first test: the compiled program is reused."""
+    `ipadapter-jax train` writes) replaces the second adapter; diffusers loads the same two files."""
     from ipadapter_jax.training.hooks import export_adapter
     from ipadapter_jax.weights import load_adapter, new_adapter
 
@@ -238,7 +237,6 @@ def test_an_adapter_exported_by_training_runs_next_to_an_official_one(sd15: tu.S
         result = run_flax(ours, image=images, scale=[0.6, 0.7])
         theirs = torch_multi(sd15, [tu.adapter_file(sd15.folder, "base"), path])
         assert_images_close(result, run_torch(theirs, [0.6, 0.7], ip_adapter_image=images))
-        assert ours.sampler.num_compiled == 1
     finally:
         ours.unload_adapter()
         ours.load_adapter(second_plus_file(sd15))

@@ -74,6 +74,7 @@ def image_attention(
     """
     batch, length, heads, dim_head = query.shape
     groups = 1 if masks is None else masks.shape[0]
+    factors = {name: jnp.asarray(value, keys.dtype) for name, value in factors.items()}  # bf16 stays bf16
     if "key_scale" in factors:
         keys = keys * factors["key_scale"]
     keys = keys.reshape(batch, groups, -1, heads, dim_head)

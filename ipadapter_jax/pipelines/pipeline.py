@@ -12,10 +12,10 @@ loaded) compute it:
 2. Conditioning. Text (`models.text_encoder`): prompts, and with guidance the negative prompts ("" by default;
    SDXL with `force_zeros_for_empty_prompt` and no negative prompt: zeros), each repeated
    `num_images_per_prompt` times; SDXL also gets `time_ids` = (height, width, 0, 0, height, width). Image
-   (`image_prompt`): images or precomputed features -> tokens; several images concatenate their tokens; the
+   (`image_prompt`, per adapter: several adapters at once as diffusers' `load_ip_adapter([...])`, `adapters`):
+   images or features -> tokens; several images concatenate their tokens (or, with masks, attend one by one); the
    negative tokens come from the reference's null features or a negative image. One image prompt is shared by
-   the whole batch, or (`per_prompt_images=True`) each text prompt has its own, so that many image prompts run
-   in one batched call (evaluation does this).
+   the batch, or (`per_prompt_images=True`) each text prompt has its own (evaluation runs many in one call).
 3. Sampling (`sampling`): one compiled function runs every denoising step (scheduler: whatever the base holds;
    DDIM, DPM-Solver++ and Euler are tested) and the VAE decode, batch-sharded over the local devices.
 
