@@ -11,16 +11,20 @@ sampling function alone; JAX's compile time separately (no persistent cache).
 The model is "tiny but not trivial": an SD1.5-shaped UNet with channels (64, 128, 256, 256), 8 heads,
 77 text tokens of width 256, a 4-block VAE, 256x256 images (32x32 latents), a small CLIP image encoder.
 
+`--multi` adds rows for two adapters + regional masks vs one adapter, JAX and PyTorch side by side
+(`bench/multi_adapter_rows.py`). Sections not rerun are kept from the existing JSON.
+
 `--sd15-unet` also times one guided denoising step (UNet forward on batch 2) of an SD1.5-sized UNet (859.5M
 params, random weights) at `--sd15-latent` (64 = 512x512 px) in both frameworks.
 
-Usage: python bench/pipeline_bench.py [--steps 10] [--repeats 3] [--sd15-unet] [--json bench/pipeline_bench.json]
+Usage: python bench/pipeline_bench.py [--steps 10] [--repeats 3] [--multi] [--sd15-unet] [--json FILE]
 (shared machines: the runs alternate between frameworks, and the JSON records the load average)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -40,6 +44,7 @@ import numpy as np  # noqa: E402
 import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 
+from bench.multi_adapter_rows import bench_two_adapters  # noqa: E402
 from ipadapter_jax.testing import (
     pipeline_fixtures,  # noqa: E402
     tiny,  # noqa: E402
@@ -130,7 +135,7 @@ def build_model(folder: Path) -> tuple[object, Path]:
     return pipe, adapter
 
 
-def bench_pipelines(steps: int, repeats: int) -> dict:
+def bench_pipelines(steps: int, repeats: int, multi: bool = False) -> dict:
     from ipadapter_jax.pipelines import IPAdapterPipeline
     from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
 
@@ -142,6 +147,7 @@ def bench_pipelines(steps: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         torch_pipe, adapter_path = build_model(folder)
+        torch_base = copy.deepcopy(torch_pipe) if multi else None
         torch_pipe.load_ip_adapter(str(folder), subfolder="", weight_name=adapter_path.name, image_encoder_folder=None)
         torch_pipe.set_ip_adapter_scale(0.6)
         torch_pipe.set_progress_bar_config(disable=True)
@@ -177,11 +183,15 @@ def bench_pipelines(steps: int, repeats: int) -> dict:
         for _ in range(repeats):
             jax_runs.append(run_jax())
             torch_runs.append(run_torch()[0])
+        two_adapters = None
+        if multi:
+            common = dict(prompt="a photo of a cat", num_images_per_prompt=batch, latents=latents, **request)
+            two_adapters = bench_two_adapters(folder, torch_base, adapter_path, pipe, common, repeats)
 
     jax_call = min(r[0] for r in jax_runs) / batch
     jax_sample = min(r[1]["sample_s"] for r in jax_runs) / batch
     torch_call = min(torch_runs) / batch
-    return {
+    result = {
         "config": {
             "unet": UNET,
             "vae": VAE,
@@ -205,6 +215,9 @@ def bench_pipelines(steps: int, repeats: int) -> dict:
             "torch_call": torch_runs,
         },
     }
+    if two_adapters is not None:
+        result["two_adapters_masked"] = two_adapters
+    return result
 
 
 def bench_sd15_unet_step(latent: int, repeats: int) -> dict:
@@ -265,12 +278,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--multi", action="store_true", help="also time two adapters + masks vs one adapter")
     parser.add_argument("--sd15-unet", action="store_true", help="also time an SD1.5-sized UNet step")
     parser.add_argument("--sd15-latent", type=int, default=64, help="latent side for --sd15-unet (64 = 512 px)")
     parser.add_argument("--json", default="bench/pipeline_bench.json")
     args = parser.parse_args()
 
+    kept = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
     result = {
+        **{key: value for key, value in kept.items() if key == "sd15_unet_step" and not args.sd15_unet},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -280,7 +296,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "load_avg_at_start": os.getloadavg(),
         },
-        "pipeline": bench_pipelines(args.steps, args.repeats),
+        "pipeline": bench_pipelines(args.steps, args.repeats, args.multi),
     }
     result["machine"]["load_avg_after_pipelines"] = os.getloadavg()
     p = result["pipeline"]
@@ -295,6 +311,22 @@ def main() -> None:
         f"({p['config']['steps']} DDIM steps, guidance, {SIZE}x{SIZE}, batch {p['config']['batch']}; "
         f"max |JAX - PyTorch| pixel {p['max_abs_pixel_diff']:.1e})"
     )
+    if args.multi:
+        m = p["two_adapters_masked"]
+        print(
+            f"{'s per image, 1 adapter':34}{m['jax_one_per_image_s']:10.3f}{m['torch_one_per_image_s']:10.3f}"
+            f"   (JAX sampling only {m['jax_one_sampling_per_image_s']:.3f})"
+        )
+        print(
+            f"{'s per image, 2 adapters + masks':34}{m['jax_two_masked_per_image_s']:10.3f}"
+            f"{m['torch_two_masked_per_image_s']:10.3f}{m['torch_over_jax_two_masked']:13.2f}"
+            f"   (JAX sampling only {m['jax_two_masked_sampling_per_image_s']:.3f})"
+        )
+        print(
+            f"{'2 adapters + masks / 1 adapter':34}"
+            f"{m['jax_two_over_one_sampling']:10.3f}{m['torch_two_over_one']:10.3f}"
+            "   (JAX: sampling; PyTorch: whole call)"
+        )
     if args.sd15_unet:
         s = result["sd15_unet_step"] = bench_sd15_unet_step(args.sd15_latent, args.repeats)
         print(

@@ -46,3 +46,7 @@ WEIGHT_TYPES = (
 
 # How several images of one image prompt become the adapter's input (`ipadapter_jax.pipelines.image_combine`).
 IMAGE_COMBINE_MODES = ("concat", "add", "subtract", "average", "norm-average")
+
+# How an adapter's IP weight enters its attention (`ipadapter_jax.models.ip_attention`): the output only (the
+# paper's and diffusers'), or keys and values after cubiq/ComfyUI_IPAdapter_plus's `embeds_scaling`.
+EMBEDS_SCALING = ("v_only", "k_v", "k_v_c_penalty", "k_mean_v_c_penalty")

@@ -70,3 +70,12 @@ def test_the_pipeline_snippet_generates_images(workspace, monkeypatch):
     out = namespace["out"]
     assert len(out.images) == 3 and out.settings["per_prompt_images"] and out.settings["seed"] == [0, 1, 2]
     assert (workspace / "sample.png").is_file()
+
+
+def test_the_several_adapters_snippet_generates_with_masks(workspace, monkeypatch):
+    """The multi-adapter block runs after the pipeline block, on its `pipe` and `image`."""
+    namespace = run_block(1, workspace, monkeypatch)
+    exec(compile(python_blocks()[2], "README.md python block 2", "exec"), namespace)  # noqa: S102
+    out = namespace["out"]
+    assert out.settings["masks"] == [2, 0] and out.settings["embeds_scaling"] == ["v_only", "k_v"]
+    assert out.settings["num_prompt_images"] == [2, 1] and len(namespace["pipe"].adapters) == 1

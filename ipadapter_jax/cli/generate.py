@@ -1,8 +1,12 @@
 """`ipadapter-jax generate`: images from an image prompt (and optional text, ControlNet) with an IP-Adapter.
 
     ipadapter-jax generate --base MODEL_DIR --adapter ip-adapter_sd15.safetensors --image-encoder ENCODER_DIR \\
-        --image a.png [--image b.png] [--prompt "best quality"] [--scale 0.6] [--num-images 4] [--out DIR] \
-        [--weight-type style-transfer] [--combine average]
+        --image a.png [--image b.png] [--prompt "best quality"] [--scale 0.6] [--num-images 4] [--out DIR]
+    ipadapter-jax generate --settings settings.json [flags]
+
+Several adapters: each `--adapter FILE` takes the `--image`, `--negative-image`, `--mask`, `--scale`,
+`--weight-type`, `--composition-weight`, `--combine` and `--embeds-scaling` flags after it
+(`ipadapter_jax.cli.adapter_flags`, which also describes the JSON settings file).
 
 MODEL_DIR is a diffusers pipeline folder (SD1.5/SD2 family or SDXL, PyTorch weights); the adapter is an official
 IP-Adapter file (.safetensors/.bin) or our Flax adapter (.msgpack); ENCODER_DIR a `CLIPVisionModelWithProjection`
@@ -27,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS, IMAGE_COMBINE_MODES, SCHEDULERS, WEIGHT_TYPES
+from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS, SCHEDULERS
+from ipadapter_jax.cli.adapter_flags import adapter_settings, add_per_adapter_flags, expand_settings_file
 from ipadapter_jax.cli.main import ArgumentParser, UsageError, finite_float, positive_int, report_errors
 
 DTYPES = ("float32", "bfloat16")
@@ -40,7 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     models = parser.add_argument_group("models")
     models.add_argument("--base", required=True, help="diffusers pipeline folder (unet/, vae/, text_encoder/, ...)")
-    models.add_argument("--adapter", required=True, help="IP-Adapter file: .safetensors/.bin (official) or .msgpack")
     models.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder")
     models.add_argument("--controlnet", help="diffusers ControlNetModel folder (SD1.5/SD2 family)")
     models.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="default ddim (the paper's)")
@@ -58,35 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         help="compute as diffusers' Flax UNet (tanh GELU) instead of its PyTorch UNet (the default)",
     )
 
+    parser.add_argument("--settings", help="JSON file of settings (flags' long names as keys), before the flags")
+    add_per_adapter_flags(parser.add_argument_group("adapters: .safetensors/.bin (official) or .msgpack, each with"))
     prompt = parser.add_argument_group("prompt")
-    prompt.add_argument("--image", action="append", required=True, help="image prompt; repeat for several images")
     prompt.add_argument("--prompt", action="append", help="text prompt; repeat for several (default: empty)")
     prompt.add_argument("--negative-prompt", help="negative text prompt")
-    prompt.add_argument("--negative-image", action="append", help="negative image prompt (1, or one per --image)")
-    prompt.add_argument(
-        "--scale",
-        default="1.0",
-        help="IP-Adapter scale: a number or a JSON per-block dict, e.g. "
-        '\'{"up": {"block_0": [0.0, 1.0, 0.0]}}\' (default 1.0)',
-    )
-    prompt.add_argument(
-        "--weight-type",
-        choices=WEIGHT_TYPES,
-        help="per-layer scale preset (style-transfer, composition, ease-in, ...), times --scale (a number)",
-    )
-    prompt.add_argument(
-        "--composition-weight",
-        type=finite_float,
-        help="composition layers' weight of --weight-type style-and-composition / strong-style-and-composition "
-        "(default 1)",
-    )
-    prompt.add_argument(
-        "--combine",
-        choices=IMAGE_COMBINE_MODES,
-        default="concat",
-        help="several --image -> one adapter input: concat (their tokens, default), add, subtract, average, "
-        "norm-average",
-    )
     prompt.add_argument(
         "--image-step-range",
         type=finite_float,
@@ -123,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    print(generate(_parser().parse_args(argv)))
+    parser = _parser()
+    print(generate(parser.parse_args(expand_settings_file(parser, argv))))
     return 0
 
 
@@ -137,19 +118,27 @@ def generate(args: argparse.Namespace) -> Path | str:
     bucket: the files are written locally, then uploaded)."""
     from ipadapter_jax import paths, staging
 
-    paths.check_storage([args.base, args.adapter, args.image_encoder, args.out, args.cache_dir, args.controlnet,
-                         args.control_image, *args.image, *(args.negative_image or ())])  # fmt: skip
+    adapters = adapter_settings(args.adapters)
+    files = [path for a in adapters for path in (a["file"], *a["images"], *a["negative_images"], *a["masks"])]
+    paths.check_storage([args.base, args.image_encoder, args.out, args.cache_dir, args.controlnet, args.control_image,
+                         *files])  # fmt: skip
     import jax
 
     _configure_compile_cache(jax, args.compile_cache)
     # After the log filter (`import ipadapter_jax`): the loaders import diffusers' and transformers' Flax classes.
     from ipadapter_jax.pipelines import IPAdapterPipeline, image_grid
 
-    scale = _scale(args)
     if (args.controlnet is None) != (args.control_image is None):
         raise UsageError("--controlnet and --control-image go together")
-    images = [_open_image(path) for path in args.image]
-    negative_images = [_open_image(path) for path in args.negative_image or ()]
+    opened = [
+        {key: [_open_image(path) for path in a[key]] for key in ("images", "negative_images", "masks")}
+        for a in adapters
+    ]
+    single = len(adapters) == 1
+
+    def per_adapter(values: list) -> Any:  # the pipeline's argument: the value for one adapter, else the list
+        return values[0] if single else values
+
     control_image = None if args.control_image is None else _open_image(args.control_image)
     target = args.out or str(Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
     out_dir = Path(staging.mirror(target))
@@ -157,7 +146,7 @@ def generate(args: argparse.Namespace) -> Path | str:
     start = time.perf_counter()
     pipe = IPAdapterPipeline.from_pretrained(
         args.base,
-        args.adapter,
+        per_adapter([a["file"] for a in adapters]),
         args.image_encoder,
         scheduler=args.scheduler,
         dtype=args.dtype,
@@ -168,12 +157,14 @@ def generate(args: argparse.Namespace) -> Path | str:
     )
     load_s = time.perf_counter() - start
     result = pipe(
-        images,
+        per_adapter([o["images"] for o in opened]),
         prompt=args.prompt or "",
         negative_prompt=args.negative_prompt,
-        negative_image=negative_images or None,
-        combine=args.combine,
-        scale=scale,
+        negative_image=per_adapter([o["negative_images"] or None for o in opened]),
+        scale=per_adapter([a["scale"] for a in adapters]),
+        mask=per_adapter([o["masks"] or None for o in opened]),
+        embeds_scaling=per_adapter([a["embeds_scaling"] for a in adapters]),
+        combine=per_adapter([a["combine"] for a in adapters]),
         image_step_range=tuple(args.image_step_range),
         guidance_scale=args.guidance_scale,
         num_inference_steps=args.steps,
@@ -197,10 +188,11 @@ def generate(args: argparse.Namespace) -> Path | str:
     settings = {
         **result.settings,
         "base": str(args.base),
-        "adapter": str(args.adapter),
+        "adapter": per_adapter([str(a["file"]) for a in adapters]),
         "image_encoder": str(args.image_encoder),
-        "images": list(args.image),
-        "negative_images": list(args.negative_image or ()),
+        "images": per_adapter([list(a["images"]) for a in adapters]),
+        "negative_images": per_adapter([list(a["negative_images"]) for a in adapters]),
+        "mask_files": per_adapter([list(a["masks"]) for a in adapters]),
         "controlnet": args.controlnet,
         "control_image": args.control_image,
         "scheduler_option": args.scheduler,
@@ -227,39 +219,6 @@ def _configure_compile_cache(jax: Any, folder: str | None) -> None:
     if folder == "none":
         return
     jax.config.update("jax_compilation_cache_dir", folder or str(Path.home() / ".cache" / "ipadapter-jax" / "xla"))
-
-
-def _scale(args: argparse.Namespace) -> Any:
-    """--scale, or with --weight-type the `ScalePreset` it names, weighted by --scale."""
-    from ipadapter_jax.models.scale_presets import ScalePreset
-
-    scale = _parse_scale(args.scale)
-    if args.weight_type is None:
-        if args.composition_weight is not None:
-            raise UsageError("--composition-weight needs --weight-type")
-        return scale
-    if not isinstance(scale, float):
-        raise UsageError(f"--weight-type takes --scale as a number (its weight), got {args.scale!r}")
-    try:
-        return ScalePreset(args.weight_type, scale, args.composition_weight)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-def _parse_scale(text: str) -> float | dict:
-    try:
-        return finite_float(text)
-    except argparse.ArgumentTypeError as err:
-        raise UsageError(f"--scale {err}") from None
-    except ValueError:
-        pass
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise UsageError(f"--scale must be a number or a JSON object, got {text!r}") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"--scale must be a number or a JSON object, got {text!r}")
-    return value
 
 
 def _open_image(path: str) -> Any:

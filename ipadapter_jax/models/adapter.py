@@ -64,6 +64,16 @@ def merge_unet_params(unet_params: Any, ip_layers: Any) -> dict:
     return traverse_util.unflatten_dict({**_flat(unet_params), **_flat(ip_layers)})
 
 
+def merge_adapters_params(unet_params: Any, ip_layers: list[Any]) -> dict:
+    """Frozen UNet params + several adapters' `ip_layers` -> the params of an IP-UNet with `num_ip_adapters` =
+    len(ip_layers): adapter 0's kernels stay `to_k_ip`/`to_v_ip`, adapter a's become `to_k_ip_a`/`to_v_ip_a`."""
+    flat = _flat(unet_params)
+    for index, layers in enumerate(ip_layers):
+        suffix = "" if index == 0 else f"_{index}"
+        flat.update({path[:-2] + (path[-2] + suffix, path[-1]): value for path, value in _flat(layers).items()})
+    return traverse_util.unflatten_dict(flat)
+
+
 def ip_layers_from_unet(unet_params: Any, dtype: Any = np.float32) -> dict:
     """The paper's init (s.3.2): each layer's `to_k_ip`/`to_v_ip` is a copy of its frozen `to_k`/`to_v`.
 

@@ -22,6 +22,12 @@ How image tokens and scales reach attn2.
 - The scale is read by each attn2 from the variable collection "ip_scale" (see `ipadapter_jax.models.scales`),
   so changing it, globally or per layer, changes only array values and never recompiles. A layer whose
   scale is absent uses 1.0 (training).
+
+Several adapters at once (diffusers' `load_ip_adapter([...])`): with `num_ip_adapters` = A, every attn2 has A
+image branches, adapter 0's kernels `to_k_ip`/`to_v_ip` (the single-adapter tree) and adapter a's
+`to_k_ip_a`/`to_v_ip_a`; their outputs are summed. `image_tokens` is then a tuple with one (B, N_a, D) array per
+adapter (token counts may differ), and `ip_masks` optionally one (K_a, H, W) mask stack per adapter (regional
+IP-Adapter). The branch math, the embedding scaling modes and the masks: `ipadapter_jax.models.ip_attention`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax import quiet
 from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS
+from ipadapter_jax.models.ip_attention import FACTOR_NAMES, factor_name, image_attention, masks_on_token_grid
 from ipadapter_jax.models.splash_attention import splash_attention_in_mesh_context
 
 quiet.install()
@@ -60,10 +67,12 @@ IP_SCALE_COLLECTION = "ip_scale"
 
 @flax.struct.dataclass
 class IPContext:
-    """What the cross-attention layers attend to: text tokens (B, T, D) and image tokens (B, N, D)."""
+    """What the cross-attention layers attend to: text tokens (B, T, D) and, per adapter, image tokens (B, N_a, D)
+    and optional masks (K_a, H, W) (None: no mask)."""
 
     text: jax.Array
-    image_tokens: jax.Array
+    image_tokens: tuple[jax.Array, ...]
+    masks: tuple[jax.Array | None, ...]
 
 
 def check_attention_implementation(name: str) -> None:
@@ -140,32 +149,59 @@ class IPAttention(Attention):
     result is the text branch bit for bit. The image branch uses the same heads/head_dim and no mask, like the
     reference; its 4-16 keys make it cheap whatever the kernel, so it always uses XLA's.
     Dropout (0 in every Stable Diffusion config) is applied by diffusers to the text branch only.
+
+    With `num_ip_adapters` = A > 1 it has A branches (adapter a's kernels `to_k_ip_a`/`to_v_ip_a`, scale
+    variables "scale_a", ...), summed before the output projection.
     """
+
+    num_ip_adapters: int = 1
 
     def setup(self) -> None:
         super().setup()
         inner_dim = self.dim_head * self.heads
-        self.to_k_ip = nn.Dense(inner_dim, use_bias=False, dtype=self.dtype, name="to_k_ip")
-        self.to_v_ip = nn.Dense(inner_dim, use_bias=False, dtype=self.dtype, name="to_v_ip")
+
+        def dense(name: str) -> nn.Dense:
+            return nn.Dense(inner_dim, use_bias=False, dtype=self.dtype, name=name)
+
+        self.to_k_ip = dense("to_k_ip")
+        self.to_v_ip = dense("to_v_ip")
+        self.extra_k_ip = tuple(dense(f"to_k_ip_{a}") for a in range(1, self.num_ip_adapters))
+        self.extra_v_ip = tuple(dense(f"to_v_ip_{a}") for a in range(1, self.num_ip_adapters))
 
     def __call__(self, hidden_states: jax.Array, context: Any = None, deterministic: bool = True) -> jax.Array:
         """hidden_states (B, L, query_dim); context: None (self-attention), (B, T, D) text, or `IPContext`."""
         if not isinstance(context, IPContext):
             return super().__call__(hidden_states, context, deterministic=deterministic)
         text_out = super().__call__(hidden_states, context.text, deterministic=deterministic)
-        scale = self.get_variable(IP_SCALE_COLLECTION, "scale", 1.0)
-        return text_out + jnp.asarray(scale, text_out.dtype) * self.image_attention(hidden_states, context.image_tokens)
+        return text_out + self.image_attention(hidden_states, context.image_tokens, context.masks)
 
-    def image_attention(self, hidden_states: jax.Array, image_tokens: jax.Array) -> jax.Array:
-        """`Attn(Q, to_k_ip(c_i), to_v_ip(c_i)) @ W_out` (no bias): (B, L, query_dim).
+    def image_attention(
+        self, hidden_states: jax.Array, image_tokens: tuple[jax.Array, ...], masks: tuple[jax.Array | None, ...]
+    ) -> jax.Array:
+        """`sum_a scale_a * branch_a @ W_out` (no bias): (B, L, query_dim); branch_a as
+        `ipadapter_jax.models.ip_attention.image_attention` with adapter a's kernels, factors and masks.
 
         Q is diffusers' `to_q` of the same hidden states; under `jit` XLA's common-subexpression pass
         shares that matmul with the text branch.
         """
-        attended = self.attend(hidden_states, image_tokens, self.to_k_ip, self.to_v_ip, "xla")
+        batch, length = hidden_states.shape[:2]
+        query = self.query(hidden_states).reshape(batch, length, self.heads, self.dim_head)
+        to_k = (self.to_k_ip, *self.extra_k_ip)
+        to_v = (self.to_v_ip, *self.extra_v_ip)
+        total = None
+        for adapter, (tokens, mask) in enumerate(zip(image_tokens, masks, strict=True)):
+            factors = {
+                name: self.get_variable(IP_SCALE_COLLECTION, factor_name(name, adapter))
+                for name in FACTOR_NAMES
+                if self.has_variable(IP_SCALE_COLLECTION, factor_name(name, adapter))
+            }
+            weights = None if mask is None else masks_on_token_grid(mask, length)
+            branch = image_attention(query, to_k[adapter](tokens), to_v[adapter](tokens), factors, weights)
+            branch = jnp.asarray(factors.get("scale", 1.0), branch.dtype) * branch
+            total = branch if total is None else total + branch
         out_kernel = self.proj_attn.variables["params"]["kernel"]
-        attended, out_kernel = nn.dtypes.promote_dtype(attended, out_kernel, dtype=self.dtype)
-        return attended @ out_kernel
+        total, out_kernel = nn.dtypes.promote_dtype(total, out_kernel, dtype=self.dtype)
+        return total @ out_kernel
 
 
 class GEGLU(FlaxGEGLU):
@@ -203,6 +239,7 @@ class _SwapChildren(nn.Module):
     # PyTorch's numerics where diffusers' Flax classes differ: exact GELU in GEGLU, GroupNorm epsilon 1e-6 at the
     # input of each Transformer2D. False: diffusers' Flax behaviour (tanh GELU, 1e-5).
     pytorch_numerics: bool = True
+    num_ip_adapters: int = 1  # image branches per attn2 (see `IPAttention`)
 
     @nn.nowrap
     def __setattr__(self, name: str, value: Any) -> None:
@@ -301,16 +338,20 @@ class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
         mid_block_additional_residual: jax.Array | None = None,
         return_dict: bool = True,
         train: bool = False,
-        image_tokens: jax.Array | None = None,
+        image_tokens: jax.Array | tuple[jax.Array, ...] | None = None,
+        ip_masks: tuple[jax.Array | None, ...] | None = None,
     ):
-        """diffusers' UNet call plus `image_tokens`.
+        """diffusers' UNet call plus `image_tokens` and `ip_masks`.
 
         Args:
           sample: (B, C, H, W) noisy latents.
           timesteps: (B,) or scalar.
           encoder_hidden_states: (B, T, cross_attention_dim) text tokens.
           image_tokens: (B, N, cross_attention_dim) projected image tokens (several images for one adapter:
-            their tokens concatenated along N), or None for plain text conditioning.
+            their tokens concatenated along N), or a tuple of such arrays, one per adapter (`num_ip_adapters`),
+            or None for plain text conditioning.
+          ip_masks: per adapter, None or (K, H, W) masks of its K images (N = K * tokens per image), shared by
+            the batch; None: no masks.
           Other arguments as diffusers' `FlaxUNet2DConditionModel.__call__` (SDXL `added_cond_kwargs`,
             ControlNet residuals).
         Returns:
@@ -320,17 +361,10 @@ class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
             # With only_cross_attention diffusers feeds the context to attn1 as well; no SD/SDXL model does.
             raise NotImplementedError("IP-Adapter does not support UNets with only_cross_attention")
         if image_tokens is not None:
-            if image_tokens.ndim != 3 or image_tokens.shape[-1] != self.cross_attention_dim:
-                raise ValueError(
-                    f"image_tokens must be (batch, tokens, {self.cross_attention_dim}) for this UNet "
-                    f"(cross_attention_dim={self.cross_attention_dim}); got shape {tuple(image_tokens.shape)}"
-                )
-            if image_tokens.shape[0] != encoder_hidden_states.shape[0]:
-                raise ValueError(
-                    f"image_tokens batch {image_tokens.shape[0]} != encoder_hidden_states batch "
-                    f"{encoder_hidden_states.shape[0]}"
-                )
-            encoder_hidden_states = IPContext(text=encoder_hidden_states, image_tokens=image_tokens)
+            tokens = tuple(image_tokens) if isinstance(image_tokens, (tuple, list)) else (image_tokens,)
+            masks = (None,) * len(tokens) if ip_masks is None else tuple(ip_masks)
+            self._check_image_inputs(tokens, masks, encoder_hidden_states.shape[0])
+            encoder_hidden_states = IPContext(text=encoder_hidden_states, image_tokens=tokens, masks=masks)
         return super().__call__(
             sample,
             timesteps,
@@ -341,3 +375,22 @@ class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
             return_dict=return_dict,
             train=train,
         )
+
+    def _check_image_inputs(self, tokens: tuple, masks: tuple, batch: int) -> None:
+        """ValueError naming the first image token array or mask that does not fit this UNet."""
+        if len(tokens) != self.num_ip_adapters or len(masks) != len(tokens):
+            raise ValueError(
+                f"this UNet has {self.num_ip_adapters} IP-Adapter branch(es); got image tokens for {len(tokens)} "
+                f"adapter(s) and masks for {len(masks)}"
+            )
+        for index, (array, mask) in enumerate(zip(tokens, masks)):
+            if array.ndim != 3 or array.shape[-1] != self.cross_attention_dim or array.shape[0] != batch:
+                raise ValueError(
+                    f"image_tokens[{index}] must be (batch={batch}, tokens, {self.cross_attention_dim}) for this "
+                    f"UNet (cross_attention_dim={self.cross_attention_dim}); got shape {tuple(array.shape)}"
+                )
+            if mask is not None and (mask.ndim != 3 or array.shape[1] % mask.shape[0]):
+                raise ValueError(
+                    f"ip_masks[{index}] must be (images, height, width) with images dividing the adapter's "
+                    f"{array.shape[1]} tokens; got shape {tuple(mask.shape)}"
+                )

@@ -12,10 +12,10 @@ loaded) compute it:
 2. Conditioning. Text (`models.text_encoder`): prompts, and with guidance the negative prompts ("" by default;
    SDXL with `force_zeros_for_empty_prompt` and no negative prompt: zeros), each repeated
    `num_images_per_prompt` times; SDXL also gets `time_ids` = (height, width, 0, 0, height, width). Image
-   (`image_prompt`): images or precomputed features -> tokens; several images concatenate their tokens; the
+   (`image_prompt`, per adapter: several adapters at once as diffusers' `load_ip_adapter([...])`, `adapters`):
+   images or features -> tokens; several images concatenate their tokens (or, with masks, attend one by one); the
    negative tokens come from the reference's null features or a negative image. One image prompt is shared by
-   the whole batch, or (`per_prompt_images=True`) each text prompt has its own, so that many image prompts run
-   in one batched call (evaluation does this).
+   the batch, or (`per_prompt_images=True`) each text prompt has its own (evaluation runs many in one call).
 3. Sampling (`sampling`): one compiled function runs every denoising step (scheduler: whatever the base holds;
    DDIM, DPM-Solver++ and Euler are tested) and the VAE decode, batch-sharded over the local devices.
 
@@ -34,19 +34,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ipadapter_jax.models.adapter import Adapter, ip_layer_paths
+from ipadapter_jax.models.adapter import Adapter, merge_adapters_params
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.image_encoder import ImageEncoder
-from ipadapter_jax.models.scales import ScaleSpec, ip_scale_tree
+from ipadapter_jax.models.scales import ScaleSpec
 from ipadapter_jax.models.text_encoder import PromptEncoder
-from ipadapter_jax.pipelines.image_prompt import ImageInput, ImagePrompt, ImagePromptEncoder
+from ipadapter_jax.pipelines.adapters import adapter_fields, check_adapter_fits
+from ipadapter_jax.pipelines.conditioning import image_conditioning, text_conditioning
+from ipadapter_jax.pipelines.image_prompt import ImageInput, ImagePromptEncoder
 from ipadapter_jax.pipelines.images import control_pixels, to_pil
 from ipadapter_jax.pipelines.request import GenerationRequest
-from ipadapter_jax.pipelines.sampling import Sampler, SamplingInputs
+from ipadapter_jax.pipelines.sampling import Sampler, SamplingInputs, initial_noise
 from ipadapter_jax.sharding import local_mesh, pad_rows, padded_size, replicated
 
 
@@ -79,13 +80,12 @@ class IPAdapterPipeline:
         self,
         base: BaseModel,
         image_encoder: ImageEncoder,
-        adapter: Adapter,
+        adapter: Adapter | Sequence[Adapter],
         *,
         controlnet: Any = None,
         controlnet_params: Any = None,
         devices: Sequence[jax.Device] | None = None,
     ):
-        _check_adapter_fits(base, adapter)
         self.is_sdxl = base.is_sdxl
         if self.is_sdxl != (len(base.text_encoders) == 2):
             raise ValueError(
@@ -95,7 +95,7 @@ class IPAdapterPipeline:
         if controlnet is not None and self.is_sdxl:
             raise ValueError("ControlNet is supported for SD1.5/SD2-family models only (diffusers' Flax ControlNet)")
 
-        self.base, self.image_encoder, self.adapter = base, image_encoder, adapter
+        self.base, self.image_encoder = base, image_encoder
         self.controlnet, self.controlnet_params = controlnet, controlnet_params
         self.mesh = local_mesh(list(devices) if devices is not None else None)
         self.vae_scale_factor = base.vae_scale_factor
@@ -103,19 +103,62 @@ class IPAdapterPipeline:
         # at every down block.
         self.size_multiple = self.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
         self.prompt_encoder = PromptEncoder(base.text_encoders)
-        self.image_prompt_encoder = ImagePromptEncoder(image_encoder, adapter)
         self.has_controlnet = controlnet is not None
-        self.sampler = Sampler(base.unet, base.vae, base.scheduler, self.mesh, controlnet=controlnet)
-        params = {"unet": adapter.unet_params(base.unet_params), "vae": base.vae_params}
-        if controlnet is not None:
-            params["controlnet"] = controlnet_params
+        self._samplers: dict[int, Sampler] = {}  # per adapter count: their compiled functions survive unloading
+        self._set_adapters((adapter,) if isinstance(adapter, Adapter) else tuple(adapter))
+
+    def _set_adapters(self, adapters: tuple[Adapter, ...]) -> None:
+        """Checks the adapters against the base, merges their kernels into the UNet params, places them."""
+        if not adapters:
+            raise ValueError("an IPAdapterPipeline needs at least one adapter")
+        for index, adapter in enumerate(adapters):
+            check_adapter_fits(self.base, adapter, index)
+        count = len(adapters)
+        if count not in self._samplers:
+            unet = self.base.unet if count == 1 else self.base.unet.clone(num_ip_adapters=count)
+            self._samplers[count] = Sampler(unet, self.base.vae, self.base.scheduler, self.mesh, self.controlnet)
+        self.adapters, self.sampler = adapters, self._samplers[count]
+        self.image_prompt_encoders = [ImagePromptEncoder(self.image_encoder, adapter) for adapter in adapters]
+        unet_params = merge_adapters_params(self.base.unet_params, [a.params["ip_layers"] for a in adapters])
+        params = {"unet": unet_params, "vae": self.base.vae_params}
+        if self.controlnet is not None:
+            params["controlnet"] = self.controlnet_params
         self.params = jax.device_put(params, replicated(self.mesh))
+
+    @property
+    def adapter(self) -> Adapter:
+        """The first adapter (the only one unless several were given or loaded)."""
+        return self.adapters[0]
+
+    @property
+    def image_prompt_encoder(self) -> ImagePromptEncoder:
+        """The first adapter's image prompt encoder."""
+        return self.image_prompt_encoders[0]
+
+    def load_adapter(self, adapter: str | os.PathLike | Adapter, dtype: Any = jnp.float32) -> None:
+        """Adds an adapter (a file as `from_pretrained` takes, or an `Adapter`) after the loaded ones; calls then
+        take per-adapter lists (see `__call__`). The next call compiles for the new number of adapters."""
+        if not isinstance(adapter, Adapter):
+            from ipadapter_jax.weights import load_adapter
+
+            adapter = load_adapter(adapter, self.base, image_encoder=self.image_encoder, dtype=dtype)
+        self._set_adapters(self.adapters + (adapter,))
+
+    def unload_adapter(self, index: int = -1) -> None:
+        """Removes the `index`-th adapter (default: the last); one adapter always stays."""
+        if len(self.adapters) == 1:
+            raise ValueError("unload_adapter: this pipeline holds one adapter, which it needs; nothing to unload")
+        if not -len(self.adapters) <= index < len(self.adapters):
+            raise ValueError(f"unload_adapter: index {index} out of range for {len(self.adapters)} adapters")
+        kept = list(self.adapters)
+        del kept[index]
+        self._set_adapters(tuple(kept))
 
     @classmethod
     def from_pretrained(
         cls,
         base: str | os.PathLike,
-        adapter: str | os.PathLike,
+        adapter: str | os.PathLike | Sequence[str | os.PathLike],
         image_encoder: str | os.PathLike,
         *,
         scheduler: str = "ddim",
@@ -132,7 +175,7 @@ class IPAdapterPipeline:
         Args:
           base: a diffusers pipeline folder (SD1.5/SD2 family or SDXL), or "tiny".
           adapter: an official IP-Adapter file (`.safetensors`/`.bin`; base, Plus or Full detected from its keys)
-            or our Flax adapter file (`.msgpack`).
+            or our Flax adapter file (`.msgpack`); or a list of them (several adapters at once).
           image_encoder: a `CLIPVisionModelWithProjection` folder, or "tiny". Image prompts are preprocessed as
             `base`'s `feature_extractor/` says, else as the encoder folder's `preprocessor_config.json`, else with
             `CLIPImageProcessor`'s defaults at the encoder's size (`ipadapter_jax.weights.load_image_encoder`).
@@ -162,13 +205,14 @@ class IPAdapterPipeline:
             pytorch_numerics=pytorch_numerics,
         )
         encoder = load_image_encoder(image_encoder, dtype=dtype, preprocessor_config=feature_extractor_config(base))
-        loaded_adapter = load_adapter(adapter, base_model, image_encoder=encoder, dtype=dtype)
+        files = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
+        adapters = [load_adapter(file, base_model, image_encoder=encoder, dtype=dtype) for file in files]
         extra = {}
         if controlnet is not None:
             cache = None if cache_dir is None else os.path.join(cache_dir, "controlnet")
             model = load_controlnet(controlnet, dtype=jnp.dtype(dtype), cache_dir=cache)
             extra = dict(controlnet=model.module, controlnet_params=model.params)
-        return cls(base_model, encoder, loaded_adapter, devices=devices, **extra)
+        return cls(base_model, encoder, adapters, devices=devices, **extra)
 
     @property
     def num_devices(self) -> int:
@@ -181,15 +225,15 @@ class IPAdapterPipeline:
         return IPAdapterPipeline(
             self.base.replace(scheduler=scheduler, scheduler_state=scheduler_state),
             self.image_encoder,
-            self.adapter,
+            self.adapters,
             controlnet=self.controlnet,
             controlnet_params=self.controlnet_params,
             devices=list(self.mesh.devices.flat),
         )
 
-    def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """Images -> CLIP features for this adapter, (K, *feature_shape), to cache and pass as `image_embeds`."""
-        return np.asarray(self.image_prompt_encoder.features(images))
+    def encode_image(self, images: ImageInput | Sequence[ImageInput], adapter_index: int = 0) -> np.ndarray:
+        """Images -> CLIP features for adapter `adapter_index`, (K, *feature_shape), to pass as `image_embeds`."""
+        return np.asarray(self.image_prompt_encoders[adapter_index].features(images))
 
     def __call__(
         self,
@@ -201,8 +245,10 @@ class IPAdapterPipeline:
         negative_image: ImageInput | Sequence[ImageInput] | None = None,
         negative_image_embeds: np.ndarray | None = None,
         per_prompt_images: bool = False,
-        combine: str = "concat",
-        scale: ScaleSpec = 1.0,
+        scale: ScaleSpec | Sequence[ScaleSpec] = 1.0,
+        mask: ImageInput | Sequence[Any] | None = None,
+        embeds_scaling: str | Sequence[str] = "v_only",
+        combine: str | Sequence[str] = "concat",
         image_step_range: tuple[float, float] = (0.0, 1.0),
         guidance_scale: float = 7.5,
         num_inference_steps: int = 50,
@@ -229,8 +275,13 @@ class IPAdapterPipeline:
           per_prompt_images: `image` is a sequence with one image prompt per text prompt (each one image or K
             images; K the same for all), `image_embeds` is (P, K, *feature_shape); prompt p's images see only
             image prompt p. One call then generates for many image prompts at once.
-          combine: K images -> the adapter's input (`image_combine`): concat, add, subtract, average, norm-average.
           scale: IP-Adapter scale: a number, a per-block dict or a `ScalePreset` (`ipadapter_jax.models.scales`).
+          mask: regional IP-Adapter: a mask image per image prompt image (white: where it acts; any size, resized
+            as diffusers' `IPAdapterMaskProcessor`); each masked image attends on its own. Shared by the batch.
+          embeds_scaling: how the scale enters the attention (`models.ip_attention`); "v_only" is diffusers'.
+          combine: K images -> the adapter's input (`image_combine`): concat, add, subtract, average, norm-average.
+          Several adapters: `image`, `image_embeds`, `negative_image(_embeds)` and `mask` are lists with one entry
+            per adapter; `scale`, `embeds_scaling` and `combine` one value for all or a list (as diffusers).
           image_step_range: (start, end) fractions of the steps; step i uses the image branch iff
             start <= i / num_inference_steps < end.
           guidance_scale: classifier-free guidance is on iff > 1.
@@ -250,10 +301,20 @@ class IPAdapterPipeline:
         request = GenerationRequest.of(
             prompt,
             negative_prompt,
-            image_prompt=ImagePrompt.of(
-                image, image_embeds, negative_image, negative_image_embeds, per_prompt_images, combine
+            **adapter_fields(
+                len(self.adapters),
+                dict(
+                    image=image,
+                    image_embeds=image_embeds,
+                    negative_image=negative_image,
+                    negative_image_embeds=negative_image_embeds,
+                    mask=mask,
+                ),
+                per_prompt_images,
+                scale,
+                embeds_scaling,
+                combine,
             ),
-            scale=scale,
             image_step_range=image_step_range,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
@@ -294,7 +355,7 @@ class IPAdapterPipeline:
         settings = dict(
             request.settings(),
             scheduler=type(self.base.scheduler).__name__,
-            adapter_kind=self.adapter.kind,
+            adapter_kind=self.adapter.kind if len(self.adapters) == 1 else [a.kind for a in self.adapters],
             devices=self.num_devices,
         )
         if not self.has_controlnet:
@@ -306,10 +367,8 @@ class IPAdapterPipeline:
         """The request as the sampler's arrays: rows prompt-major (each prompt repeated num_images_per_prompt
         times), padded to a multiple of the device count by repeating the last row (dropped from the output)."""
         num_prompts = len(request.prompts)
-        text, added = self._text_conditioning(request)
-        image_tokens = None
-        if request.image_prompt is not None:
-            image_tokens = self.image_prompt_encoder.encode(request.image_prompt, num_prompts, request.guided)
+        text, added = text_conditioning(self.prompt_encoder, request, self.base)
+        image_tokens, ip_masks, ip_scale = image_conditioning(self.image_prompt_encoders, request, self.params["unet"])
         latent_shape = (
             request.batch,
             self.base.unet.config.in_channels,
@@ -318,7 +377,7 @@ class IPAdapterPipeline:
         )
         latents = request.latents
         if latents is None:
-            latents = _initial_noise(request.seed, num_prompts, latent_shape)
+            latents = initial_noise(request.seed, num_prompts, latent_shape)
         elif tuple(np.shape(latents)) != latent_shape:
             raise ValueError(f"latents must have shape {latent_shape}, got {tuple(np.shape(latents))}")
         padded = padded_size(request.batch, self.num_devices)
@@ -331,70 +390,11 @@ class IPAdapterPipeline:
             latents=pad_rows(np.asarray(latents, np.float32), padded),
             text=per_prompt(text),
             added=None if added is None else {k: per_prompt(v) for k, v in added.items()},
-            image_tokens=None if image_tokens is None else per_prompt(image_tokens),
-            ip_scale=None if image_tokens is None else ip_scale_tree(self.params["unet"], request.scale),
+            image_tokens=None if image_tokens is None else tuple(per_prompt(tokens) for tokens in image_tokens),
+            ip_masks=ip_masks,
+            ip_scale=ip_scale,
             image_steps=np.array(request.image_step_range, np.float32),
             guidance_scale=np.float32(request.guidance_scale),
             control_image=None if control is None else control_pixels(control, request.height, request.width),
             control_scale=np.float32(request.controlnet_conditioning_scale),
         )
-
-    def _text_conditioning(self, request: GenerationRequest) -> tuple[np.ndarray, dict | None]:
-        """-> text (P, G, T, D) and, for SDXL, {"text_embeds": (P, G, pooled), "time_ids": (P, G, 6)}."""
-        prompts = list(request.prompts)
-        rows = prompts
-        if request.guided:
-            rows = list(request.negative_prompts or [""] * len(prompts)) + prompts
-        encoded = self.prompt_encoder(rows)
-        groups = 2 if request.guided else 1
-        zero_negative = request.guided and request.negative_prompts is None and self.base.force_zeros_for_empty_prompt
-
-        def paired(x: jax.Array) -> np.ndarray:  # (G*P, ...) -> (P, G, ...)
-            x = np.asarray(x).reshape((groups, len(prompts)) + x.shape[1:]).swapaxes(0, 1).copy()
-            if zero_negative:
-                x[:, 0] = 0.0
-            return x
-
-        text = paired(encoded.context)
-        if not self.is_sdxl:
-            return text, None
-        size = (request.height, request.width)
-        time_ids = np.tile(np.array([*size, 0, 0, *size], np.float32), (len(prompts), groups, 1))
-        return text, {"text_embeds": paired(encoded.pooled), "time_ids": time_ids}
-
-
-def _initial_noise(seed: int | tuple[int, ...], num_prompts: int, shape: tuple[int, ...]) -> jax.Array:
-    """(B, C, h, w) standard normal noise from one seed, or from one seed per prompt (B / num_prompts rows each)."""
-    if isinstance(seed, int):
-        return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
-    per_prompt = (shape[0] // num_prompts,) + tuple(shape[1:])
-    return jnp.concatenate([jax.random.normal(jax.random.PRNGKey(s), per_prompt, jnp.float32) for s in seed])
-
-
-def _check_adapter_fits(base: BaseModel, adapter: Adapter) -> None:
-    """One clear error when the adapter was made for another base model."""
-    cross_attention_dim = base.unet.config.cross_attention_dim
-    if adapter.token_dim != cross_attention_dim:
-        raise ValueError(
-            f"the adapter's image projection makes {adapter.token_dim}-d tokens but this UNet's cross-attention takes "
-            f"{cross_attention_dim}-d (an adapter for a different base model?)"
-        )
-    flat_unet = traverse_util.flatten_dict(base.unet_params)
-    expected = {path[:-2] for path in flat_unet if path[-3:] == ("attn2", "to_k", "kernel")}
-    found = set(ip_layer_paths(adapter.params["ip_layers"]))
-    if found != expected:
-        missing = sorted("/".join(p) for p in expected - found)[:2]
-        unexpected = sorted("/".join(p) for p in found - expected)[:2]
-        raise ValueError(
-            f"the adapter has {len(found)} cross-attention layers, this UNet {len(expected)}; e.g. missing "
-            f"{missing}, unexpected {unexpected} (an adapter for a different base model?)"
-        )
-    flat_ip = traverse_util.flatten_dict(adapter.params["ip_layers"])
-    for path in sorted(expected):
-        for ip_name, base_name in (("to_k_ip", "to_k"), ("to_v_ip", "to_v")):
-            have, want = flat_ip[path + (ip_name, "kernel")].shape, flat_unet[path + (base_name, "kernel")].shape
-            if tuple(have) != tuple(want):
-                raise ValueError(
-                    f"adapter kernel {'/'.join(path + (ip_name,))} is {tuple(have)} but this UNet's {base_name} is "
-                    f"{tuple(want)} (an adapter for a different base model?)"
-                )

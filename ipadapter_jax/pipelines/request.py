@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ipadapter_jax.choices import EMBEDS_SCALING
 from ipadapter_jax.models.scale_presets import ScalePreset
 from ipadapter_jax.pipelines.image_prompt import ImageInput, ImagePrompt
 
@@ -19,12 +20,16 @@ class GenerationRequest:
 
     `negative_prompts` None means the default: "" (or zeros for SDXL's `force_zeros_for_empty_prompt`).
     `seed` is one int or one per prompt; unused when `latents` are given.
+    Per adapter (one entry each): `image_prompts` (empty: text-to-image), `scales`, `masks` (None or K mask
+    images, K the images of that adapter's prompt), `embeds_scaling` (`choices.EMBEDS_SCALING`).
     """
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...] | None = None
-    image_prompt: ImagePrompt | None = None
-    scale: float | Mapping[str, Any] | ScalePreset = 1.0
+    image_prompts: tuple[ImagePrompt, ...] = ()
+    scales: tuple[float | Mapping[str, Any] | ScalePreset, ...] = (1.0,)
+    masks: tuple[tuple[ImageInput, ...] | None, ...] = (None,)
+    embeds_scaling: tuple[str, ...] = ("v_only",)
     image_step_range: tuple[float, float] = (0.0, 1.0)
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
@@ -81,36 +86,57 @@ class GenerationRequest:
         for name in ("guidance_scale", "controlnet_conditioning_scale"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        for where, value in _scale_values(self.scale):
+        for where, value in _scale_values(self.scales[0] if len(self.scales) == 1 else list(self.scales)):
             if not math.isfinite(value):
                 raise ValueError(f"scale{where} must be a finite number, got {value}")
+        for mode in self.embeds_scaling:
+            if mode not in EMBEDS_SCALING:
+                raise ValueError(f"embeds_scaling must be one of {EMBEDS_SCALING}, got {mode!r}")
         if not isinstance(self.seed, int) and len(self.seed) != len(self.prompts):
             raise ValueError(f"seed: one per prompt ({len(self.prompts)}) or a single int; got {len(self.seed)}")
         if self.control_image is not None and not has_controlnet:
             raise ValueError("control_image given but this pipeline has no ControlNet")
         if has_controlnet and self.control_image is None:
             raise ValueError("this pipeline has a ControlNet: pass control_image")
-        if self.image_prompt is not None:
-            self.image_prompt.check(len(self.prompts))
+        for prompt in self.image_prompts:
+            prompt.check(len(self.prompts))
+        for index, masks in enumerate(self.masks):
+            if masks is None:
+                continue
+            if not self.image_prompts:
+                raise ValueError("mask given without an image prompt")
+            if self.image_prompts[index].combine != "concat":
+                which = "" if len(self.masks) == 1 else f" of adapter {index}"
+                raise ValueError(
+                    f"mask{which}: a mask per image needs each image's own tokens (combine='concat'); got combine="
+                    f"{self.image_prompts[index].combine!r}, which merges the images into one input"
+                )
+            if len(masks) != self.image_prompts[index].num_images:
+                which = "" if len(self.masks) == 1 else f" of adapter {index}"
+                raise ValueError(
+                    f"mask{which}: one mask per image prompt image ({self.image_prompts[index].num_images}), "
+                    f"got {len(masks)}"
+                )
 
     def settings(self) -> dict:
         """Every setting, JSON-able (images are counted, not stored; the seed is None when latents are given)."""
-        image_prompt = (
-            self.image_prompt.settings()
-            if self.image_prompt
-            else {
-                "num_prompt_images": 0,
-                "per_prompt_images": False,
-                "image_embeds_given": False,
-                "negative_image": False,
-                "combine": "concat",
-            }
-        )
+        image_prompt = {
+            "num_prompt_images": 0,
+            "per_prompt_images": False,
+            "image_embeds_given": False,
+            "negative_image": False,
+            "combine": "concat",
+        }
+        if self.image_prompts:
+            described = [prompt.settings() for prompt in self.image_prompts]
+            image_prompt = {key: _one_or_list([d[key] for d in described]) for key in described[0]}
         return {
             "prompt": list(self.prompts),
             "negative_prompt": None if self.negative_prompts is None else list(self.negative_prompts),
             **image_prompt,
-            "scale": _json_scale(self.scale),
+            "scale": _one_or_list([_json_scale(scale) for scale in self.scales]),
+            "embeds_scaling": _one_or_list(list(self.embeds_scaling)),
+            "masks": _one_or_list([0 if masks is None else len(masks) for masks in self.masks]),
             "image_step_range": list(self.image_step_range),
             "guidance_scale": float(self.guidance_scale),
             "num_inference_steps": self.num_inference_steps,
@@ -134,6 +160,11 @@ def _scale_values(scale: Any, where: str = "") -> list[tuple[str, float]]:
     if isinstance(scale, (list, tuple)):
         return [item for i, value in enumerate(scale) for item in _scale_values(value, f"{where}[{i}]")]
     return [(where, float(scale))]
+
+
+def _one_or_list(values: list) -> Any:
+    """Per-adapter settings: the value itself for one adapter, the list for several."""
+    return values[0] if len(values) == 1 else values
 
 
 def _json_scale(scale: Any) -> Any:

@@ -45,8 +45,10 @@ class SamplingInputs:
     latents: (B, C, h, w) initial noise, unscaled (multiplied by the scheduler's `init_noise_sigma` here).
     text: (B, G, T, D) text tokens; along G: (negative, positive) or (positive,).
     added: SDXL's {"text_embeds": (B, G, P), "time_ids": (B, G, 6)}, else None.
-    image_tokens: (B, G, N, D) image tokens, along G as `text`; or None (no image prompt: the plain UNet).
-    ip_scale: the "ip_scale" variable collection (`scales.ip_scale_tree`), or None without image tokens.
+    image_tokens: per adapter (B, G, N_a, D) image tokens, along G as `text`; or None (no image prompt: the plain
+      UNet).
+    ip_masks: per adapter None or (K_a, H, W) masks of its K_a images, shared by the batch; None: no masks.
+    ip_scale: the "ip_scale" variable collection (`ip_variables.ip_variables`), or None without image tokens.
     image_steps: (2,) float32 [start, end): step i uses the image branch iff start <= i / num_steps < end.
     guidance_scale: () float32; unused when G == 1.
     control_image: (3, H, W) ControlNet conditioning in [0, 1], shared by the batch, or None.
@@ -56,7 +58,8 @@ class SamplingInputs:
     latents: jax.Array
     text: jax.Array
     added: dict | None
-    image_tokens: jax.Array | None
+    image_tokens: tuple[jax.Array, ...] | None
+    ip_masks: tuple[jax.Array | None, ...] | None
     ip_scale: dict | None
     image_steps: jax.Array
     guidance_scale: jax.Array
@@ -71,7 +74,7 @@ class SamplingInputs:
             latents=split,
             text=split,
             added=None if self.added is None else jax.tree.map(lambda _: split, self.added),
-            image_tokens=None if self.image_tokens is None else split,
+            image_tokens=None if self.image_tokens is None else tuple(split for _ in self.image_tokens),
         )
 
 
@@ -146,7 +149,7 @@ class Sampler:
         added = None if inputs.added is None else {k: rows(v) for k, v in inputs.added.items()}
         image_tokens = control_image = None
         if inputs.image_tokens is not None:
-            image_tokens = rows(inputs.image_tokens)
+            image_tokens = tuple(rows(tokens) for tokens in inputs.image_tokens)
         if inputs.control_image is not None:  # (3, H, W) -> (B*G, 3, H, W)
             control_image = jnp.broadcast_to(inputs.control_image, (batch * guidance,) + inputs.control_image.shape)
 
@@ -173,7 +176,14 @@ class Sampler:
                 on = ((fraction >= start) & (fraction < end)).astype(jnp.float32)
                 variables[IP_SCALE_COLLECTION] = jax.tree.map(lambda s: s * on, inputs.ip_scale)
             eps = self.unet.apply(
-                variables, x, timesteps, text, added_cond_kwargs=added, image_tokens=image_tokens, **residuals
+                variables,
+                x,
+                timesteps,
+                text,
+                added_cond_kwargs=added,
+                image_tokens=image_tokens,
+                ip_masks=inputs.ip_masks,
+                **residuals,
             ).sample
             eps = eps.reshape((batch, guidance) + eps.shape[1:]).astype(jnp.float32)
             if guidance == 1:
@@ -207,3 +217,11 @@ def _signature(args: Any) -> tuple:
     weak type) and sharding."""
     leaves, treedef = jax.tree.flatten(args)
     return (treedef,) + tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+
+
+def initial_noise(seed: int | tuple[int, ...], num_prompts: int, shape: tuple[int, ...]) -> jax.Array:
+    """(B, C, h, w) standard normal noise from one seed, or from one seed per prompt (B / num_prompts rows each)."""
+    if isinstance(seed, int):
+        return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    per_prompt = (shape[0] // num_prompts,) + tuple(shape[1:])
+    return jnp.concatenate([jax.random.normal(jax.random.PRNGKey(s), per_prompt, jnp.float32) for s in seed])

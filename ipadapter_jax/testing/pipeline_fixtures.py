@@ -103,12 +103,19 @@ def save_pipeline(folder: Path, model: str, controlnet: bool = False):
         )
     pipe.save_pretrained(folder)
     for adapter_kind in ("base", "plus"):
-        official = tiny.random_official_adapter(pipe.unet, clip_dim=CLIP_DIM, num_tokens=NUM_TOKENS, kind=adapter_kind)
-        flat = {f"{section}.{key}": value for section, part in official.items() for key, value in part.items()}
-        safetensors.numpy.save_file(flat, str(adapter_file(folder, adapter_kind)))
+        save_adapter(adapter_file(folder, adapter_kind), pipe.unet, adapter_kind)
     if controlnet:
         tiny_folders.controlnet().save_pretrained(folder / "controlnet")
     return pipe
+
+
+def save_adapter(path: Path, torch_unet: Any, kind: str, seed: int = 1, num_tokens: int = NUM_TOKENS) -> Path:
+    """A random `kind` ("base" or "plus") adapter for `torch_unet` (`tiny.random_official_adapter`) saved as an
+    official `.safetensors` file at `path`."""
+    official = tiny.random_official_adapter(torch_unet, clip_dim=CLIP_DIM, num_tokens=num_tokens, seed=seed, kind=kind)
+    flat = {f"{section}.{key}": value for section, part in official.items() for key, value in part.items()}
+    safetensors.numpy.save_file(flat, str(path))
+    return path
 
 
 def adapter_file(folder: Path, kind: str) -> Path:

@@ -51,7 +51,8 @@ def ip_unet_from_config(config: Mapping[str, Any]) -> IPUNet2DConditionModel:
 
 
 def abstract_ip_unet_params(unet: IPUNet2DConditionModel) -> dict:
-    """The IP-UNet's full param tree (frozen UNet + `to_k_ip`/`to_v_ip` of every attn2) as ShapeDtypeStructs."""
+    """The IP-UNet's full param tree (frozen UNet + `to_k_ip`/`to_v_ip` of every attn2, and `to_k_ip_a`/`to_v_ip_a`
+    with `num_ip_adapters` > 1) as ShapeDtypeStructs."""
     cross = unet.cross_attention_dim
     added = None
     if unet.addition_embed_type == "text_time":
@@ -67,5 +68,5 @@ def abstract_ip_unet_params(unet: IPUNet2DConditionModel) -> dict:
         jnp.zeros((1,), jnp.int32),
         jnp.zeros((1, 1, cross)),
         added_cond_kwargs=added,
-        image_tokens=jnp.zeros((1, 1, cross)),
+        image_tokens=tuple(jnp.zeros((1, 1, cross)) for _ in range(unet.num_ip_adapters)),
     )
