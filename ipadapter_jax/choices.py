@@ -40,6 +40,8 @@ WEIGHT_TYPES = (
     "strong-style-transfer",
     "style-and-composition",
     "strong-style-and-composition",
+    "style-transfer-precise",
+    "composition-precise",
     "instantstyle-style",
     "instantstyle-style-layout",
 )

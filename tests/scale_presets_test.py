@@ -69,6 +69,14 @@ TABLES = {
         [_, _, _, 1, _, _, 1, _, _, _, _],
     ),
     "strong-style-and-composition": ([1.0] * 16, [1.0] * 11),
+    "style-transfer-precise": (
+        [1, 1, 1, 1, 0.25, 1, _, _, _, 1, 1, 1, 1, 1, 1, 1],
+        [_, _, _, 1, _, _, 1, _, _, _, _],
+    ),
+    "composition-precise": (
+        [1, 1, 1, 1, 0.25, 1, 0.1, 0.1, 0.1, 1, 1, 1, 1, 1, 1, 1],
+        [0.1, 0.1, 0.1, 1, 0.1, 0.1, 1, 0.1, 0.1, 0.1, 0.1],
+    ),
     "instantstyle-style": ([_, _, _, _, _, _, _, 1, 1, 1, _, _, _, _, _, _], [_, _, _, _, _, _, 1, _, _, _, _]),
     "instantstyle-style-layout": (
         [_, _, _, _, 1, 1, 1, 1, 1, 1, _, _, _, _, _, _],
@@ -84,6 +92,22 @@ WEIGHTED = {
     ),
     "strong-style-and-composition": ([0.5] * 4 + [3, 3] + [0.5] * 10, [0.5] * 3 + [3] + [0.5] * 7),
 }  # fmt: skip
+# The precise types at weight 0.5 and boost 3 (ComfyUI's style_boost / composition_boost), and the Transformer2Ds
+# whose image tokens go to the negative branch (CrossAttentionPatch.py: `uncond = cond; cond = cond * 0`).
+BOOSTED = {
+    "style-transfer-precise": (
+        [0.5, 0.5, 0.5, 0.5, 0.75, 3, _, _, _, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+        [_, _, _, 3, _, _, 0.5, _, _, _, _],
+    ),
+    "composition-precise": (
+        [3, 3, 3, 3, 0.125, 0.5, 0.3, 0.3, 0.3, 3, 3, 3, 3, 3, 3, 3],
+        [0.3, 0.3, 0.3, 0.5, 0.3, 0.3, 3, 0.3, 0.3, 0.3, 0.3],
+    ),
+}  # fmt: skip
+SWAPPED = {
+    "style-transfer-precise": ({4, 5}, {3}),
+    "composition-precise": (set(range(16)) - {4, 5}, set(range(11)) - {3}),
+}
 
 
 def diffusers_attn2_layers(model: str) -> dict[tuple[str, ...], str]:
@@ -146,6 +170,19 @@ def test_composition_weight_sets_the_composition_layers(name, model, layers):
     np.testing.assert_allclose([got[p] for p in want], list(want.values()), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(BOOSTED))
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_precise_types_boost_and_swap_their_published_layers(name, model, layers):
+    which = 0 if model == "sd15" else 1
+    want = expected(model, BOOSTED[name][which], layers[model])
+    got = preset_scales(name, list(layers[model]), weight=0.5, boost=3.0)
+    np.testing.assert_allclose([got[p] for p in want], list(want.values()), rtol=0, atol=1e-6)
+    swapped = [float(t in SWAPPED[name][which]) for t in range(16 if model == "sd15" else 11)]
+    swaps = ScalePreset(name, 0.5, boost=3.0).layer_swaps(list(layers[model]))
+    assert swaps == expected(model, swapped, layers[model])
+    assert set(ScalePreset("style-transfer").layer_swaps(list(layers[model])).values()) == {0.0}
+
+
 def test_a_preset_times_its_weight_reaches_the_ip_scale_collection(layers):
     ip_layers = traverse_util.unflatten_dict(
         {path + ("to_k_ip", "kernel"): np.zeros((1, 1), np.float32) for path in layers["sdxl"]}
@@ -164,19 +201,21 @@ def test_comfyui_spelling_is_accepted():
         "weight_type": "strong-style-transfer",
         "weight": 0.7,
         "composition_weight": None,
+        "boost": None,
     }
+    assert ScalePreset("composition precise", 0.5, boost=2).settings()["boost"] == 2.0
 
 
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown weight type 'sharp'; valid: linear, ease-in, .*instantstyle-style"):
         ScalePreset("sharp")
-    with pytest.raises(ValueError, match="'style transfer precise' is not supported: it swaps"):
-        ScalePreset("style transfer precise")
 
 
 def test_bad_weights_are_refused():
     with pytest.raises(ValueError, match="composition_weight is used by .*style-and-composition.*not 'ease-in'"):
         ScalePreset("ease-in", composition_weight=0.5)
+    with pytest.raises(ValueError, match="boost is used by .*style-transfer-precise.*not 'style-transfer'"):
+        ScalePreset("style-transfer", boost=2.0)
     with pytest.raises(ValueError, match="weight must be a finite number, got nan"):
         ScalePreset("linear", math.nan)
 

@@ -1,8 +1,8 @@
 """`generate`'s per-adapter flags and its JSON settings file.
 
 Per-adapter flags: `--adapter FILE` starts an adapter; the `--image`, `--negative-image`, `--mask` (repeatable),
-`--scale`, `--weight-type`, `--composition-weight`, `--combine` and `--embeds-scaling` after it belong to it
-(those before the first `--adapter`, to the first one):
+`--scale`, `--weight-type`, `--composition-weight`, `--boost`, `--combine` and `--embeds-scaling` after it belong
+to it (those before the first `--adapter`, to the first one):
 
     --adapter plus.safetensors --image a.png --image b.png --mask left.png --mask right.png --scale 0.7 \\
     --adapter face.bin --image face.png --scale '{"up": {"block_0": [0.0, 1.0, 0.0]}}' --embeds-scaling k_v
@@ -30,6 +30,7 @@ PER_ADAPTER_VALUES = {
     "--scale": "scale",
     "--weight-type": "weight_type",
     "--composition-weight": "composition_weight",
+    "--boost": "boost",
     "--combine": "combine",
     "--embeds-scaling": "embeds_scaling",
 }
@@ -82,6 +83,14 @@ def add_per_adapter_flags(group: Any) -> None:
         "(default 1)",
     )
     group.add_argument(
+        "--boost",
+        action=PerAdapter,
+        dest="adapters",
+        type=finite_float,
+        help="weight of the swapped layers of --weight-type style-transfer-precise / composition-precise "
+        "(ComfyUI's style_boost / composition_boost; default: --scale)",
+    )
+    group.add_argument(
         "--combine",
         action=PerAdapter,
         dest="adapters",
@@ -126,13 +135,14 @@ def _scale(name: str, group: dict) -> Any:
 
     scale = _parse_scale(group.get("scale", "1.0"))
     if "weight_type" not in group:
-        if "composition_weight" in group:
-            raise UsageError(f"{name}: --composition-weight needs --weight-type")
+        for key in ("composition_weight", "boost"):
+            if key in group:
+                raise UsageError(f"{name}: --{key.replace('_', '-')} needs --weight-type")
         return scale
     if not isinstance(scale, float):
         raise UsageError(f"{name}: --weight-type takes --scale as a number (its weight), got {group['scale']!r}")
     try:
-        return ScalePreset(group["weight_type"], scale, group.get("composition_weight"))
+        return ScalePreset(group["weight_type"], scale, group.get("composition_weight"), group.get("boost"))
     except ValueError as err:
         raise UsageError(f"{name}: {err}") from None
 

@@ -22,6 +22,10 @@ heads * dim_head, p = w * C / 1280), after cubiq/ComfyUI_IPAdapter_plus `CrossAt
     "k_mean_v_c_penalty"  ("K+mean(V) w/ C penalty") out = Attn(Q, p K, V - mean(V) + p mean(V))
 
 Every mode is the same program with other factor values, so switching modes never recompiles.
+
+A fifth factor, "swap" (0 or 1; absent: 0), serves ComfyUI's precise weight types (`scale_presets`): where it is 1
+the adapter's tokens are replaced by the caller's swapped tokens (`select_tokens`): the positive image's tokens on
+the negative rows of classifier-free guidance, zeros on the positive rows.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 
 from ipadapter_jax.choices import EMBEDS_SCALING
 
-FACTOR_NAMES = ("scale", "key_scale", "value_scale", "value_mean_scale")
+FACTOR_NAMES = ("scale", "key_scale", "value_scale", "value_mean_scale", "swap")
 C_PENALTY_WIDTH = 1280  # ComfyUI's reference width for the C penalty (SD1.5's widest attn2)
 
 
@@ -52,6 +56,13 @@ def scaling_factors(mode: str, weight: float, inner_dim: int) -> dict[str, float
     factor = weight if mode == "k_v" else weight * inner_dim / C_PENALTY_WIDTH
     value = 1.0 if mode == "k_mean_v_c_penalty" else factor
     return {"scale": 1.0, "key_scale": factor, "value_scale": value, "value_mean_scale": factor}
+
+
+def select_tokens(tokens: jax.Array, swapped: jax.Array | None, factors: dict[str, jax.Array]) -> jax.Array:
+    """tokens (B, N, D), or where `factors["swap"]` is 1 the `swapped` tokens (B, N, D) (a select, as data)."""
+    if swapped is None or "swap" not in factors:
+        return tokens
+    return jnp.where(factors["swap"] > 0.5, swapped.astype(tokens.dtype), tokens)
 
 
 def image_attention(

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax import quiet
 from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS
-from ipadapter_jax.models.ip_attention import FACTOR_NAMES, factor_name, image_attention, masks_on_token_grid
+from ipadapter_jax.models import ip_attention
 from ipadapter_jax.models.splash_attention import splash_attention_in_mesh_context
 
 quiet.install()
@@ -67,12 +67,13 @@ IP_SCALE_COLLECTION = "ip_scale"
 
 @flax.struct.dataclass
 class IPContext:
-    """What the cross-attention layers attend to: text tokens (B, T, D) and, per adapter, image tokens (B, N_a, D)
-    and optional masks (K_a, H, W) (None: no mask)."""
+    """What the cross-attention layers attend to: text tokens (B, T, D) and, per adapter, image tokens (B, N_a, D),
+    optional masks (K_a, H, W) (None: no mask) and the tokens a "swap" layer uses instead (`ip_attention`)."""
 
     text: jax.Array
     image_tokens: tuple[jax.Array, ...]
     masks: tuple[jax.Array | None, ...]
+    swapped: tuple[jax.Array, ...] | None = None
 
 
 def check_attention_implementation(name: str) -> None:
@@ -173,11 +174,9 @@ class IPAttention(Attention):
         if not isinstance(context, IPContext):
             return super().__call__(hidden_states, context, deterministic=deterministic)
         text_out = super().__call__(hidden_states, context.text, deterministic=deterministic)
-        return text_out + self.image_attention(hidden_states, context.image_tokens, context.masks)
+        return text_out + self.image_attention(hidden_states, context)
 
-    def image_attention(
-        self, hidden_states: jax.Array, image_tokens: tuple[jax.Array, ...], masks: tuple[jax.Array | None, ...]
-    ) -> jax.Array:
+    def image_attention(self, hidden_states: jax.Array, context: IPContext) -> jax.Array:
         """`sum_a scale_a * branch_a @ W_out` (no bias): (B, L, query_dim); branch_a as
         `ipadapter_jax.models.ip_attention.image_attention` with adapter a's kernels, factors and masks.
 
@@ -189,14 +188,16 @@ class IPAttention(Attention):
         to_k = (self.to_k_ip, *self.extra_k_ip)
         to_v = (self.to_v_ip, *self.extra_v_ip)
         total = None
-        for adapter, (tokens, mask) in enumerate(zip(image_tokens, masks, strict=True)):
+        swapped = context.swapped or (None,) * len(context.image_tokens)
+        for adapter, (tokens, mask) in enumerate(zip(context.image_tokens, context.masks, strict=True)):
             factors = {
-                name: self.get_variable(IP_SCALE_COLLECTION, factor_name(name, adapter))
-                for name in FACTOR_NAMES
-                if self.has_variable(IP_SCALE_COLLECTION, factor_name(name, adapter))
+                name: self.get_variable(IP_SCALE_COLLECTION, ip_attention.factor_name(name, adapter))
+                for name in ip_attention.FACTOR_NAMES
+                if self.has_variable(IP_SCALE_COLLECTION, ip_attention.factor_name(name, adapter))
             }
-            weights = None if mask is None else masks_on_token_grid(mask, length)
-            branch = image_attention(query, to_k[adapter](tokens), to_v[adapter](tokens), factors, weights)
+            weights = None if mask is None else ip_attention.masks_on_token_grid(mask, length)
+            tokens = ip_attention.select_tokens(tokens, swapped[adapter], factors)
+            branch = ip_attention.image_attention(query, to_k[adapter](tokens), to_v[adapter](tokens), factors, weights)
             branch = jnp.asarray(factors.get("scale", 1.0), branch.dtype) * branch
             total = branch if total is None else total + branch
         out_kernel = self.proj_attn.variables["params"]["kernel"]
@@ -340,6 +341,7 @@ class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
         train: bool = False,
         image_tokens: jax.Array | tuple[jax.Array, ...] | None = None,
         ip_masks: tuple[jax.Array | None, ...] | None = None,
+        swapped_image_tokens: tuple[jax.Array, ...] | None = None,
     ):
         """diffusers' UNet call plus `image_tokens` and `ip_masks`.
 
@@ -352,6 +354,7 @@ class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
             or None for plain text conditioning.
           ip_masks: per adapter, None or (K, H, W) masks of its K images (N = K * tokens per image), shared by
             the batch; None: no masks.
+          swapped_image_tokens: per adapter, what layers whose "swap" factor is 1 use (shaped as image_tokens).
           Other arguments as diffusers' `FlaxUNet2DConditionModel.__call__` (SDXL `added_cond_kwargs`,
             ControlNet residuals).
         Returns:
@@ -364,7 +367,8 @@ class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
             tokens = tuple(image_tokens) if isinstance(image_tokens, (tuple, list)) else (image_tokens,)
             masks = (None,) * len(tokens) if ip_masks is None else tuple(ip_masks)
             self._check_image_inputs(tokens, masks, encoder_hidden_states.shape[0])
-            encoder_hidden_states = IPContext(text=encoder_hidden_states, image_tokens=tokens, masks=masks)
+            swapped = None if swapped_image_tokens is None else tuple(swapped_image_tokens)
+            encoder_hidden_states = IPContext(encoder_hidden_states, tokens, masks, swapped)
         return super().__call__(
             sample,
             timesteps,

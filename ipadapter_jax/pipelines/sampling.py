@@ -147,9 +147,10 @@ class Sampler:
 
         text = rows(inputs.text)
         added = None if inputs.added is None else {k: rows(v) for k, v in inputs.added.items()}
-        image_tokens = control_image = None
+        image_tokens = swapped = control_image = None
         if inputs.image_tokens is not None:
             image_tokens = tuple(rows(tokens) for tokens in inputs.image_tokens)
+            swapped = tuple(rows(swapped_tokens(tokens)) for tokens in inputs.image_tokens)
         if inputs.control_image is not None:  # (3, H, W) -> (B*G, 3, H, W)
             control_image = jnp.broadcast_to(inputs.control_image, (batch * guidance,) + inputs.control_image.shape)
 
@@ -183,6 +184,7 @@ class Sampler:
                 added_cond_kwargs=added,
                 image_tokens=image_tokens,
                 ip_masks=inputs.ip_masks,
+                swapped_image_tokens=swapped,
                 **residuals,
             ).sample
             eps = eps.reshape((batch, guidance) + eps.shape[1:]).astype(jnp.float32)
@@ -225,3 +227,10 @@ def initial_noise(seed: int | tuple[int, ...], num_prompts: int, shape: tuple[in
         return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
     per_prompt = (shape[0] // num_prompts,) + tuple(shape[1:])
     return jnp.concatenate([jax.random.normal(jax.random.PRNGKey(s), per_prompt, jnp.float32) for s in seed])
+
+
+def swapped_tokens(tokens: jax.Array) -> jax.Array:
+    """(B, G, N, D) -> what a "swap" layer (`models.ip_attention.select_tokens`, ComfyUI's precise weight types) uses:
+    the positive tokens on the negative rows and zeros on the positive rows; zeros without guidance (G = 1)."""
+    zeros = jnp.zeros_like(tokens[:, -1:])
+    return jnp.concatenate([tokens[:, 1:], zeros], axis=1) if tokens.shape[1] == 2 else zeros
