@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--adapter", required=True, help="IP-Adapter file: .safetensors/.bin (official) or .msgpack")
     models.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder")
     models.add_argument("--controlnet", help="diffusers ControlNetModel folder (SD1.5/SD2 family)")
+    models.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        metavar="FILE[:SCALE]",
+        help="LoRA .safetensors (diffusers/peft or kohya) merged into the base's UNet and text encoder(s) with "
+        "SCALE (default 1); repeat for several",
+    )
     models.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="default ddim (the paper's)")
     models.add_argument("--dtype", choices=DTYPES, default="float32", help="computation dtype (params stay float32)")
     models.add_argument("--cache-dir", help="keep converted Flax params here (later runs skip the conversion)")
@@ -118,8 +126,10 @@ def generate(args: argparse.Namespace) -> Path | str:
     bucket: the files are written locally, then uploaded)."""
     from ipadapter_jax import paths, staging
 
+    loras = args.lora or []
     paths.check_storage([args.base, args.adapter, args.image_encoder, args.out, args.cache_dir, args.controlnet,
-                         args.control_image, *args.image, *(args.negative_image or ())])  # fmt: skip
+                         args.control_image, *args.image, *(args.negative_image or ()),
+                         *(path for path, _ in loras)])  # fmt: skip
     import jax
 
     _configure_compile_cache(jax, args.compile_cache)
@@ -146,6 +156,7 @@ def generate(args: argparse.Namespace) -> Path | str:
         controlnet=args.controlnet,
         attention_implementation=args.attention,
         pytorch_numerics=not args.flax_numerics,
+        loras=loras,
     )
     load_s = time.perf_counter() - start
     result = pipe(
@@ -182,6 +193,7 @@ def generate(args: argparse.Namespace) -> Path | str:
         "images": list(args.image),
         "negative_images": list(args.negative_image or ()),
         "controlnet": args.controlnet,
+        "loras": [{"file": path, "scale": lora_scale} for path, lora_scale in loras],
         "control_image": args.control_image,
         "scheduler_option": args.scheduler,
         "dtype": args.dtype,
@@ -207,6 +219,18 @@ def _configure_compile_cache(jax: Any, folder: str | None) -> None:
     if folder == "none":
         return
     jax.config.update("jax_compilation_cache_dir", folder or str(Path.home() / ".cache" / "ipadapter-jax" / "xla"))
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (FILE, SCALE); SCALE defaults to 1. Only a last `:<number>` is a scale, so paths with
+    colons (`gs://...`) stay whole; a non-finite SCALE is refused."""
+    path, colon, tail = text.rpartition(":")
+    if colon and path:
+        try:
+            return path, finite_float(tail)
+        except ValueError:  # not a number: part of the path
+            pass
+    return text, 1.0
 
 
 def _parse_scale(text: str) -> float | dict:

@@ -126,6 +126,7 @@ class IPAdapterPipeline:
         progress: bool = True,
         attention_implementation: str = "diffusers",
         pytorch_numerics: bool = True,
+        loras: Sequence[tuple[str | os.PathLike, float]] = (),
     ) -> IPAdapterPipeline:
         """The pipeline from files, as the users' PyTorch side has them (`ipadapter_jax.weights`' loaders).
 
@@ -144,6 +145,7 @@ class IPAdapterPipeline:
           attention_implementation: the UNet's attention kernel, "diffusers", "xla" or "cudnn" (NVIDIA GPUs with
             bf16: cuDNN flash attention); see `ipadapter_jax.models.unet.Attention`.
           pytorch_numerics: compute as diffusers' PyTorch UNet (default) or, False, as its Flax UNet.
+          loras: LoRA files `(path, scale)` merged into the base's UNet and text encoders (`load_base`'s `loras`).
         Raises:
           ValueError (ConversionError): a missing or malformed file, or models that do not fit each other.
           OSError: unreadable files.
@@ -160,6 +162,7 @@ class IPAdapterPipeline:
             progress=progress,
             attention_implementation=attention_implementation,
             pytorch_numerics=pytorch_numerics,
+            loras=loras,
         )
         encoder = load_image_encoder(image_encoder, dtype=dtype, preprocessor_config=feature_extractor_config(base))
         loaded_adapter = load_adapter(adapter, base_model, image_encoder=encoder, dtype=dtype)

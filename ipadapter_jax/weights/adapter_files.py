@@ -72,7 +72,7 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        tensors, _ = _read_safetensors(path)
+        tensors, _ = read_safetensors(path)
         sections: dict[str, dict[str, np.ndarray]] = {name: {} for name in SECTIONS}
         stray = []
         for key, value in tensors.items():
@@ -91,7 +91,7 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of an IP-Adapter file: the safetensors header's, or a `.bin`'s sidecar JSON ({} if none)."""
     if Path(path).suffix == ".safetensors":
-        return _read_safetensors(Path(staging.stage_down(path, what="adapter file")), tensors=False)[1]
+        return read_safetensors(Path(staging.stage_down(path, what="adapter file")), tensors=False)[1]
     if paths.is_remote(path) and not paths.exists(metadata_sidecar(path)):
         return {}
     sidecar = Path(staging.stage_down(metadata_sidecar(path), what="metadata sidecar"))
@@ -271,7 +271,7 @@ def _encoder_name(which: int, width: int) -> str | None:
     return next((f"{name} ({width}-d)" for name, dims in KNOWN_ENCODERS.items() if dims[which] == width), None)
 
 
-def _read_safetensors(path: Path, *, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: Path, *, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, header metadata); with `tensors=False` only the header is read."""
     try:
         with safe_open(path, framework="np") as f:

@@ -3,6 +3,7 @@
     from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
 
     base = load_base("path/to/stable-diffusion-v1-5")                 # BaseModel (diffusers folder, or "tiny")
+    base = load_base("path/to/stable-diffusion-v1-5", loras=[("style.safetensors", 0.8)])   # with a LoRA merged
     image_encoder = load_image_encoder("path/to/image_encoder")        # ImageEncoder (CLIPVisionModelWithProjection)
     adapter = load_adapter("ip-adapter_sd15.safetensors", base, image_encoder=image_encoder)   # Adapter
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from ipadapter_jax.weights.diffusers_models import load_pipeline
 from ipadapter_jax.weights.flax_adapter_file import SUFFIX as FLAX_ADAPTER_SUFFIX
 from ipadapter_jax.weights.flax_adapter_file import load_flax_adapter
 from ipadapter_jax.weights.image_proj_keys import build_image_proj, param_shapes
+from ipadapter_jax.weights.lora import LoraSpec, apply_loras
 from ipadapter_jax.weights.torch_layout import ConversionError
 from ipadapter_jax.weights.unet_config import abstract_ip_unet_params
 
@@ -56,6 +59,7 @@ def load_base(
     attention_implementation: str = "diffusers",
     pytorch_numerics: bool = True,
     progress: bool = True,
+    loras: Sequence[LoraSpec] = (),
 ) -> BaseModel:
     """A Stable Diffusion model folder (SD1.5/SD2 family or SDXL, as diffusers saves it) as a `BaseModel`.
 
@@ -74,8 +78,10 @@ def load_base(
       pytorch_numerics: the UNet computes as diffusers' PyTorch UNet does (exact GELU, its GroupNorm epsilons);
         False: as diffusers' Flax UNet does (~6e-5 relative from PyTorch).
       progress: a progress bar over the components.
+      loras: LoRA files `(path, scale)` (diffusers/peft or kohya `.safetensors`) merged into the UNet and text
+        encoder params, in order (`ipadapter_jax.weights.lora.apply_loras`; the Flax cache keeps the base's own).
     Raises:
-      ConversionError: a missing or malformed folder, config or weight file.
+      ConversionError: a missing or malformed folder, config or weight file, or a LoRA that does not fit.
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
@@ -111,7 +117,7 @@ def load_base(
             force_zeros_for_empty_prompt=bool(force_zeros),
         )
     unet = model.unet.clone(attention_implementation=attention_implementation, pytorch_numerics=pytorch_numerics)
-    return model.replace(unet=unet)
+    return apply_loras(model.replace(unet=unet), loras)
 
 
 def load_image_encoder(
