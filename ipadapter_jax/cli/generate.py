@@ -66,7 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     prompt = parser.add_argument_group("prompt")
-    prompt.add_argument("--image", action="append", required=True, help="image prompt; repeat for several images")
+    prompt.add_argument(
+        "--image", action="append", help="image prompt; repeat for several images (FaceID Plus: the face crop)"
+    )
+    prompt.add_argument(
+        "--face-embeds",
+        help="FaceID adapters: .npy of identity embeddings, (K, 512) float32 (insightface, see README); "
+        "replaces --image for FaceID, goes with it for FaceID Plus",
+    )
+    prompt.add_argument(
+        "--s-scale",
+        type=finite_float,
+        help="FaceID Plus v2's shortcut scale (default: 1.0 for a file named *plusv2*, else no shortcut)",
+    )
     prompt.add_argument("--prompt", action="append", help="text prompt; repeat for several (default: empty)")
     prompt.add_argument("--negative-prompt", help="negative text prompt")
     prompt.add_argument("--negative-image", action="append", help="negative image prompt (1, or one per --image)")
@@ -128,18 +140,23 @@ def generate(args: argparse.Namespace) -> Path | str:
 
     loras = args.lora or []
     paths.check_storage([args.base, args.adapter, args.image_encoder, args.out, args.cache_dir, args.controlnet,
-                         args.control_image, *args.image, *(args.negative_image or ()),
+                         args.control_image, args.face_embeds, *(args.image or ()), *(args.negative_image or ()),
                          *(path for path, _ in loras)])  # fmt: skip
     import jax
 
     _configure_compile_cache(jax, args.compile_cache)
     # After the log filter (`import ipadapter_jax`): the loaders import diffusers' and transformers' Flax classes.
     from ipadapter_jax.pipelines import IPAdapterPipeline, image_grid
+    from ipadapter_jax.pipelines.faceid import faceid_prompt, with_shortcut_scale
 
     scale = _parse_scale(args.scale)
     if (args.controlnet is None) != (args.control_image is None):
         raise UsageError("--controlnet and --control-image go together")
-    images = [_open_image(path) for path in args.image]
+    if not args.image and args.face_embeds is None:
+        raise UsageError("--image is required (or --face-embeds, for a FaceID adapter)")
+    if args.face_embeds is not None and args.negative_image:
+        raise UsageError("--negative-image does not go with --face-embeds (FaceID's negative is the zero embedding)")
+    images = [_open_image(path) for path in args.image or ()]
     negative_images = [_open_image(path) for path in args.negative_image or ()]
     control_image = None if args.control_image is None else _open_image(args.control_image)
     target = args.out or str(Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -158,9 +175,14 @@ def generate(args: argparse.Namespace) -> Path | str:
         pytorch_numerics=not args.flax_numerics,
         loras=loras,
     )
+    if args.s_scale is not None:
+        pipe = with_shortcut_scale(pipe, args.s_scale)
     load_s = time.perf_counter() - start
+    image_prompt: dict[str, Any] = {"image": images}
+    if args.face_embeds is not None:
+        image_prompt = faceid_prompt(pipe, _load_embeddings(args.face_embeds), images or None)
     result = pipe(
-        images,
+        **image_prompt,
         prompt=args.prompt or "",
         negative_prompt=args.negative_prompt,
         negative_image=negative_images or None,
@@ -190,7 +212,9 @@ def generate(args: argparse.Namespace) -> Path | str:
         "base": str(args.base),
         "adapter": str(args.adapter),
         "image_encoder": str(args.image_encoder),
-        "images": list(args.image),
+        "images": list(args.image or ()),
+        "face_embeds": args.face_embeds,
+        "s_scale": args.s_scale,
         "negative_images": list(args.negative_image or ()),
         "controlnet": args.controlnet,
         "loras": [{"file": path, "scale": lora_scale} for path, lora_scale in loras],
@@ -247,6 +271,19 @@ def _parse_scale(text: str) -> float | dict:
     if not isinstance(value, dict):
         raise UsageError(f"--scale must be a number or a JSON object, got {text!r}")
     return value
+
+
+def _load_embeddings(path: str) -> Any:
+    import numpy as np
+
+    from ipadapter_jax import paths
+
+    try:
+        return np.load(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a NumPy .npy array of face embeddings ({err})") from None
 
 
 def _open_image(path: str) -> Any:

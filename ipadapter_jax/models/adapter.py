@@ -6,6 +6,10 @@ An adapter is the pytree
      "ip_layers": {"down_blocks_0": {"attentions_0": {"transformer_blocks_0": {"attn2":
                        {"to_k_ip": {"kernel": (cross_attention_dim, inner)}, "to_v_ip": {...}}}}}, ...}}
 
+FaceID adapters add `"unet_lora"`: the LoRA their files carry for the UNet's attention projections, in the same
+tree form, `{... "attn1": {"to_q": {"down": (in, rank), "up": (rank, out)}}}`, added to the frozen kernels by
+`Adapter.unet_params` (kernel + down @ up, the weight 1 diffusers' `load_ip_adapter` gives it).
+
 `ip_layers` mirrors the UNet param tree but holds only the K'/V' kernels, so optimizer state exists for the
 adapter alone and `merge_unet_params` rebuilds the full UNet tree (a free restructuring under `jit`).
 
@@ -64,6 +68,16 @@ def merge_unet_params(unet_params: Any, ip_layers: Any) -> dict:
     return traverse_util.unflatten_dict({**_flat(unet_params), **_flat(ip_layers)})
 
 
+def add_lora_deltas(unet_params: Any, unet_lora: Any) -> dict:
+    """UNet params with each LoRA'd kernel replaced by kernel + down @ up (`unet_lora` as in the module docstring)."""
+    flat, lora = _flat(unet_params), _flat(unet_lora)
+    for path, down in lora.items():
+        if path[-1] == "down":
+            kernel = path[:-1] + ("kernel",)
+            flat[kernel] = flat[kernel] + down @ lora[path[:-1] + ("up",)]
+    return traverse_util.unflatten_dict(flat)
+
+
 def ip_layers_from_unet(unet_params: Any, dtype: Any = np.float32) -> dict:
     """The paper's init (s.3.2): each layer's `to_k_ip`/`to_v_ip` is a copy of its frozen `to_k`/`to_v`.
 
@@ -112,5 +126,8 @@ class Adapter:
         return self.image_proj.apply({"params": self.params["image_proj"]}, features)
 
     def unet_params(self, frozen_unet_params: Any) -> dict:
-        """The IP-UNet's full params: the base's frozen UNet params with this adapter's K'/V' kernels."""
+        """The IP-UNet's full params: the base's frozen UNet params with this adapter's K'/V' kernels (and a FaceID
+        adapter's LoRA added to the attention kernels)."""
+        if "unet_lora" in self.params:
+            frozen_unet_params = add_lora_deltas(frozen_unet_params, self.params["unet_lora"])
         return merge_unet_params(frozen_unet_params, self.params["ip_layers"])

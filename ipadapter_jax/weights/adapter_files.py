@@ -246,11 +246,13 @@ def _check_image_encoder(
     source: str,
 ) -> None:
     """The adapter's input width must be what the image encoder produces (base: projected embeddings;
-    Plus/Full: hidden states)."""
+    Plus/Full/FaceID Plus: hidden states; FaceID reads none)."""
+    if spec.kind == "faceid":
+        return  # reads identity embeddings, no image encoder output
     if spec.kind == "base":
         key, width, kind, which = "proj.weight", projection_dim, "projected image embeddings", 0
     else:
-        key = "proj_in.weight" if spec.kind == "plus" else "proj.0.weight"
+        key = {"plus": "proj_in.weight", "full": "proj.0.weight"}.get(spec.kind, "perceiver_resampler.proj_in.weight")
         width, kind, which = hidden_size, "hidden states", 1
     found = tuple(image_proj[key].shape)
     if width is None or found[1] == width:

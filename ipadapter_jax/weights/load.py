@@ -32,6 +32,7 @@ from ipadapter_jax.models.adapter import Adapter, ip_layers_from_unet
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
 from ipadapter_jax.models.image_encoder import ImageEncoder
+from ipadapter_jax.models.image_proj import FaceIDPlusProjModel, FaceIDProjModel
 from ipadapter_jax.models.random_init import numpy_init
 from ipadapter_jax.models.text_encoder import TextEncoder
 from ipadapter_jax.models.unet import check_attention_implementation
@@ -167,6 +168,7 @@ def load_adapter(
     *,
     image_encoder: ImageEncoder | None = None,
     dtype: Any = jnp.float32,
+    shortcut_scale: float | None = None,
 ) -> Adapter:
     """An IP-Adapter file, checked against the base model (and the image encoder, when given).
 
@@ -176,6 +178,9 @@ def load_adapter(
         id and shape.
       image_encoder: checks the projection's input width against the encoder's outputs.
       dtype: the image projection's computation dtype.
+      shortcut_scale: FaceID Plus only: FaceID Plus v2's `shortcut=True` with `s_scale` (identity tokens +
+        s_scale * resampler output). None: v2 (scale 1.0) when the file name says "plusv2", else v1 (no shortcut).
+      FaceID files also carry a LoRA for the UNet's attention (the adapter's `unet_lora`, added by `unet_params`).
     Raises:
       ConversionError: the file is unreadable or does not fit the UNet or the image encoder.
     """
@@ -195,7 +200,17 @@ def load_adapter(
                 encoder_hidden_size=image_encoder.config.hidden_size,
             )
         _, image_proj, params = load_ip_adapter(path, shapes, **widths)
-    return Adapter(image_proj.clone(dtype=jnp.dtype(dtype)), params)
+    image_proj = image_proj.clone(dtype=jnp.dtype(dtype))
+    if isinstance(image_proj, FaceIDPlusProjModel):
+        v2 = "plusv2" in Path(path).name
+        image_proj = image_proj.clone(
+            shortcut_scale=shortcut_scale if shortcut_scale is not None else (1.0 if v2 else None)
+        )
+    elif shortcut_scale is not None:
+        raise ValueError(
+            f"{path}: shortcut_scale (s_scale) is for FaceID Plus adapters, this one is {type(image_proj).__name__}"
+        )
+    return Adapter(image_proj, params)
 
 
 def new_adapter(
@@ -269,10 +284,13 @@ def _check_encoder_width(path: str | os.PathLike, image_proj: Any, image_encoder
     """Our msgpack files carry no encoder check of their own: the projection's input width must be the encoder's
     output width for this kind (the official files are checked by `load_ip_adapter`)."""
     config = image_encoder.config
+    if isinstance(image_proj, FaceIDProjModel):
+        return  # reads identity embeddings, no image encoder output
     field, width, what = {
         "ImageProjModel": ("clip_embeddings_dim", config.projection_dim, "projected image embeddings"),
         "Resampler": ("embedding_dim", config.hidden_size, "hidden states"),
         "MLPProjModel": ("clip_embeddings_dim", config.hidden_size, "hidden states"),
+        "FaceIDPlusProjModel": ("clip_embeddings_dim", config.hidden_size, "hidden states"),
     }[type(image_proj).__name__]
     if getattr(image_proj, field) != width:
         raise ConversionError(
