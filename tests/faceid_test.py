@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from flax import traverse_util
 
 from ipadapter_jax.cli.generate import main as generate_main
 from ipadapter_jax.models.image_proj import pack_faceid_plus_features
@@ -31,7 +32,7 @@ from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
 from ipadapter_jax.weights.adapter_files import save_ip_adapter
 from ipadapter_jax.weights.flax_adapter_file import save_flax_adapter
 from ipadapter_jax.weights.image_proj_keys import load_image_proj
-from ipadapter_jax.weights.torch_layout import ConversionError
+from ipadapter_jax.weights.torch_layout import ConversionError, torch_key_to_flax_module_path
 
 FACE = np.random.default_rng(7).standard_normal((1, faceid_files.ID_DIM)).astype(np.float32)
 FILES = {"faceid": "ip-adapter-faceid_sd15.safetensors", "faceid-plus": "ip-adapter-faceid-plusv2_sd15.bin"}
@@ -138,6 +139,27 @@ def test_pipeline_matches_diffusers(sd15, faceid: dict, models, kind: str, short
     assert np.abs(ours - run_diffusers(sd15, path, kind, shortcut)).max() <= 5e-5
     if kind == "faceid":
         assert np.abs(ours - run_diffusers(sd15, path, kind, shortcut, lora=False)).max() > 1e-2
+
+
+@pytest.mark.parity
+def test_sdxl_faceid_lora_lands_on_the_modules_diffusers_puts_it_on(sdxl: tu.SavedPipelines):
+    """Every LoRA'd attention projection of the tiny SDXL UNet (its processor ids, attn1 and attn2, 3 transformer
+    depths): our merged kernel = diffusers' peft layer's base weight + scaling * B @ A."""
+    state = faceid_files.random_faceid_adapter(sdxl.torch_base.unet, "faceid-plus")
+    path = official_file(sdxl.folder, state, "bin", name="ip-adapter-faceid-plusv2_sdxl")
+    pipe = copy.deepcopy(sdxl.torch_base)
+    pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    base = load_base(sdxl.folder, progress=False)
+    ours = traverse_util.flatten_dict(load_adapter(path, base).unet_params(base.unet_params))
+    checked = 0
+    for name, module in pipe.unet.named_modules():
+        if "faceid_0" in getattr(module, "lora_A", {}):
+            lora = module.lora_B["faceid_0"].weight @ module.lora_A["faceid_0"].weight
+            expected = (module.base_layer.weight + module.scaling["faceid_0"] * lora).detach().numpy()
+            kernel = np.asarray(ours[torch_key_to_flax_module_path(name) + ("kernel",)])
+            np.testing.assert_allclose(kernel.T, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+            checked += 1
+    assert checked == 4 * len(sdxl.torch_base.unet.attn_processors) > 0  # counted before IP processors are set
 
 
 @pytest.mark.slow
