@@ -11,15 +11,18 @@ than 1e-2, so the LoRA is checked too.
 from __future__ import annotations
 
 import copy
+import json
 import types
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
 from flax import traverse_util
+from PIL import Image
 
 from ipadapter_jax.cli.generate import main as generate_main
 from ipadapter_jax.models.image_proj import pack_faceid_plus_features
@@ -106,7 +109,7 @@ def test_official_file_round_trip(sd15: tu.SavedPipelines, faceid: dict, models,
     np.testing.assert_array_equal(lora_a.detach().numpy(), state["ip_adapter"]["0.to_q_lora.down.weight"])
 
 
-def run_diffusers(sd15: tu.SavedPipelines, path: Path, kind: str, shortcut: float | None, lora: bool = True):
+def run_diffusers(sd15, path: Path, kind: str, shortcut: float | None, lora: bool = True, latents=None):
     pipe = copy.deepcopy(sd15.torch_base)
     pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(0.6)
@@ -118,8 +121,9 @@ def run_diffusers(sd15: tu.SavedPipelines, path: Path, kind: str, shortcut: floa
         projection.clip_embeds = pipe.prepare_ip_adapter_image_embeds([tu.test_image(0)], None, "cpu", 1, True)[0]
         projection.shortcut, projection.shortcut_scale = shortcut is not None, shortcut
     with torch.no_grad():
+        latents = torch.from_numpy(np.array(LATENTS if latents is None else latents))
         return pipe(prompt="the red cat", ip_adapter_image_embeds=[embeds], num_inference_steps=4, height=64,
-                    width=64, latents=torch.from_numpy(LATENTS), output_type="np").images  # fmt: skip
+                    width=64, latents=latents, output_type="np").images  # fmt: skip
 
 
 LATENTS = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -127,11 +131,12 @@ LATENTS = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float
 
 @pytest.mark.parity
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, shortcut", [("faceid", None), ("faceid-plus", 0.7)])
+@pytest.mark.parametrize("kind, shortcut", [("faceid", None), ("faceid-plus", 1.0)])
 def test_pipeline_matches_diffusers(sd15, faceid: dict, models, kind: str, shortcut: float | None):
+    """FaceID Plus: the v2 file's name turns the shortcut on at s_scale 1."""
     path = faceid[kind][1]
     base, encoder = models
-    adapter = load_adapter(path, base, image_encoder=encoder, shortcut_scale=shortcut)
+    adapter = load_adapter(path, base, image_encoder=encoder)
     pipe = IPAdapterPipeline(base, encoder, adapter)
     face_image = tu.test_image(0) if kind == "faceid-plus" else None
     ours = pipe(**faceid_prompt(pipe, FACE, face_image), prompt="the red cat", scale=0.6, num_inference_steps=4,
@@ -139,6 +144,27 @@ def test_pipeline_matches_diffusers(sd15, faceid: dict, models, kind: str, short
     assert np.abs(ours - run_diffusers(sd15, path, kind, shortcut)).max() <= 5e-5
     if kind == "faceid":
         assert np.abs(ours - run_diffusers(sd15, path, kind, shortcut, lora=False)).max() > 1e-2
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_generate_cli_face_embeds_and_s_scale_match_diffusers(sd15: tu.SavedPipelines, faceid: dict, tmp_path):
+    """`generate --face-embeds face.npy --image face.png --s-scale 0.7` (FaceID Plus v2) vs diffusers from the noise
+    of `--seed 0`; the PNG is 8-bit."""
+    np.save(tmp_path / "face.npy", FACE)
+    tu.test_image(0).save(tmp_path / "face.png")
+    argv = ["--base", str(sd15.folder), "--adapter", str(faceid["faceid-plus"][1]), "--image-encoder",
+            str(sd15.folder / "image_encoder"), "--face-embeds", str(tmp_path / "face.npy"), "--image",
+            str(tmp_path / "face.png"), "--s-scale", "0.7", "--prompt", "the red cat", "--scale", "0.6", "--steps", "4",
+            "--height", "64", "--width", "64", "--seed", "0", "--out", str(tmp_path / "out"),
+            "--compile-cache", jax.config.jax_compilation_cache_dir]  # fmt: skip
+    assert generate_main(argv) == 0
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["face_embeds"] == str(tmp_path / "face.npy") and settings["s_scale"] == 0.7
+    ours = np.asarray(Image.open(tmp_path / "out" / "image_00.png"), np.float32) / 255
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (1, 4, 8, 8), jnp.float32))
+    theirs = run_diffusers(sd15, faceid["faceid-plus"][1], "faceid-plus", 0.7, latents=noise)[0]
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 5e-5
 
 
 @pytest.mark.parity
