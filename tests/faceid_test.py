@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import types
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from flax import traverse_util
 from PIL import Image
 
+from ipadapter_jax.cli.convert import main as convert_main
 from ipadapter_jax.cli.generate import main as generate_main
 from ipadapter_jax.models.image_proj import pack_faceid_plus_features
 from ipadapter_jax.pipelines import IPAdapterPipeline
@@ -209,6 +211,17 @@ def test_a_faceid_lora_that_does_not_fit_is_one_clear_error(faceid: dict, models
         ConversionError, match=r"'3\.to_v_lora\.up\.weight': expected \(\d+, 4\) for .*, found \(5, 4\)"
     ):
         load_adapter(path, models[0])
+
+
+def test_convert_inspect_describes_a_faceid_file(faceid: dict, sd15: tu.SavedPipelines, capsys):
+    assert convert_main(["inspect", str(faceid["faceid-plus"][1])]) == 0
+    out = capsys.readouterr().out
+    processors = len(sd15.torch_base.unet.attn_processors)
+    assert re.search(r"adapter_kind: +faceid-plus\n", out)
+    assert re.search(
+        rf"cross-attention layers: +{processors // 2} \(ids 1..{processors - 1}\), cross_attention_dim 32", out
+    )
+    assert re.search(rf"UNet LoRA: +rank {faceid_files.LORA_RANK} on {processors} attention processors", out)
 
 
 def test_faceid_prompt_checks_its_inputs(faceid: dict):
