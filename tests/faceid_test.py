@@ -233,6 +233,8 @@ def test_faceid_prompt_checks_its_inputs(faceid: dict):
         faceid_prompt(fake, np.zeros((1, 512)))
     with pytest.raises(ValueError, match="face_image is for FaceID Plus"):
         faceid_prompt(fake, FACE, tu.test_image(0))
+    with pytest.raises(ValueError, match="FaceID adapters read identity embeddings; pass image_embeds from"):
+        load_image_encoder("tiny").features([tu.test_image(0)], "faceid")
     fake.adapter.kind = "plus"
     with pytest.raises(ValueError, match="input of FaceID adapters; this adapter is a 'plus' one"):
         faceid_prompt(fake, FACE)
