@@ -41,6 +41,7 @@ SPECIAL = {
     "peft": ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 2.0),
     "kohya": ("down_blocks.0.resnets.0.conv1", 2.0),
     "diffusers": None,
+    lora_files.KOHYA_SGM: ("down_blocks.0.resnets.0.conv1", 2.0),
 }
 ALPHAS = {"unet": 8.0, "text_encoder": 2.0, "text_encoder_2": 6.0}
 
@@ -90,7 +91,8 @@ def saved_lora(models: tu.SavedPipelines, fmt: str, name: str = "") -> Path:
         components["text_encoder_2"] = pipe.text_encoder_2
     path = models.folder / f"lora-{fmt}{name}.safetensors"
     if not path.exists():
-        lora_files.save_lora(path, lora_files.random_lora(components), fmt, ALPHAS, SPECIAL[fmt])
+        config = dict(pipe.unet.config)
+        lora_files.save_lora(path, lora_files.random_lora(components), fmt, ALPHAS, SPECIAL[fmt], unet_config=config)
     return path
 
 
@@ -116,8 +118,10 @@ def test_sd15_lora_matches_diffusers_load_lora_weights(sd15: tu.SavedPipelines, 
 
 @pytest.mark.parity
 @pytest.mark.slow
-def test_sdxl_kohya_lora_on_both_text_encoders_matches_diffusers(sdxl: tu.SavedPipelines):
-    path = saved_lora(sdxl, "kohya")
+def test_sdxl_kohya_lora_in_original_unet_naming_matches_diffusers(sdxl: tu.SavedPipelines):
+    """kohya's SDXL layout: UNet modules named after the original UNet (down/mid/up blocks' resnets, attentions,
+    samplers), `lora_te1_` and `lora_te2_` for both text encoders."""
+    path = saved_lora(sdxl, lora_files.KOHYA_SGM)
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
     added = {"text_embeds": rng.standard_normal((1, 32)).astype(np.float32),
@@ -203,7 +207,13 @@ def test_two_loras_and_scales_add_up(sd15_base, tmp_path):
             },
             "adapts text_encoder_2, but the base model has 1 text encoder(s)",
         ),  # fmt: skip
-        ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": np.ones((1, 4))}, "sgm) UNet naming"),
+        (
+            {
+                "lora_unet_middle_block_7_proj_in.lora_down.weight": np.ones((1, 4)),
+                "lora_unet_middle_block_7_proj_in.lora_up.weight": np.ones((4, 1)),
+            },
+            "unet has no Linear or Conv2d module 'middle_block_7_proj_in'",
+        ),  # fmt: skip
         (
             {
                 "unet.conv_in.lora_A.weight": np.ones((2, 4)),
@@ -218,7 +228,16 @@ def test_two_loras_and_scales_add_up(sd15_base, tmp_path):
             "down (2, 4) and up (3, 5) are not a LoRA pair",
         ),  # fmt: skip
     ],
-    ids=["unknown_module", "shape_mismatch", "no_up", "second_text_encoder", "sgm", "dora", "unknown_key", "pair"],
+    ids=[
+        "unknown_module",
+        "shape_mismatch",
+        "no_up",
+        "second_text_encoder",
+        "unknown_sgm",
+        "dora",
+        "unknown_key",
+        "pair",
+    ],
 )
 def test_a_lora_that_does_not_fit_is_one_clear_error(sd15_base, tmp_path, state: dict, message: str):
     path = write(tmp_path / "bad.safetensors", state)

@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-# Linear layers of attention and feed-forward, a 1x1 conv (SD1.5's proj_in) and a 3x3 conv (a resnet's conv1).
-UNET_TARGETS = ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "ff.net.2", "proj_in", "resnets.0.conv1")
+# Linear layers of attention and feed-forward, a 1x1 conv (SD1.5's proj_in), 3x3 convs (resnets, samplers).
+UNET_TARGETS = ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "ff.net.2", "proj_in", "resnets.0.conv1",
+                "resnets.1.conv2", "downsamplers.0.conv", "upsamplers.0.conv")  # fmt: skip
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1")
 FORMATS = ("peft", "kohya", "diffusers")
+# kohya's SDXL files: UNet modules named after the original SD UNet (`input_blocks_4_1_...`), `lora_te1_`/`lora_te2_`.
+KOHYA_SGM = "kohya-sgm"
 
 Layers = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (component, module) -> (down, up)
 
@@ -45,8 +48,10 @@ def random_lora(models: dict, rank: int = 4, seed: int = 0, std: float = 0.2) ->
     return layers
 
 
-def save_lora(path: Path, layers: Layers, fmt: str, alphas: dict[str, float], special: tuple[str, float] | None = None):
-    """Writes `layers` in `fmt` with per-component `alphas` (and, with `special`, one module's own alpha)."""
+def save_lora(path: Path, layers: Layers, fmt: str, alphas: dict[str, float], special: tuple[str, float] | None = None,
+              unet_config: dict | None = None):  # fmt: skip
+    """Writes `layers` in `fmt` with per-component `alphas` (and, with `special`, one module's own alpha);
+    KOHYA_SGM needs the UNet's config."""
     state: dict[str, np.ndarray] = {}
     metadata = {}
     for (component, module), (down, up) in layers.items():
@@ -54,9 +59,11 @@ def save_lora(path: Path, layers: Layers, fmt: str, alphas: dict[str, float], sp
         if fmt == "peft":
             state[f"{component}.{module}.lora_A.weight"] = down
             state[f"{component}.{module}.lora_B.weight"] = up
-        elif fmt == "kohya":
-            prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}[component]
-            name = prefix + module.replace(".", "_")
+        elif fmt in ("kohya", KOHYA_SGM):
+            te1 = "lora_te1_" if fmt == KOHYA_SGM else "lora_te_"
+            prefix = {"unet": "lora_unet_", "text_encoder": te1, "text_encoder_2": "lora_te2_"}[component]
+            renamed = _sgm_name(module, unet_config) if fmt == KOHYA_SGM and component == "unet" else module
+            name = prefix + renamed.replace(".", "_")
             state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
             state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
         else:
@@ -74,6 +81,32 @@ def save_lora(path: Path, layers: Layers, fmt: str, alphas: dict[str, float], sp
         metadata = {"lora_adapter_metadata": json.dumps(metadata)}
     safetensors.numpy.save_file(state, str(path), metadata=metadata or None)
     return path
+
+
+def _sgm_name(module: str, config: dict) -> str:
+    """A diffusers UNet module path -> the original SD UNet's (what kohya's SDXL files are named after)."""
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}  # fmt: skip
+    entries = config["layers_per_block"] + 1
+    kind, *rest = module.split(".")
+    if kind == "mid_block":
+        part, layer, inner = rest[0], rest[1], rest[2:]
+        index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(part, layer)]
+        head = f"middle_block.{index}"
+    else:
+        block, part, layer, inner = int(rest[0]), rest[1], int(rest[2]), rest[3:]
+        if kind == "down_blocks":
+            index = 1 + block * entries + (entries - 1 if part == "downsamplers" else layer)
+            head = f"input_blocks.{index}.{0 if part != 'attentions' else 1}"
+            inner = ["op"] if part == "downsamplers" else inner
+        else:
+            attention = "CrossAttn" in config["up_block_types"][block]
+            index = block * entries + (entries - 1 if part == "upsamplers" else layer)
+            position = {"resnets": 0, "attentions": 1, "upsamplers": 2 if attention else 1}[part]
+            head = f"output_blocks.{index}.{position}"
+    if part == "resnets":
+        inner = [resnet.get(".".join(inner), ".".join(inner))]
+    return ".".join([head, *inner])
 
 
 def _pre_peft_name(component: str, module: str) -> str:

@@ -5,7 +5,8 @@
     base = apply_loras(load_base("stable-diffusion-v1-5"), [("style.safetensors", 0.8)])
     # or: load_base("stable-diffusion-v1-5", loras=[("style.safetensors", 0.8)])
 
-The files are read by `ipadapter_jax.weights.lora_files` (diffusers/peft and kohya formats). Each layer names a
+The files are read by `ipadapter_jax.weights.lora_files` (diffusers/peft and kohya formats; kohya's SDXL names of the
+original UNet are renamed by `ipadapter_jax.weights.sgm_names`). Each layer names a
 PyTorch module of the UNet or a text encoder; it is found in the Flax params by the project's naming rule
 (`ipadapter_jax.weights.torch_layout`: `down_blocks.0.attentions.0...to_q` -> `down_blocks_0/attentions_0/.../to_q`;
 transformers' Flax CLIP keeps list indices as their own level) and its delta, converted to the Flax kernel's layout
@@ -27,6 +28,7 @@ from flax import traverse_util
 
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.weights.lora_files import LoraLayer, read_lora
+from ipadapter_jax.weights.sgm_names import is_sgm_name, sgm_to_diffusers
 from ipadapter_jax.weights.torch_layout import ConversionError, FlaxPath, torch_key_to_flax_module_path
 
 LoraSpec = tuple["str | os.PathLike", float]
@@ -45,7 +47,7 @@ def apply_loras(base: BaseModel, loras: Sequence[LoraSpec]) -> BaseModel:
     for path, scale in loras:
         layers = read_lora(path)
         source = os.fspath(path)
-        unet_layers = [layer for layer in layers if layer.component == "unet"]
+        unet_layers = [_diffusers_named(layer, base.unet.config) for layer in layers if layer.component == "unet"]
         unet_params = merge_lora_layers(unet_params, unet_layers, scale=scale, source=source)
         for index, component in enumerate(("text_encoder", "text_encoder_2")):
             selected = [layer for layer in layers if layer.component == component]
@@ -104,6 +106,16 @@ def merge_lora_layers(
         merged = np.asarray(kernel, np.float32) + np.float32(factor) * delta
         flat[module + ("kernel",)] = jnp.asarray(merged, dtype=kernel.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def _diffusers_named(layer: LoraLayer, unet_config: Any) -> LoraLayer:
+    """A kohya layer named after the original SD UNet (`input_blocks_4_1_...`, kohya's SDXL files) renamed to
+    diffusers' modules (`ipadapter_jax.weights.sgm_names`); other layers as they are."""
+    if layer.kohya and is_sgm_name(layer.module):
+        name = sgm_to_diffusers(layer.module, unet_config)
+        if name is not None:
+            return dataclasses.replace(layer, module=name)
+    return layer
 
 
 def _flax_delta(layer: LoraLayer) -> np.ndarray:

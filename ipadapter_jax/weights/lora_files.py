@@ -8,7 +8,8 @@
   `<attention>.processor.to_q_lora.down.weight` (`to_k`, `to_v`, `to_out`); text encoders'
   `<attention>.to_q_lora.down.weight` and `<mlp>.lora_linear_layer.down.weight`; `<module>.alpha` if present.
 - kohya (sd-scripts): `lora_unet_<module, "_" for ".">.lora_down.weight` / `.lora_up.weight` / `.alpha`;
-  `lora_te_` / `lora_te1_` for the text encoder, `lora_te2_` for SDXL's second.
+  `lora_te_` / `lora_te1_` for the text encoder, `lora_te2_` for SDXL's second; SDXL files name the UNet's modules
+  after the original UNet (`lora_unet_input_blocks_4_1_...`, see `ipadapter_jax.weights.sgm_names`).
 
 `<module>` is the PyTorch module path inside the component (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.
 to_q`, `text_model.encoder.layers.0.self_attn.q_proj`); a kohya name is resolved against the target model's modules
@@ -17,8 +18,7 @@ when the LoRA is applied (`ipadapter_jax.weights.lora`). A layer's weight delta 
 (out, rank, 1, 1).
 
 Not supported (each a clear error naming the file and key): DoRA (`dora_scale`, `lora_magnitude_vector`), LoRA
-biases (`lora_B.bias`), kohya SDXL files in the original (sgm) UNet naming (`lora_unet_input_blocks_...`), LyCORIS
-variants (`hada_`, `lokr_`, `lora_mid`).
+biases (`lora_B.bias`), LyCORIS variants (`hada_`, `lokr_`, `lora_mid`).
 """
 
 from __future__ import annotations
@@ -108,11 +108,6 @@ def _kohya_layers(source: str, tensors: dict[str, np.ndarray]) -> list[LoraLayer
         name = key[: -len(".lora_down.weight")]
         prefix = next(p for p in _KOHYA_PREFIXES if name.startswith(p))
         module = name[len(prefix) :]
-        if prefix == "lora_unet_" and module.startswith(("input_blocks_", "middle_block_", "output_blocks_")):
-            raise ConversionError(
-                f"{source}: key '{key}': kohya SDXL files in the original (sgm) UNet naming are not supported; "
-                "convert the LoRA to the diffusers naming first"
-            )
         up_key, alpha_key = f"{name}.lora_up.weight", f"{name}.alpha"
         down, up = tensors[key], _partner(source, tensors, key, up_key)
         alpha = float(np.asarray(tensors[alpha_key]).reshape(())) if alpha_key in tensors else float(down.shape[0])
