@@ -234,7 +234,11 @@ def test_conversion_errors_name_key_and_shapes():
     "state, message",
     [
         ({"image_proj.proj.weight": np.zeros((8, 4))}, "strip it first"),
-        ({"proj.0.weight": np.zeros((8, 4)), "proj.2.weight": np.zeros((8, 8)), "norm.weight": np.zeros(4)}, "FaceID"),
+        (
+            {"proj.0.weight": np.zeros((8, 4)), "proj.2.weight": np.zeros((10, 8)), "norm.weight": np.zeros(4)},
+            "are not FaceID's identity MLP",
+        ),
+        ({"proj.0.weight": np.zeros((8, 4))}, "'norm.weight' with 'proj.2.weight' (FaceID)"),
         ({"proj.weight": np.zeros((10, 4)), "norm.weight": np.zeros(4)}, "'proj.weight' has 10 rows"),
         ({"proj.weight": np.zeros((8, 4))}, "missing key 'norm.weight'"),
         ({"latents": np.zeros((1, 4, 32)), "proj_in.weight": np.zeros((32, 8))}, "missing key 'proj_out.weight'"),
@@ -250,7 +254,16 @@ def test_conversion_errors_name_key_and_shapes():
         ),
         ({"latents": np.zeros((4, 32))}, "'latents' expected a 3-d array, found shape (4, 32)"),
     ],
-    ids=["prefixed", "faceid", "base-rows", "base-no-norm", "plus-no-proj-out", "plus-heads", "latents-rank"],
+    ids=[
+        "prefixed",
+        "faceid-rows",
+        "no-kind",
+        "base-rows",
+        "base-no-norm",
+        "plus-no-proj-out",
+        "plus-heads",
+        "latents-rank",
+    ],
 )
 def test_detect_variant_errors(state, message):
     with pytest.raises(ConversionError, match=re.escape(message)):

@@ -25,12 +25,14 @@ from ipadapter_jax.choices import EMBEDS_SCALING, IMAGE_COMBINE_MODES, WEIGHT_TY
 from ipadapter_jax.cli.main import UsageError, finite_float
 
 PER_ADAPTER_LISTS = {"--image": "images", "--negative-image": "negative_images", "--mask": "masks"}
+PER_ADAPTER_FILES = {"--face-embeds": "face_embeds"}  # one file per adapter, kept as a list of 0 or 1
 PER_ADAPTER_VALUES = {
     "--adapter": "file",
     "--scale": "scale",
     "--weight-type": "weight_type",
     "--composition-weight": "composition_weight",
     "--boost": "boost",
+    "--s-scale": "s_scale",
     "--combine": "combine",
     "--embeds-scaling": "embeds_scaling",
 }
@@ -47,6 +49,10 @@ class PerAdapter(argparse.Action):
         group = groups[-1]
         if option in PER_ADAPTER_LISTS:
             group.setdefault(PER_ADAPTER_LISTS[option], []).append(value)
+        elif option in PER_ADAPTER_FILES:
+            if PER_ADAPTER_FILES[option] in group:
+                raise UsageError(f"{option} given twice for adapter {len(groups) - 1}; one per --adapter")
+            group[PER_ADAPTER_FILES[option]] = [value]
         else:
             key = PER_ADAPTER_VALUES[option]
             if key in group:
@@ -61,6 +67,20 @@ def add_per_adapter_flags(group: Any) -> None:
     group.add_argument("--image", action=PerAdapter, dest="adapters", help="image prompt of the last --adapter")
     group.add_argument("--negative-image", action=PerAdapter, dest="adapters", help="negative image prompt")
     group.add_argument("--mask", action=PerAdapter, dest="adapters", help="mask of one --image (regional)")
+    group.add_argument(
+        "--face-embeds",
+        action=PerAdapter,
+        dest="adapters",
+        help="FaceID adapters: .npy of identity embeddings, (K, 512) float32 (insightface, see README); replaces "
+        "--image for FaceID, goes with it (the face crop) for FaceID Plus",
+    )
+    group.add_argument(
+        "--s-scale",
+        action=PerAdapter,
+        dest="adapters",
+        type=finite_float,
+        help="FaceID Plus v2's shortcut scale (default: 1.0 for a file named *plusv2*, else no shortcut)",
+    )
     group.add_argument(
         "--scale",
         action=PerAdapter,
@@ -111,15 +131,21 @@ def adapter_settings(groups: list[dict] | None) -> list[dict]:
         name = f"adapter {index} ({group.get('file', 'no file')})"
         if "file" not in group:
             raise UsageError(f"{name}: --image/--scale/... given but no --adapter FILE")
-        if not group.get("images"):
-            raise UsageError(f"{name} has no --image")
+        if not group.get("images") and "face_embeds" not in group:
+            raise UsageError(f"{name} has no --image (or --face-embeds, for a FaceID adapter)")
+        if "face_embeds" in group and group.get("negative_images"):
+            raise UsageError(
+                f"{name}: --negative-image does not go with --face-embeds (FaceID's negative is the zero embedding)"
+            )
         masks = group.get("masks", [])
         if masks and len(masks) != len(group["images"]):
             raise UsageError(f"{name}: {len(masks)} --mask for {len(group['images'])} --image; one per image")
         checked.append(
             dict(
                 group,
+                images=group.get("images", []),
                 negative_images=group.get("negative_images", []),
+                face_embeds=group.get("face_embeds", []),
                 masks=masks,
                 scale=_scale(name, group),
                 embeds_scaling=group.get("embeds_scaling", "v_only"),

@@ -189,10 +189,12 @@ def _summary(path: str) -> dict[str, str]:
         state, metadata = ip_adapter_files.read_ip_adapter(path), ip_adapter_files.read_metadata(path)
         file_format = "official IP-Adapter " + Path(path).suffix.lstrip(".")
     spec = detect_kind(state["image_proj"], source=f"{path} [image_proj]")
-    ids = sorted({int(key.split(".", 1)[0]) for key in state["ip_adapter"] if key.split(".", 1)[0].isdigit()})
+    k_ip = {key: v for key, v in state["ip_adapter"].items() if key.endswith(".to_k_ip.weight")}
+    ids = sorted({int(key.split(".", 1)[0]) for key in k_ip if key.split(".", 1)[0].isdigit()})
     counts = {name: sum(v.size for v in part.values()) for name, part in state.items()}
     dtypes = sorted({str(v.dtype) for part in state.values() for v in part.values()})
-    cross = next(iter(state["ip_adapter"].values())).shape[1]
+    cross = next(iter(k_ip.values())).shape[1] if k_ip else 0
+    lora = [v for key, v in state["ip_adapter"].items() if key.endswith("_lora.down.weight")]
     summary = {
         "file": f"{path} ({paths.size(path) / 2**20:.1f} MiB, {file_format})",
         "adapter_kind": spec.kind,
@@ -200,6 +202,7 @@ def _summary(path: str) -> dict[str, str]:
         "image_proj": ", ".join(f"{k}={v}" for k, v in spec.hparams.items()),
         "cross-attention layers": f"{len(ids)} (ids {ids[0]}..{ids[-1]}), cross_attention_dim {cross}" if ids else "0",
         "dtypes": ", ".join(dtypes),
+        **({"UNet LoRA": f"rank {lora[0].shape[0]} on {len(lora) // 4} attention processors"} if lora else {}),
         "params": f"{sum(counts.values()):,} (" + ", ".join(f"{k} {n:,}" for k, n in counts.items()) + ")",
     }
     summary.update({f"metadata {k}": v for k, v in sorted(metadata.items())})

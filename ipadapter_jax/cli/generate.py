@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--base", required=True, help="diffusers pipeline folder (unet/, vae/, text_encoder/, ...)")
     models.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder")
     models.add_argument("--controlnet", help="diffusers ControlNetModel folder (SD1.5/SD2 family)")
+    models.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        metavar="FILE[:SCALE]",
+        help="LoRA .safetensors (diffusers/peft or kohya) merged into the base's UNet and text encoder(s) with "
+        "SCALE (default 1); repeat for several",
+    )
     models.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="default ddim (the paper's)")
     models.add_argument("--dtype", choices=DTYPES, default="float32", help="computation dtype (params stay float32)")
     models.add_argument("--cache-dir", help="keep converted Flax params here (later runs skip the conversion)")
@@ -119,14 +127,20 @@ def generate(args: argparse.Namespace) -> Path | str:
     from ipadapter_jax import paths, staging
 
     adapters = adapter_settings(args.adapters)
-    files = [path for a in adapters for path in (a["file"], *a["images"], *a["negative_images"], *a["masks"])]
+    loras = args.lora or []
+    files = [
+        path
+        for a in adapters
+        for path in (a["file"], *a["images"], *a["negative_images"], *a["masks"], *a["face_embeds"])
+    ]
     paths.check_storage([args.base, args.image_encoder, args.out, args.cache_dir, args.controlnet, args.control_image,
-                         *files])  # fmt: skip
+                         *files, *(path for path, _ in loras)])  # fmt: skip
     import jax
 
     _configure_compile_cache(jax, args.compile_cache)
     # After the log filter (`import ipadapter_jax`): the loaders import diffusers' and transformers' Flax classes.
     from ipadapter_jax.pipelines import IPAdapterPipeline, image_grid
+    from ipadapter_jax.pipelines.faceid import faceid_prompt, with_shortcut_scale
 
     if (args.controlnet is None) != (args.control_image is None):
         raise UsageError("--controlnet and --control-image go together")
@@ -154,10 +168,23 @@ def generate(args: argparse.Namespace) -> Path | str:
         controlnet=args.controlnet,
         attention_implementation=args.attention,
         pytorch_numerics=not args.flax_numerics,
+        loras=loras,
     )
+    for index, a in enumerate(adapters):
+        if a.get("s_scale") is not None:
+            pipe = with_shortcut_scale(pipe, a["s_scale"], index)
     load_s = time.perf_counter() - start
+    prompts = [
+        faceid_prompt(pipe, _load_embeddings(a["face_embeds"][0]), o["images"] or None, index)
+        if a["face_embeds"]
+        else {"image": o["images"], "image_embeds": None, "negative_image_embeds": None}
+        for index, (a, o) in enumerate(zip(adapters, opened))
+    ]
+    image_prompts = {
+        key: per_adapter([p.get(key) for p in prompts]) for key in ("image", "image_embeds", "negative_image_embeds")
+    }
     result = pipe(
-        per_adapter([o["images"] for o in opened]),
+        **image_prompts,
         prompt=args.prompt or "",
         negative_prompt=args.negative_prompt,
         negative_image=per_adapter([o["negative_images"] or None for o in opened]),
@@ -193,7 +220,10 @@ def generate(args: argparse.Namespace) -> Path | str:
         "images": per_adapter([list(a["images"]) for a in adapters]),
         "negative_images": per_adapter([list(a["negative_images"]) for a in adapters]),
         "mask_files": per_adapter([list(a["masks"]) for a in adapters]),
+        "face_embeds": per_adapter([(a["face_embeds"] or [None])[0] for a in adapters]),
+        "s_scale": per_adapter([a.get("s_scale") for a in adapters]),
         "controlnet": args.controlnet,
+        "loras": [{"file": path, "scale": lora_scale} for path, lora_scale in loras],
         "control_image": args.control_image,
         "scheduler_option": args.scheduler,
         "dtype": args.dtype,
@@ -219,6 +249,31 @@ def _configure_compile_cache(jax: Any, folder: str | None) -> None:
     if folder == "none":
         return
     jax.config.update("jax_compilation_cache_dir", folder or str(Path.home() / ".cache" / "ipadapter-jax" / "xla"))
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (FILE, SCALE); SCALE defaults to 1. Only a last `:<number>` is a scale, so paths with
+    colons (`gs://...`) stay whole; a non-finite SCALE is refused."""
+    path, colon, tail = text.rpartition(":")
+    if colon and path:
+        try:
+            return path, finite_float(tail)
+        except ValueError:  # not a number: part of the path
+            pass
+    return text, 1.0
+
+
+def _load_embeddings(path: str) -> Any:
+    import numpy as np
+
+    from ipadapter_jax import paths
+
+    try:
+        return np.load(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a NumPy .npy array of face embeddings ({err})") from None
 
 
 def _open_image(path: str) -> Any:

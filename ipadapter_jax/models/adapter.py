@@ -6,6 +6,10 @@ An adapter is the pytree
      "ip_layers": {"down_blocks_0": {"attentions_0": {"transformer_blocks_0": {"attn2":
                        {"to_k_ip": {"kernel": (cross_attention_dim, inner)}, "to_v_ip": {...}}}}}, ...}}
 
+FaceID adapters add `"unet_lora"`: the LoRA their files carry for the UNet's attention projections, in the same
+tree form, `{... "attn1": {"to_q": {"down": (in, rank), "up": (rank, out)}}}`, added to the frozen kernels by
+`Adapter.unet_params` (kernel + down @ up, the weight 1 diffusers' `load_ip_adapter` gives it).
+
 `ip_layers` mirrors the UNet param tree but holds only the K'/V' kernels, so optimizer state exists for the
 adapter alone and `merge_unet_params` rebuilds the full UNet tree (a free restructuring under `jit`).
 
@@ -64,13 +68,28 @@ def merge_unet_params(unet_params: Any, ip_layers: Any) -> dict:
     return traverse_util.unflatten_dict({**_flat(unet_params), **_flat(ip_layers)})
 
 
-def merge_adapters_params(unet_params: Any, ip_layers: list[Any]) -> dict:
-    """Frozen UNet params + several adapters' `ip_layers` -> the params of an IP-UNet with `num_ip_adapters` =
-    len(ip_layers): adapter 0's kernels stay `to_k_ip`/`to_v_ip`, adapter a's become `to_k_ip_a`/`to_v_ip_a`."""
+def merge_adapters_params(unet_params: Any, adapters_params: list[dict]) -> dict:
+    """Frozen UNet params + several adapters' params -> the params of an IP-UNet with `num_ip_adapters` =
+    len(adapters_params): adapter 0's kernels stay `to_k_ip`/`to_v_ip`, adapter a's become `to_k_ip_a`/`to_v_ip_a`;
+    a FaceID adapter's `unet_lora` is added to the attention kernels it names."""
+    for params in adapters_params:
+        if "unet_lora" in params:
+            unet_params = add_lora_deltas(unet_params, params["unet_lora"])
     flat = _flat(unet_params)
-    for index, layers in enumerate(ip_layers):
+    for index, params in enumerate(adapters_params):
         suffix = "" if index == 0 else f"_{index}"
-        flat.update({path[:-2] + (path[-2] + suffix, path[-1]): value for path, value in _flat(layers).items()})
+        layers = _flat(params["ip_layers"])
+        flat.update({path[:-2] + (path[-2] + suffix, path[-1]): value for path, value in layers.items()})
+    return traverse_util.unflatten_dict(flat)
+
+
+def add_lora_deltas(unet_params: Any, unet_lora: Any) -> dict:
+    """UNet params with each LoRA'd kernel replaced by kernel + down @ up (`unet_lora` as in the module docstring)."""
+    flat, lora = _flat(unet_params), _flat(unet_lora)
+    for path, down in lora.items():
+        if path[-1] == "down":
+            kernel = path[:-1] + ("kernel",)
+            flat[kernel] = flat[kernel] + down @ lora[path[:-1] + ("up",)]
     return traverse_util.unflatten_dict(flat)
 
 
@@ -122,5 +141,6 @@ class Adapter:
         return self.image_proj.apply({"params": self.params["image_proj"]}, features)
 
     def unet_params(self, frozen_unet_params: Any) -> dict:
-        """The IP-UNet's full params: the base's frozen UNet params with this adapter's K'/V' kernels."""
-        return merge_unet_params(frozen_unet_params, self.params["ip_layers"])
+        """The IP-UNet's full params: the base's frozen UNet params with this adapter's K'/V' kernels (and a FaceID
+        adapter's LoRA added to the attention kernels)."""
+        return merge_adapters_params(frozen_unet_params, [self.params])

@@ -113,6 +113,11 @@ def projection_input(features: CLIPImageFeatures, kind: AdapterKind) -> jax.Arra
     adapter, `hidden_states[-2]` (B, 1 + patches, hidden) for Plus and Full (the one place this rule is written)."""
     if kind == "base":
         return features.image_embeds
+    if kind in ("faceid", "faceid-plus"):
+        raise ValueError(
+            f"unknown image projection kind {kind!r} for image features: FaceID adapters read identity embeddings; "
+            "pass image_embeds from ipadapter_jax.pipelines.faceid.faceid_prompt (generate: --face-embeds)"
+        )
     if kind not in ("plus", "full"):
         raise ValueError(f"unknown image projection kind {kind!r}; expected 'base', 'plus' or 'full'")
     return features.penultimate_hidden_states

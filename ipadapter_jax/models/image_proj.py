@@ -5,6 +5,12 @@
 | base    | ImageProjModel | ImageProjection              | image_embeds (D,)        | 4      |
 | plus    | Resampler      | IPAdapterPlusImageProjection | hidden_states[-2] (T, E) | 16     |
 | full    | MLPProjModel   | IPAdapterFullImageProjection | hidden_states[-2] (T, E) | T=257  |
+| faceid  | FaceIDProjModel | IPAdapterFaceIDImageProjection | identity embedding (D,) | 4    |
+| faceid-plus | FaceIDPlusProjModel | IPAdapterFaceIDPlusImageProjection | packed (D + T * E,) | 4 |
+
+FaceID adapters read a face model's identity embedding (insightface's ArcFace `normed_embedding`, D = 512); FaceID
+Plus also the CLIP `hidden_states[-2]` of the face crop, passed packed with it in one array per image
+(`pack_faceid_plus_features`) so that every pipeline path handles it as one feature array.
 
 The class names are those of the official implementation (tencent-ailab/IP-Adapter).
 
@@ -31,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-AdapterKind = Literal["base", "plus", "full"]
+AdapterKind = Literal["base", "plus", "full", "faceid", "faceid-plus"]
 
 # PyTorch's nn.LayerNorm default, used by every LayerNorm of the official and diffusers projections.
 LAYER_NORM_EPS = 1e-5
@@ -191,9 +197,128 @@ class MLPProjModel(nn.Module):
         return x.reshape(batch, -1, self.cross_attention_dim)
 
 
+class FaceIDProjModel(nn.Module):
+    """FaceID projection (official `MLPProjModel` of `ip_adapter_faceid`): identity embedding -> Dense(D -> mult * D),
+    GELU, Dense(-> num_tokens * cross_attention_dim), LayerNorm per token.
+
+    Params `proj_0`, `proj_2`, `norm` (official `proj.0`, `proj.2`, `norm`).
+    """
+
+    cross_attention_dim: int
+    id_embeddings_dim: int = 512
+    num_tokens: int = 4
+    mult: int = 2
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, id_embeds: jax.Array) -> jax.Array:
+        """id_embeds (B, D) or (B, num_images, D) -> tokens (B, num_images * num_tokens, cross_attention_dim)."""
+        batch = id_embeds.shape[0]
+        x = _images_as_batch(id_embeds, 1, self.id_embeddings_dim, type(self).__name__)
+        x = _identity_tokens(x, self.mult, self.num_tokens, self.cross_attention_dim, self.dtype)
+        return x.reshape(batch, -1, self.cross_attention_dim)
+
+
+class FacePerceiverResampler(nn.Module):
+    """The Resampler of FaceID Plus: given latents (the identity tokens) cross-attend to the CLIP hidden states.
+
+    Params: `proj_in` Dense(embedding_dim -> dim); per layer i `layers_{i}_0` PerceiverAttention and `layers_{i}_1`
+    FeedForward, each residual; `proj_out` Dense(dim -> output_dim); `norm_out` LayerNorm.
+    """
+
+    dim: int
+    depth: int
+    heads: int
+    embedding_dim: int
+    output_dim: int
+    dim_head: int = 64
+    ff_mult: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents: jax.Array, hidden_states: jax.Array) -> jax.Array:
+        """latents (N, Q, dim), hidden_states (N, T, embedding_dim) -> (N, Q, output_dim)."""
+        x = nn.Dense(self.dim, dtype=self.dtype, name="proj_in")(hidden_states)
+        for i in range(self.depth):
+            attention = PerceiverAttention(self.dim_head, self.heads, self.dtype, name=f"layers_{i}_0")
+            latents = latents + attention(x, latents)
+            latents = latents + FeedForward(self.ff_mult, self.dtype, name=f"layers_{i}_1")(latents)
+        latents = nn.Dense(self.output_dim, dtype=self.dtype, name="proj_out")(latents)
+        return _layer_norm(self.dtype, "norm_out")(latents)
+
+
+class FaceIDPlusProjModel(nn.Module):
+    """FaceID Plus projection (official `ProjModelFaceIdPlus`): identity tokens as in `FaceIDProjModel` (width
+    `dim`), refined by a `FacePerceiverResampler` over the face's CLIP hidden states. With `shortcut_scale` (FaceID
+    Plus v2's `shortcut=True, s_scale`) the output is `identity tokens + shortcut_scale * resampler output`.
+
+    Params `proj_0`, `proj_2`, `norm`, `perceiver_resampler/...` (official `proj.0`, `proj.2`, `norm`,
+    `perceiver_resampler.*`). SD1.5: cross_attention_dim = dim = 768, heads 12, clip_embeddings_dim 1280 (ViT-H).
+    """
+
+    cross_attention_dim: int
+    dim: int
+    heads: int
+    clip_embeddings_dim: int
+    id_embeddings_dim: int = 512
+    num_tokens: int = 4
+    depth: int = 4
+    dim_head: int = 64
+    ff_mult: int = 4
+    mult: int = 2
+    shortcut_scale: float | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """Packed features (B, D + T * E) or (B, num_images, D + T * E) (`pack_faceid_plus_features`) -> tokens
+        (B, num_images * num_tokens, cross_attention_dim)."""
+        d, e = self.id_embeddings_dim, self.clip_embeddings_dim
+        width = features.shape[-1]
+        if features.ndim not in (2, 3) or width <= d or (width - d) % e:
+            raise ValueError(
+                f"{type(self).__name__} takes packed per-image features (D + T * E,) with D={d}, E={e} "
+                f"(pack_faceid_plus_features), batched as (B, ...) or (B, num_images, ...); got {tuple(features.shape)}"
+            )
+        batch = features.shape[0]
+        flat = features.reshape(-1, width)
+        ids, hidden = flat[:, :d], flat[:, d:].reshape(flat.shape[0], -1, e)
+        tokens = _identity_tokens(ids, self.mult, self.num_tokens, self.dim, self.dtype)
+        resampler = FacePerceiverResampler(
+            self.dim,
+            self.depth,
+            self.heads,
+            e,
+            self.cross_attention_dim,
+            self.dim_head,
+            self.ff_mult,
+            self.dtype,
+            name="perceiver_resampler",
+        )
+        out = resampler(tokens, hidden)
+        if self.shortcut_scale is not None:
+            out = tokens + self.shortcut_scale * out
+        return out.reshape(batch, -1, self.cross_attention_dim)
+
+
+def pack_faceid_plus_features(id_embeds: jax.Array, hidden_states: jax.Array) -> jax.Array:
+    """FaceID Plus input per image: identity embeddings (..., D), CLIP hidden states (..., T, E) -> (..., D + T * E)."""
+    flat_hidden = hidden_states.reshape(hidden_states.shape[:-2] + (-1,))
+    return jnp.concatenate([jnp.asarray(id_embeds, flat_hidden.dtype), flat_hidden], axis=-1)
+
+
+def _identity_tokens(ids: jax.Array, mult: int, num_tokens: int, width: int, dtype: jnp.dtype) -> jax.Array:
+    """(N, D) -> (N, num_tokens, width): Dense `proj_0`, GELU, Dense `proj_2`, LayerNorm `norm` (FaceID's MLP)."""
+    x = _gelu(nn.Dense(mult * ids.shape[-1], dtype=dtype, name="proj_0")(ids))
+    x = nn.Dense(num_tokens * width, dtype=dtype, name="proj_2")(x)
+    return _layer_norm(dtype, "norm")(x.reshape(-1, num_tokens, width))
+
+
 def projection_kind(image_proj: nn.Module) -> AdapterKind:
-    """The adapter kind of an image projection module: "base", "plus" or "full"."""
-    for cls, kind in ((ImageProjModel, "base"), (Resampler, "plus"), (MLPProjModel, "full")):
+    """The adapter kind of an image projection module: "base", "plus", "full", "faceid" or "faceid-plus"."""
+    kinds = ((ImageProjModel, "base"), (Resampler, "plus"), (MLPProjModel, "full"), (FaceIDProjModel, "faceid"),
+             (FaceIDPlusProjModel, "faceid-plus"))  # fmt: skip
+    for cls, kind in kinds:
         if isinstance(image_proj, cls):
             return kind
     raise TypeError(f"not an IP-Adapter image projection: {type(image_proj).__name__}")

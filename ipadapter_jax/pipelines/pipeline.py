@@ -119,7 +119,7 @@ class IPAdapterPipeline:
             self._samplers[count] = Sampler(unet, self.base.vae, self.base.scheduler, self.mesh, self.controlnet)
         self.adapters, self.sampler = adapters, self._samplers[count]
         self.image_prompt_encoders = [ImagePromptEncoder(self.image_encoder, adapter) for adapter in adapters]
-        unet_params = merge_adapters_params(self.base.unet_params, [a.params["ip_layers"] for a in adapters])
+        unet_params = merge_adapters_params(self.base.unet_params, [a.params for a in adapters])
         params = {"unet": unet_params, "vae": self.base.vae_params}
         if self.controlnet is not None:
             params["controlnet"] = self.controlnet_params
@@ -169,6 +169,7 @@ class IPAdapterPipeline:
         progress: bool = True,
         attention_implementation: str = "diffusers",
         pytorch_numerics: bool = True,
+        loras: Sequence[tuple[str | os.PathLike, float]] = (),
     ) -> IPAdapterPipeline:
         """The pipeline from files, as the users' PyTorch side has them (`ipadapter_jax.weights`' loaders).
 
@@ -184,12 +185,10 @@ class IPAdapterPipeline:
           cache_dir: keep the converted Flax params here (later loads skip the conversion).
           controlnet: a diffusers `ControlNetModel` folder (SD1.5/SD2 family).
           progress: a progress bar over the base model's components.
-          attention_implementation: the UNet's attention kernel, "diffusers", "xla" or "cudnn" (NVIDIA GPUs with
-            bf16: cuDNN flash attention); see `ipadapter_jax.models.unet.Attention`.
-          pytorch_numerics: compute as diffusers' PyTorch UNet (default) or, False, as its Flax UNet.
+          attention_implementation, pytorch_numerics, loras: as `load_base` (the UNet's kernel, see
+            `models.unet.Attention`; PyTorch's numerics; LoRA files `(path, scale)` merged into UNet and text encoders).
         Raises:
-          ValueError (ConversionError): a missing or malformed file, or models that do not fit each other.
-          OSError: unreadable files.
+          ValueError (ConversionError): a missing or malformed file, or models that do not fit each other; OSError.
         """
         from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
         from ipadapter_jax.weights.diffusers_models import load_controlnet
@@ -203,6 +202,7 @@ class IPAdapterPipeline:
             progress=progress,
             attention_implementation=attention_implementation,
             pytorch_numerics=pytorch_numerics,
+            loras=loras,
         )
         encoder = load_image_encoder(image_encoder, dtype=dtype, preprocessor_config=feature_extractor_config(base))
         files = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)

@@ -72,7 +72,7 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        tensors, _ = _read_safetensors(path)
+        tensors, _ = read_safetensors(path)
         sections: dict[str, dict[str, np.ndarray]] = {name: {} for name in SECTIONS}
         stray = []
         for key, value in tensors.items():
@@ -91,7 +91,7 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of an IP-Adapter file: the safetensors header's, or a `.bin`'s sidecar JSON ({} if none)."""
     if Path(path).suffix == ".safetensors":
-        return _read_safetensors(Path(staging.stage_down(path, what="adapter file")), tensors=False)[1]
+        return read_safetensors(Path(staging.stage_down(path, what="adapter file")), tensors=False)[1]
     if paths.is_remote(path) and not paths.exists(metadata_sidecar(path)):
         return {}
     sidecar = Path(staging.stage_down(metadata_sidecar(path), what="metadata sidecar"))
@@ -246,11 +246,13 @@ def _check_image_encoder(
     source: str,
 ) -> None:
     """The adapter's input width must be what the image encoder produces (base: projected embeddings;
-    Plus/Full: hidden states)."""
+    Plus/Full/FaceID Plus: hidden states; FaceID reads none)."""
+    if spec.kind == "faceid":
+        return  # reads identity embeddings, no image encoder output
     if spec.kind == "base":
         key, width, kind, which = "proj.weight", projection_dim, "projected image embeddings", 0
     else:
-        key = "proj_in.weight" if spec.kind == "plus" else "proj.0.weight"
+        key = {"plus": "proj_in.weight", "full": "proj.0.weight"}.get(spec.kind, "perceiver_resampler.proj_in.weight")
         width, kind, which = hidden_size, "hidden states", 1
     found = tuple(image_proj[key].shape)
     if width is None or found[1] == width:
@@ -271,7 +273,7 @@ def _encoder_name(which: int, width: int) -> str | None:
     return next((f"{name} ({width}-d)" for name, dims in KNOWN_ENCODERS.items() if dims[which] == width), None)
 
 
-def _read_safetensors(path: Path, *, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: Path, *, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, header metadata); with `tensors=False` only the header is read."""
     try:
         with safe_open(path, framework="np") as f:

@@ -5,7 +5,8 @@ File layout (a msgpack map):
     {"format": "ipadapter-jax/adapter", "version": 1,
      "metadata": {str: str},            # the keys of `ip_adapter_files.METADATA_KEYS`
      "params": {"image_proj": {...},    # our adapter pytree, Flax layout (Dense kernels (in, out)), float32
-                "ip_layers": {"down_blocks_0": {"attentions_0": ... {"attn2": {"to_k_ip": {"kernel": ...}}}}}}}
+                "ip_layers": {"down_blocks_0": {"attentions_0": ... {"attn2": {"to_k_ip": {"kernel": ...}}}}},
+                "unet_lora": {...}}}              # FaceID adapters only (`ipadapter_jax.models.adapter`)
 
 msgpack rather than an orbax checkpoint: an adapter is small (SD1.5: 22M params, 89 MB in float32) and one
 self-describing file is what users copy around; orbax's directories are for training state. Params are stored
@@ -37,7 +38,7 @@ SUFFIX = ".msgpack"
 def save_flax_adapter(
     adapter: Mapping[str, Any], path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Writes our adapter {"image_proj", "ip_layers"} (cast to float32) and its metadata, atomically.
+    """Writes our adapter {"image_proj", "ip_layers"[, "unet_lora"]} (cast to float32) and its metadata, atomically.
 
     `metadata`: extra str -> str entries (e.g. base_model, image_encoder); kind and num_tokens are added
     from the weights. Returns `path`.
@@ -46,7 +47,8 @@ def save_flax_adapter(
         section: traverse_util.unflatten_dict(
             {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(dict(adapter[section])).items()}
         )
-        for section in ("image_proj", "ip_layers")
+        for section in ("image_proj", "ip_layers", "unet_lora")
+        if section in adapter
     }
     content = {"format": FORMAT, "version": VERSION, "metadata": adapter_metadata(params, metadata), "params": params}
     with atomic_output(path) as tmp:  # a bucket path (gs://): one object upload
@@ -80,9 +82,11 @@ def read_flax_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     if content.get("version") != VERSION:
         raise ConversionError(f"{path}: adapter file version {content.get('version')!r}; this code reads {VERSION}")
     params = content.get("params")
-    if not isinstance(params, dict) or set(params) != {"image_proj", "ip_layers"}:
+    if not isinstance(params, dict) or set(params) - {"unet_lora"} != {"image_proj", "ip_layers"}:
         found = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise ConversionError(f"{path}: 'params' must hold 'image_proj' and 'ip_layers', found {found}")
+        raise ConversionError(
+            f"{path}: 'params' must hold 'image_proj' and 'ip_layers' (FaceID also 'unet_lora'), found {found}"
+        )
     return params, {str(k): str(v) for k, v in content.get("metadata", {}).items()}
 
 

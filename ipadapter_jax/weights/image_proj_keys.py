@@ -9,6 +9,9 @@ official `.safetensors` with the prefix stripped (the form diffusers'
   plus  latents, proj_in.*, proj_out.*, norm_out.*, layers.{i}.0.{norm1,norm2}.*,
         layers.{i}.0.{to_q,to_kv,to_out}.weight, layers.{i}.1.0.* (LayerNorm), layers.{i}.1.{1,3}.weight
   full  proj.0.*, proj.2.*, proj.3.*
+  faceid       proj.0.*, proj.2.*, norm.*
+  faceid-plus  proj.0.*, proj.2.*, norm.*, perceiver_resampler.{proj_in,proj_out,norm_out}.*,
+               perceiver_resampler.layers.{i}.0.* and .1.{0,1,3}.* (as plus's layers)
 
 Flax path <-> official key: list indices joined with "_" become dots again (`layers_2_0` -> `layers.2.0`), the
 Resampler's feed-forward members `norm`/`fc1`/`fc2` are the official `nn.Sequential` indices 0/1/3, and the leaf
@@ -27,7 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ipadapter_jax.models.image_proj import AdapterKind, ImageProjModel, MLPProjModel, Resampler
+from ipadapter_jax.models.image_proj import (
+    AdapterKind,
+    FaceIDPlusProjModel,
+    FaceIDProjModel,
+    ImageProjModel,
+    MLPProjModel,
+    Resampler,
+)
 from ipadapter_jax.models.random_init import abstract_params
 from ipadapter_jax.weights.torch_layout import (
     ConversionError,
@@ -48,7 +58,9 @@ CLIP_TOKENS = 257
 _FEED_FORWARD_INDEX = {"norm": "0", "fc1": "1", "fc2": "3"}
 # Leaf names as `torch_layout.flax_leaf_to_torch` gives them (Dense kernel, LayerNorm scale), without an array.
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight"}
-_MODULES = {"base": ImageProjModel, "plus": Resampler, "full": MLPProjModel}
+_MODULES = {"base": ImageProjModel, "plus": Resampler, "full": MLPProjModel, "faceid": FaceIDProjModel,
+            "faceid-plus": FaceIDPlusProjModel}  # fmt: skip
+_FACEID_PLUS = "perceiver_resampler."
 
 
 class ImageProjSpec(NamedTuple):
@@ -96,6 +108,8 @@ def detect_kind(state: Mapping[str, Any], *, source: str = "image_proj") -> Imag
             ff_mult=ff_inner // dim,
         )
         return ImageProjSpec("plus", num_queries, hparams)
+    if f"{_FACEID_PLUS}proj_in.weight" in state:
+        return _faceid_plus_spec(state, source)
     if "proj.weight" in state:
         rows, clip_dim = _shape(state, "proj.weight", 2, source)
         (cross,) = _shape(state, "norm.weight", 1, source)
@@ -109,13 +123,49 @@ def detect_kind(state: Mapping[str, Any], *, source: str = "image_proj") -> Imag
         (cross,) = _shape(state, "proj.3.weight", 1, source)
         clip_dim = _shape(state, "proj.0.weight", 2, source)[1]
         return ImageProjSpec("full", CLIP_TOKENS, dict(cross_attention_dim=cross, clip_embeddings_dim=clip_dim))
+    if "norm.weight" in state and "proj.2.weight" in state:
+        (cross,) = _shape(state, "norm.weight", 1, source)
+        hparams = _identity_mlp(state, cross, source)
+        return ImageProjSpec("faceid", hparams["num_tokens"], dict(cross_attention_dim=cross, **hparams))
     hint = ""
     if any(key.startswith(PREFIX) for key in state):
         hint = f" (keys must not carry the '{PREFIX}' prefix: strip it first)"
     raise ConversionError(
         f"{source}: not an IP-Adapter image projection{hint}: expected 'latents' (Plus), 'proj.weight' (base) or "
-        f"'proj.3.weight' (Full); FaceID projections are not supported. Keys found: {sorted(state)[:12]}"
+        f"'proj.3.weight' (Full), 'norm.weight' with 'proj.2.weight' (FaceID) or '{_FACEID_PLUS}proj_in.weight' "
+        f"(FaceID Plus). Keys found: {sorted(state)[:12]}"
     )
+
+
+def _identity_mlp(state: Mapping[str, Any], width: int, source: str) -> dict[str, int]:
+    """FaceID's identity MLP `proj.0` (mult * D, D), `proj.2` (num_tokens * width, mult * D) -> its hparams."""
+    hidden, id_dim = _shape(state, "proj.0.weight", 2, source)
+    rows = _shape(state, "proj.2.weight", 2, source)[0]
+    if hidden % id_dim or rows % width:
+        raise ConversionError(
+            f"{source}: 'proj.0.weight' {(hidden, id_dim)} and 'proj.2.weight' ({rows}, ...) are not FaceID's identity "
+            f"MLP (expected (mult * D, D) and (num_tokens * {width}, mult * D))"
+        )
+    return dict(id_embeddings_dim=id_dim, mult=hidden // id_dim, num_tokens=rows // width)
+
+
+def _faceid_plus_spec(state: Mapping[str, Any], source: str) -> ImageProjSpec:
+    dim, clip_dim = _shape(state, f"{_FACEID_PLUS}proj_in.weight", 2, source)
+    output_dim = _shape(state, f"{_FACEID_PLUS}proj_out.weight", 2, source)[0]
+    depth = 0
+    while f"{_FACEID_PLUS}layers.{depth}.0.to_q.weight" in state:
+        depth += 1
+    inner = _shape(state, f"{_FACEID_PLUS}layers.0.0.to_q.weight", 2, source)[0]
+    ff_inner = _shape(state, f"{_FACEID_PLUS}layers.0.1.1.weight", 2, source)[0]
+    if inner % RESAMPLER_DIM_HEAD or ff_inner % dim:
+        raise ConversionError(
+            f"{source}: '{_FACEID_PLUS}layers.0.0.to_q.weight' has {inner} rows (expected a multiple of the head size "
+            f"{RESAMPLER_DIM_HEAD}) and '{_FACEID_PLUS}layers.0.1.1.weight' {ff_inner} (expected a multiple of {dim})"
+        )
+    hparams = dict(cross_attention_dim=output_dim, dim=dim, heads=inner // RESAMPLER_DIM_HEAD,
+                   clip_embeddings_dim=clip_dim, depth=depth, dim_head=RESAMPLER_DIM_HEAD, ff_mult=ff_inner // dim,
+                   **_identity_mlp(state, dim, source))  # fmt: skip
+    return ImageProjSpec("faceid-plus", hparams["num_tokens"], hparams)
 
 
 def build_image_proj(spec: ImageProjSpec, dtype: jnp.dtype = jnp.float32) -> nn.Module:
@@ -129,13 +179,18 @@ def param_shapes(module: nn.Module) -> dict:
         example = np.zeros((1, module.clip_embeddings_dim), np.float32)
     elif isinstance(module, Resampler):
         example = np.zeros((1, 1, module.embedding_dim), np.float32)
+    elif isinstance(module, FaceIDProjModel):
+        example = np.zeros((1, module.id_embeddings_dim), np.float32)
+    elif isinstance(module, FaceIDPlusProjModel):
+        example = np.zeros((1, module.id_embeddings_dim + module.clip_embeddings_dim), np.float32)
     else:
         example = np.zeros((1, 1, module.clip_embeddings_dim), np.float32)
     return abstract_params(module, example)
 
 
 def official_key(path: tuple[str, ...]) -> str:
-    """Flax param path -> official key: ('layers_2_1', 'fc1', 'kernel') -> 'layers.2.1.1.weight'."""
+    """Flax param path -> official key: ('layers_2_1', 'fc1', 'kernel') -> 'layers.2.1.1.weight' (also under
+    FaceID Plus's `perceiver_resampler`)."""
     *modules, leaf = path
     names = [
         _FEED_FORWARD_INDEX[name] if i and re.fullmatch(r"layers_\d+_1", modules[i - 1]) else name

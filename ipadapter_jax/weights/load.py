@@ -3,6 +3,7 @@
     from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder
 
     base = load_base("path/to/stable-diffusion-v1-5")                 # BaseModel (diffusers folder, or "tiny")
+    base = load_base("path/to/stable-diffusion-v1-5", loras=[("style.safetensors", 0.8)])   # with a LoRA merged
     image_encoder = load_image_encoder("path/to/image_encoder")        # ImageEncoder (CLIPVisionModelWithProjection)
     adapter = load_adapter("ip-adapter_sd15.safetensors", base, image_encoder=image_encoder)   # Adapter
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from ipadapter_jax.models.adapter import Adapter, ip_layers_from_unet
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
 from ipadapter_jax.models.image_encoder import ImageEncoder
+from ipadapter_jax.models.image_proj import FaceIDPlusProjModel, FaceIDProjModel
 from ipadapter_jax.models.random_init import numpy_init
 from ipadapter_jax.models.text_encoder import TextEncoder
 from ipadapter_jax.models.unet import check_attention_implementation
@@ -40,6 +43,7 @@ from ipadapter_jax.weights.diffusers_models import load_pipeline
 from ipadapter_jax.weights.flax_adapter_file import SUFFIX as FLAX_ADAPTER_SUFFIX
 from ipadapter_jax.weights.flax_adapter_file import load_flax_adapter
 from ipadapter_jax.weights.image_proj_keys import build_image_proj, param_shapes
+from ipadapter_jax.weights.lora import LoraSpec, apply_loras
 from ipadapter_jax.weights.torch_layout import ConversionError
 from ipadapter_jax.weights.unet_config import abstract_ip_unet_params
 
@@ -56,6 +60,7 @@ def load_base(
     attention_implementation: str = "diffusers",
     pytorch_numerics: bool = True,
     progress: bool = True,
+    loras: Sequence[LoraSpec] = (),
 ) -> BaseModel:
     """A Stable Diffusion model folder (SD1.5/SD2 family or SDXL, as diffusers saves it) as a `BaseModel`.
 
@@ -74,8 +79,10 @@ def load_base(
       pytorch_numerics: the UNet computes as diffusers' PyTorch UNet does (exact GELU, its GroupNorm epsilons);
         False: as diffusers' Flax UNet does (~6e-5 relative from PyTorch).
       progress: a progress bar over the components.
+      loras: LoRA files `(path, scale)` (diffusers/peft or kohya `.safetensors`) merged into the UNet and text
+        encoder params, in order (`ipadapter_jax.weights.lora.apply_loras`; the Flax cache keeps the base's own).
     Raises:
-      ConversionError: a missing or malformed folder, config or weight file.
+      ConversionError: a missing or malformed folder, config or weight file, or a LoRA that does not fit.
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
@@ -111,7 +118,7 @@ def load_base(
             force_zeros_for_empty_prompt=bool(force_zeros),
         )
     unet = model.unet.clone(attention_implementation=attention_implementation, pytorch_numerics=pytorch_numerics)
-    return model.replace(unet=unet)
+    return apply_loras(model.replace(unet=unet), loras)
 
 
 def load_image_encoder(
@@ -161,6 +168,7 @@ def load_adapter(
     *,
     image_encoder: ImageEncoder | None = None,
     dtype: Any = jnp.float32,
+    shortcut_scale: float | None = None,
 ) -> Adapter:
     """An IP-Adapter file, checked against the base model (and the image encoder, when given).
 
@@ -170,6 +178,9 @@ def load_adapter(
         id and shape.
       image_encoder: checks the projection's input width against the encoder's outputs.
       dtype: the image projection's computation dtype.
+      shortcut_scale: FaceID Plus only: FaceID Plus v2's `shortcut=True` with `s_scale` (identity tokens +
+        s_scale * resampler output). None: v2 (scale 1.0) when the file name says "plusv2", else v1 (no shortcut).
+      FaceID files also carry a LoRA for the UNet's attention (the adapter's `unet_lora`, added by `unet_params`).
     Raises:
       ConversionError: the file is unreadable or does not fit the UNet or the image encoder.
     """
@@ -189,7 +200,17 @@ def load_adapter(
                 encoder_hidden_size=image_encoder.config.hidden_size,
             )
         _, image_proj, params = load_ip_adapter(path, shapes, **widths)
-    return Adapter(image_proj.clone(dtype=jnp.dtype(dtype)), params)
+    image_proj = image_proj.clone(dtype=jnp.dtype(dtype))
+    if isinstance(image_proj, FaceIDPlusProjModel):
+        v2 = "plusv2" in Path(path).name
+        image_proj = image_proj.clone(
+            shortcut_scale=shortcut_scale if shortcut_scale is not None else (1.0 if v2 else None)
+        )
+    elif shortcut_scale is not None:
+        raise ValueError(
+            f"{path}: shortcut_scale (s_scale) is for FaceID Plus adapters, this one is {type(image_proj).__name__}"
+        )
+    return Adapter(image_proj, params)
 
 
 def new_adapter(
@@ -263,10 +284,13 @@ def _check_encoder_width(path: str | os.PathLike, image_proj: Any, image_encoder
     """Our msgpack files carry no encoder check of their own: the projection's input width must be the encoder's
     output width for this kind (the official files are checked by `load_ip_adapter`)."""
     config = image_encoder.config
+    if isinstance(image_proj, FaceIDProjModel):
+        return  # reads identity embeddings, no image encoder output
     field, width, what = {
         "ImageProjModel": ("clip_embeddings_dim", config.projection_dim, "projected image embeddings"),
         "Resampler": ("embedding_dim", config.hidden_size, "hidden states"),
         "MLPProjModel": ("clip_embeddings_dim", config.hidden_size, "hidden states"),
+        "FaceIDPlusProjModel": ("clip_embeddings_dim", config.hidden_size, "hidden states"),
     }[type(image_proj).__name__]
     if getattr(image_proj, field) != width:
         raise ConversionError(

@@ -7,10 +7,15 @@ Official layout (what `torch.save`d `ip-adapter_*.bin` holds and diffusers' `loa
 
 `<id>` numbers every attention processor of the PyTorch UNet in module registration order (down, up, mid;
 attn1 then attn2 of each transformer block), so the k-th cross-attention layer has id 2k + 1.
+
+FaceID files also hold a LoRA for every attention processor (attn1 of that block: id 2k) in `ip_adapter`:
+`<id>.to_{q,k,v,out}_lora.down.weight` (rank, in) and `.up.weight` (out, rank); diffusers' `load_ip_adapter` loads
+it with weight 1 (alpha = rank). It becomes the adapter's `unet_lora` (`ipadapter_jax.models.adapter`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,14 +27,16 @@ from ipadapter_jax.weights import image_proj_keys
 from ipadapter_jax.weights.torch_layout import ConversionError, describe_problems
 
 SECTIONS = ("image_proj", "ip_adapter")
+_LORA_KEY = re.compile(r"(\d+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_LORA_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out_0"}  # official -> Flax module
 
 
 def adapter_to_official(adapter: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     """Our adapter {"image_proj", "ip_layers"} -> {"image_proj": {...}, "ip_adapter": {...}} (numpy, PyTorch layout)."""
-    return {
-        "image_proj": image_proj_keys.flax_to_official(adapter["image_proj"]),
-        "ip_adapter": ip_layers_to_official(adapter["ip_layers"]),
-    }
+    section = ip_layers_to_official(adapter["ip_layers"])
+    if "unet_lora" in adapter:
+        section.update(unet_lora_to_official(adapter["unet_lora"], adapter["ip_layers"]))
+    return {"image_proj": image_proj_keys.flax_to_official(adapter["image_proj"]), "ip_adapter": section}
 
 
 def adapter_from_official(
@@ -45,7 +52,9 @@ def adapter_from_official(
         raise ConversionError(f"{source}: missing section(s) {missing}; found {sorted(state)}")
     check_weights(state, source=source)
     spec, module, image_proj = image_proj_keys.load_image_proj(state["image_proj"], source=f"{source} [image_proj]")
-    ip_layers = ip_layers_from_official(state["ip_adapter"], unet_params, source=f"{source} [ip_adapter]")
+    lora = {key: value for key, value in state["ip_adapter"].items() if _LORA_KEY.fullmatch(key)}
+    ip_section = {key: value for key, value in state["ip_adapter"].items() if key not in lora}
+    ip_layers = ip_layers_from_official(ip_section, unet_params, source=f"{source} [ip_adapter]")
     cross = next(iter(traverse_util.flatten_dict(ip_layers).values())).shape[0]
     token_dim = spec.hparams.get("cross_attention_dim", spec.hparams.get("output_dim"))
     if token_dim != cross:
@@ -53,7 +62,10 @@ def adapter_from_official(
             f"{source}: the image projection makes {token_dim}-d tokens but this UNet's cross-attention "
             f"takes {cross}-d (adapter for a different base model?)"
         )
-    return spec, module, {"image_proj": image_proj, "ip_layers": ip_layers}
+    adapter = {"image_proj": image_proj, "ip_layers": ip_layers}
+    if lora:
+        adapter["unet_lora"] = unet_lora_from_official(lora, unet_params, source=f"{source} [ip_adapter]")
+    return spec, module, adapter
 
 
 def check_weights(state: Mapping[str, Mapping[str, Any]], *, source: str = "ip-adapter") -> None:
@@ -127,6 +139,59 @@ def ip_layers_from_official(section: Mapping[str, Any], unet_params: Any, *, sou
             f"{source} does not fit this UNet: " + describe_problems(mismatched, missing, unexpected, limit=8) + hint
         )
     return traverse_util.unflatten_dict(converted)
+
+
+def attention_ids(unet_params: Any) -> dict[int, tuple[str, ...]]:
+    """Official id -> Flax path of every attention processor: attn2 of the k-th cross-attention layer at 2k + 1,
+    the attn1 of its transformer block at 2k."""
+    ids = {}
+    for path, layer_id in official_layer_ids(unet_params).items():
+        ids[layer_id - 1], ids[layer_id] = path[:-1] + ("attn1",), path
+    return ids
+
+
+def unet_lora_from_official(section: Mapping[str, Any], unet_params: Any, *, source: str = "ip_adapter") -> dict:
+    """A FaceID file's `<id>.to_q_lora.down.weight`... entries -> `unet_lora` (float32, Flax layout) for the UNet
+    whose params (with K'/V', concrete or abstract) are given. Raises `ConversionError` naming the key and the
+    expected and found shapes, or a missing partner."""
+    flat = traverse_util.flatten_dict(unet_params)
+    ids = attention_ids(unet_params)
+    lora = {}
+    for key in sorted(section, key=_id_order):
+        layer_id, projection, which = _LORA_KEY.fullmatch(key).groups()
+        partner = key.replace(f".{which}.", ".up." if which == "down" else ".down.")
+        if partner not in section:
+            raise ConversionError(f"{source}: '{key}' has no matching '{partner}'")
+        if int(layer_id) not in ids:
+            raise ConversionError(
+                f"{source}: '{key}': this UNet has no attention processor {layer_id} (ids 0-{len(ids) - 1}). "
+                "Likely cause: an adapter for another base model."
+            )
+        module = ids[int(layer_id)] + (_LORA_MODULES[projection],)
+        in_dim, out_dim = flat[module + ("kernel",)].shape
+        array = np.asarray(section[key], np.float32)
+        rank = np.shape(section[key.replace(f".{which}.", ".down.")])[0]
+        expected = (rank, in_dim) if which == "down" else (out_dim, rank)
+        if array.shape != expected:
+            raise ConversionError(
+                f"{source}: '{key}': expected {expected} for {'/'.join(module)}, found {array.shape}. Likely "
+                "cause: an adapter for another base model."
+            )
+        lora[module + (which,)] = array.T
+    return traverse_util.unflatten_dict(lora)
+
+
+def unet_lora_to_official(unet_lora: Any, ip_layers: Any) -> dict[str, np.ndarray]:
+    """`unet_lora` -> its `ip_adapter` entries `<id>.to_q_lora.down.weight` (rank, in)... (numpy, PyTorch layout);
+    `ip_layers` fix the ids."""
+    id_of = {path: layer_id for layer_id, path in attention_ids(ip_layers).items()}
+    projection_of = {flax: official for official, flax in _LORA_MODULES.items()}
+    out = {}
+    for path, value in traverse_util.flatten_dict(unet_lora).items():
+        attention, module, which = path[:-2], path[-2], path[-1]
+        key = f"{id_of[attention]}.{projection_of[module]}_lora.{which}.weight"
+        out[key] = np.ascontiguousarray(np.asarray(value).T)
+    return out
 
 
 def _id_order(key: str) -> tuple[int, str]:
