@@ -226,7 +226,8 @@ def test_convert_inspect_describes_a_faceid_file(faceid: dict, sd15: tu.SavedPip
 
 def test_faceid_prompt_checks_its_inputs(faceid: dict):
     _, module, params = load_image_proj(faceid["faceid"][0]["image_proj"])
-    fake = types.SimpleNamespace(adapter=types.SimpleNamespace(kind="faceid", image_proj=module), image_encoder=None)
+    adapter = types.SimpleNamespace(kind="faceid", image_proj=module)
+    fake = types.SimpleNamespace(adapters=(adapter,), image_encoder=None)
     prompt = faceid_prompt(fake, FACE[0])
     assert prompt["image_embeds"].shape == (1, faceid_files.ID_DIM) and not prompt["negative_image_embeds"].any()
     with pytest.raises(ValueError, match=r"face embeddings must be \(K, 24\) .*got \(1, 512\)"):
@@ -235,7 +236,7 @@ def test_faceid_prompt_checks_its_inputs(faceid: dict):
         faceid_prompt(fake, FACE, tu.test_image(0))
     with pytest.raises(ValueError, match="FaceID adapters read identity embeddings; pass image_embeds from"):
         load_image_encoder("tiny").features([tu.test_image(0)], "faceid")
-    fake.adapter.kind = "plus"
+    adapter.kind = "plus"
     with pytest.raises(ValueError, match="input of FaceID adapters; this adapter is a 'plus' one"):
         faceid_prompt(fake, FACE)
 

@@ -51,7 +51,12 @@ def test_presets_act_as_their_numbers_with_the_step_range_compiled_once(sd15):
     np.testing.assert_allclose(eased.pixels, eased_by_hand, rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(weak, weak_by_hand, rtol=0, atol=TOLERANCE)
     assert np.abs(eased.pixels - weak).max() > 1e-3  # the per-layer numbers matter
-    assert eased.settings["scale"] == {"weight_type": "ease-in", "weight": 0.8, "composition_weight": None}
+    assert eased.settings["scale"] == {
+        "weight_type": "ease-in",
+        "weight": 0.8,
+        "composition_weight": None,
+        "boost": None,
+    }
 
 
 def test_a_layer_table_preset_on_the_tiny_layout_is_one_clear_error(sd15):
