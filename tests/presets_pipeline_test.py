@@ -94,7 +94,7 @@ def test_generate_cli_weight_type_and_combine(sd15, tmp_path):
     argv = cli_argv(sd15, tmp_path) + ["--weight-type", "ease-in", "--scale", "0.8", "--combine", "subtract"]
     assert generate_cli.main(argv + ["--image-step-range", *map(str, STEP_RANGE), "--out", str(out)]) == 0
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["scale"] == {"weight_type": "ease-in", "weight": 0.8, "composition_weight": None}
+    assert settings["scale"] == {"weight_type": "ease-in", "weight": 0.8, "composition_weight": None, "boost": None}
     assert settings["combine"] == "subtract"
     # The reloaded images (PNG: uint8) are the Python API's with the same settings.
     expected = sd15.flax("base")(
