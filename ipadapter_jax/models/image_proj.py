@@ -166,14 +166,7 @@ class Resampler(nn.Module):
         x = _images_as_batch(hidden_states, 2, self.embedding_dim, type(self).__name__)
         latents = self.param("latents", nn.initializers.normal(self.dim**-0.5), (1, self.num_queries, self.dim))
         latents = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0],) + latents.shape[1:])
-        x = nn.Dense(self.dim, dtype=self.dtype, name="proj_in")(x)
-        for i in range(self.depth):
-            attention = PerceiverAttention(self.dim_head, self.heads, self.dtype, name=f"layers_{i}_0")
-            latents = latents + attention(x, latents)
-            latents = latents + FeedForward(self.ff_mult, self.dtype, name=f"layers_{i}_1")(latents)
-        latents = nn.Dense(self.output_dim, dtype=self.dtype, name="proj_out")(latents)
-        latents = _layer_norm(self.dtype, "norm_out")(latents)
-        return latents.reshape(batch, -1, self.output_dim)
+        return _perceive(self, latents, x).reshape(batch, -1, self.output_dim)
 
 
 class MLPProjModel(nn.Module):
@@ -238,13 +231,20 @@ class FacePerceiverResampler(nn.Module):
     @nn.compact
     def __call__(self, latents: jax.Array, hidden_states: jax.Array) -> jax.Array:
         """latents (N, Q, dim), hidden_states (N, T, embedding_dim) -> (N, Q, output_dim)."""
-        x = nn.Dense(self.dim, dtype=self.dtype, name="proj_in")(hidden_states)
-        for i in range(self.depth):
-            attention = PerceiverAttention(self.dim_head, self.heads, self.dtype, name=f"layers_{i}_0")
-            latents = latents + attention(x, latents)
-            latents = latents + FeedForward(self.ff_mult, self.dtype, name=f"layers_{i}_1")(latents)
-        latents = nn.Dense(self.output_dim, dtype=self.dtype, name="proj_out")(latents)
-        return _layer_norm(self.dtype, "norm_out")(latents)
+        return _perceive(self, latents, hidden_states)
+
+
+def _perceive(module: Resampler | FacePerceiverResampler, latents: jax.Array, features: jax.Array) -> jax.Array:
+    """The perceiver stack both resamplers share, its layers created in `module`'s compact `__call__`: `proj_in`
+    Dense(-> dim) of the features (N, T, E), `depth` residual PerceiverAttention + FeedForward layers on the latents
+    (N, Q, dim), `proj_out` Dense(-> output_dim) and `norm_out` LayerNorm: (N, Q, output_dim)."""
+    x = nn.Dense(module.dim, dtype=module.dtype, name="proj_in")(features)
+    for i in range(module.depth):
+        attention = PerceiverAttention(module.dim_head, module.heads, module.dtype, name=f"layers_{i}_0")
+        latents = latents + attention(x, latents)
+        latents = latents + FeedForward(module.ff_mult, module.dtype, name=f"layers_{i}_1")(latents)
+    latents = nn.Dense(module.output_dim, dtype=module.dtype, name="proj_out")(latents)
+    return _layer_norm(module.dtype, "norm_out")(latents)
 
 
 class FaceIDPlusProjModel(nn.Module):
