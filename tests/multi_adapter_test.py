@@ -3,8 +3,9 @@
 
 The tiny saved pipelines of `pipeline_test` (`ipadapter_jax.testing.pipeline_fixtures`) plus a second Plus adapter
 (its own seed, 6 tokens per image, so the adapters' kernels and token counts differ). Both frameworks start from
-the same latents; 64 px (64x96 for the masks), 4 DDIM steps. Tolerance: the issue's 1e-3 on [0, 1] pixels; measured
-1e-5 or below (asserted at TOLERANCE).
+the same latents; 64 px (64x96 for the masks), 4 DDIM steps. Tolerance on [0, 1] pixels: 5e-5 (the issue asks for
+1e-3); measured 2.1e-6 (SD1.5, two adapters), 2.8e-6 (masks), 2.6e-6 (unloaded), 2.9e-6 (SDXL), 2.4e-6 (Full adapter
+from training's export); the second adapter and the masks move the images by > 0.05.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ipadapter_jax.testing import pipeline_fixtures as tu
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
-TOLERANCE = 1e-4  # the issue asks for 1e-3
+TOLERANCE = 5e-5  # as pipeline_test; the issue asks for 1e-3
 STEPS = 4
 IMAGE, GRAY_IMAGE, THIRD_IMAGE = tu.test_image(0), tu.test_image(1, (50, 70), "L"), tu.test_image(2, (60, 60))
 # Two regions given at another size than the 64x96 output: the left and the right half.
@@ -221,13 +222,14 @@ def test_generate_cli_two_adapters_and_masks_from_a_settings_file_match_diffuser
 
 
 def test_an_adapter_exported_by_training_runs_next_to_an_official_one(sd15: tu.SavedPipelines, sd15_pair, tmp_path):
-    """A fresh Plus adapter (the paper's init, 6 tokens) written by training's export (`hooks.export_adapter`, what
-    `ipadapter-jax train` writes) replaces the second adapter; diffusers loads the same two files."""
+    """A fresh Full adapter (the paper's init; one token per CLIP hidden state) written by training's export
+    (`hooks.export_adapter`, what `ipadapter-jax train` writes) replaces the second adapter; diffusers loads the
+    same two files."""
     from ipadapter_jax.training.hooks import export_adapter
     from ipadapter_jax.weights import load_adapter, new_adapter
 
     ours, _ = sd15_pair
-    trained = new_adapter("plus", ours.base, ours.image_encoder, num_tokens=6, seed=3)
+    trained = new_adapter("full", ours.base, ours.image_encoder, num_tokens=tu.tiny.PLUS_TOKENS, seed=3)
     path = tmp_path / "trained.safetensors"
     export_adapter(trained.params, str(path), {})
     ours.unload_adapter()

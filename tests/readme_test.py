@@ -65,16 +65,23 @@ def test_the_loading_api_snippet_gives_a_noise_prediction(workspace, monkeypatch
     assert np.abs(np.asarray(plain) - noise).max() > 1e-3
 
 
-def test_the_pipeline_snippet_generates_images(workspace, monkeypatch):
-    namespace = run_block(1, workspace, monkeypatch)
-    out = namespace["out"]
+@pytest.fixture(scope="module")
+def pipeline_block(workspace) -> dict:
+    """The pipeline block's namespace (its `pipe` and `image` serve the block after it)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return run_block(1, workspace, monkeypatch)
+
+
+def test_the_pipeline_snippet_generates_images(workspace, pipeline_block):
+    out = pipeline_block["out"]
     assert len(out.images) == 3 and out.settings["per_prompt_images"] and out.settings["seed"] == [0, 1, 2]
     assert (workspace / "sample.png").is_file()
 
 
-def test_the_several_adapters_snippet_generates_with_masks(workspace, monkeypatch):
+def test_the_several_adapters_snippet_generates_with_masks(workspace, pipeline_block, monkeypatch):
     """The multi-adapter block runs after the pipeline block, on its `pipe` and `image`."""
-    namespace = run_block(1, workspace, monkeypatch)
+    monkeypatch.chdir(workspace)
+    namespace = dict(pipeline_block)
     exec(compile(python_blocks()[2], "README.md python block 2", "exec"), namespace)  # noqa: S102
     out = namespace["out"]
     assert out.settings["masks"] == [2, 0] and out.settings["embeds_scaling"] == ["v_only", "k_v"]
