@@ -247,7 +247,7 @@ def test_eval_run_resume_sweep_and_compare(tmp_path, eval_inputs, capsys):
     sweep_args = ["--limit", "2", "--scale", "0", "--scale", "1", "--weight-type", "linear"]
     assert cli.main(["run", *args, *sweep_args, "--out", str(sweep)]) == 0
     run_settings = json.loads((sweep / "scale_1" / results.RUN_NAME).read_text())["settings"]
-    assert run_settings["scale"] == {"name": "linear", "weight": 1.0, "composition_weight": None}
+    assert run_settings["scale"] == {"name": "linear", "weight": 1.0, "composition_weight": None, "boost": None}
     swept = {scale: [float(r["clip_i"]) for r in _rows(sweep / f"scale_{scale}")] for scale in (0, 1)}
     np.testing.assert_allclose(swept[1], clip_i[:4], atol=1e-5)
     assert swept[0] != swept[1]  # the random adapter changes the images
