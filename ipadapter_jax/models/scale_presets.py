@@ -169,8 +169,7 @@ class ScalePreset:
         transformers = sorted({_transformer(path) for path in layers}, key=_execution_key)
         swapped = set()
         if self.name in _SWAPPED:
-            sd15, sdxl = _SWAPPED[self.name]
-            indices = sd15 if tuple(transformers) == SD15_LAYOUT else sdxl  # the layout is checked by layer_scales
+            indices = self._for_layout(_SWAPPED[self.name], transformers)
             swapped = {key for t, key in enumerate(transformers) if t in indices}
         return {path: float(_transformer(path) in swapped) for path in layers}
 
@@ -196,18 +195,21 @@ class ScalePreset:
             _C: 1.0 if self.composition_weight is None else float(self.composition_weight),
             _B: w if self.boost is None else float(self.boost),
         }
-        sd15, sdxl = _LAYER_TABLES[self.name]
-        if tuple(transformers) == SD15_LAYOUT:
-            table = sd15
-        elif tuple(transformers) == SDXL_LAYOUT:
-            table = sdxl
-        else:
-            raise ValueError(
-                f"weight type {self.name!r} is defined for SD1.5/SD2's {len(SD15_LAYOUT)} cross-attention "
-                f"transformers (down_blocks 0-2, mid_block, up_blocks 1-3) and SDXL's {len(SDXL_LAYOUT)} (down_blocks "
-                f"1-2, mid_block, up_blocks 0-1); this UNet has {n}: {_describe(transformers)}"
-            )
+        table = self._for_layout(_LAYER_TABLES[self.name], transformers)
         return {key: weights[table[t][0]] * table[t][1] if t in table else 0.0 for t, key in enumerate(transformers)}
+
+    def _for_layout(self, per_layout: tuple[Any, Any], transformers: list[Transformer]) -> Any:
+        """The SD1.5/SD2 or the SDXL entry of `per_layout` for this UNet's Transformer2Ds; ValueError naming both
+        layouts and this UNet's for any other."""
+        if tuple(transformers) == SD15_LAYOUT:
+            return per_layout[0]
+        if tuple(transformers) == SDXL_LAYOUT:
+            return per_layout[1]
+        raise ValueError(
+            f"weight type {self.name!r} is defined for SD1.5/SD2's {len(SD15_LAYOUT)} cross-attention "
+            f"transformers (down_blocks 0-2, mid_block, up_blocks 1-3) and SDXL's {len(SDXL_LAYOUT)} (down_blocks "
+            f"1-2, mid_block, up_blocks 0-1); this UNet has {len(transformers)}: {_describe(transformers)}"
+        )
 
 
 def preset_scales(
