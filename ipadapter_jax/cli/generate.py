@@ -141,6 +141,7 @@ def generate(args: argparse.Namespace) -> Path | str:
     # After the log filter (`import ipadapter_jax`): the loaders import diffusers' and transformers' Flax classes.
     from ipadapter_jax.pipelines import IPAdapterPipeline, image_grid
     from ipadapter_jax.pipelines.faceid import faceid_prompt, with_shortcut_scale
+    from ipadapter_jax.pipelines.request import one_or_list as per_adapter
 
     if (args.controlnet is None) != (args.control_image is None):
         raise UsageError("--controlnet and --control-image go together")
@@ -148,11 +149,6 @@ def generate(args: argparse.Namespace) -> Path | str:
         {key: [_open_image(path) for path in a[key]] for key in ("images", "negative_images", "masks")}
         for a in adapters
     ]
-    single = len(adapters) == 1
-
-    def per_adapter(values: list) -> Any:  # the pipeline's argument: the value for one adapter, else the list
-        return values[0] if single else values
-
     control_image = None if args.control_image is None else _open_image(args.control_image)
     target = args.out or str(Path("outputs") / time.strftime("%Y%m%d-%H%M%S"))
     out_dir = Path(staging.mirror(target))

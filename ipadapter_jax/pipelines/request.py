@@ -129,14 +129,14 @@ class GenerationRequest:
         }
         if self.image_prompts:
             described = [prompt.settings() for prompt in self.image_prompts]
-            image_prompt = {key: _one_or_list([d[key] for d in described]) for key in described[0]}
+            image_prompt = {key: one_or_list([d[key] for d in described]) for key in described[0]}
         return {
             "prompt": list(self.prompts),
             "negative_prompt": None if self.negative_prompts is None else list(self.negative_prompts),
             **image_prompt,
-            "scale": _one_or_list([_json_scale(scale) for scale in self.scales]),
-            "embeds_scaling": _one_or_list(list(self.embeds_scaling)),
-            "masks": _one_or_list([0 if masks is None else len(masks) for masks in self.masks]),
+            "scale": one_or_list([_json_scale(scale) for scale in self.scales]),
+            "embeds_scaling": one_or_list(list(self.embeds_scaling)),
+            "masks": one_or_list([0 if masks is None else len(masks) for masks in self.masks]),
             "image_step_range": list(self.image_step_range),
             "guidance_scale": float(self.guidance_scale),
             "num_inference_steps": self.num_inference_steps,
@@ -162,7 +162,7 @@ def _scale_values(scale: Any, where: str = "") -> list[tuple[str, float]]:
     return [(where, float(scale))]
 
 
-def _one_or_list(values: list) -> Any:
+def one_or_list(values: list) -> Any:
     """Per-adapter settings: the value itself for one adapter, the list for several."""
     return values[0] if len(values) == 1 else values
 
