@@ -22,7 +22,7 @@ from ipadapter_jax import paths, sharding
 from ipadapter_jax.data import loader
 from ipadapter_jax.training import checkpoint, components
 from ipadapter_jax.training.config import ConfigError, TrainConfig
-from ipadapter_jax.training.encode import encode_batch, encode_if_raw, null_image_input
+from ipadapter_jax.training.encode import IMAGE_FEATURES, encode_batch, encode_if_raw, null_image_input
 from ipadapter_jax.training.program import step_program
 from ipadapter_jax.training.step import diffusion_loss
 
@@ -68,7 +68,7 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     preprocessor = comps.preprocessor(config.data.resolution, config.data.crop)
     data = loader.open_dataset(config.data.path, preprocessor)
     _check_cache_settings(data, config)
-    _check_face_embeds(data, config, comps.face_embed_dim)
+    _check_adapter_inputs(data, config, comps)
     global_batch = config.data.batch_size_per_device * jax.device_count()
     batches = loader.DataIterator(
         data,
@@ -126,11 +126,19 @@ def _check_cache_settings(data: loader.Dataset, config: TrainConfig) -> None:
         )
 
 
-def _check_face_embeds(data: loader.Dataset, config: TrainConfig, face_embed_dim: int | None) -> None:
-    """A FaceID adapter (`face_embed_dim` set) trains on data whose examples hold identity embeddings of that width."""
+def _check_adapter_inputs(data: loader.Dataset, config: TrainConfig, comps: components.Components) -> None:
+    """The data holds what the adapter's projection reads: a FaceID adapter identity embeddings of its width; an
+    embedding cache the image features (a cache encoded for FaceID has none)."""
+    record = data.source[0]
+    if data.cached and IMAGE_FEATURES[comps.encoders.kind] is not None and "image_embeds" not in record:
+        raise ConfigError(
+            f"the embedding cache {config.data.path} holds no image_embeds (encoded for a FaceID adapter), but "
+            f"model.adapter_kind={config.model.adapter_kind!r} reads image features: encode it with this config"
+        )
+    face_embed_dim = comps.face_embed_dim
     if face_embed_dim is None:
         return
-    found = data.source[0].get("face_embeds")
+    found = record.get("face_embeds")
     if found is None:
         raise ConfigError(
             f"model.adapter_kind={config.model.adapter_kind!r} trains on identity embeddings, but {config.data.path} "
