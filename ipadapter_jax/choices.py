@@ -12,8 +12,8 @@ ATTENTION_IMPLEMENTATIONS = ("diffusers", "xla", "cudnn", "splash")
 SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "euler"}
 
 # IP-Adapter kinds: which image features the projection reads and how it makes tokens
-# (`ipadapter_jax.models.image_proj`).
-ADAPTER_KINDS = ("base", "plus", "full")
+# (`ipadapter_jax.models.image_proj`); the FaceID kinds read an identity embedding (Plus: and CLIP hidden states).
+ADAPTER_KINDS = ("base", "plus", "full", "faceid", "faceid-plus")
 
 # Computation dtypes (params stay float32).
 DTYPES = ("float32", "bfloat16", "float16")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ipadapter_jax import locks
-from ipadapter_jax.data import annotations, build_report, builder, shards
+from ipadapter_jax.data import annotations, build_report, builder, image_check, shards
 from ipadapter_jax.testing import data_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +151,7 @@ def test_read_ahead_and_decoding_are_bounded(spec, monkeypatch):
         ahead.append(len(started) - len([s for s in started if s <= checked.entry.index]))
     assert len(ahead) == 31 and max(ahead) == 0
 
-    budget, order = builder._ByteBudget(10), []
+    budget, order = image_check.ByteBudget(10), []
 
     def hold(name, amount):
         with budget.hold(amount):

@@ -111,8 +111,10 @@ def test_official_file_round_trip(sd15: tu.SavedPipelines, faceid: dict, models,
     np.testing.assert_array_equal(lora_a.detach().numpy(), state["ip_adapter"]["0.to_q_lora.down.weight"])
 
 
-def run_diffusers(sd15, path: Path, kind: str, shortcut: float | None, lora: bool = True, latents=None):
-    pipe = copy.deepcopy(sd15.torch_base)
+def run_diffusers(saved, path: Path, kind: str, shortcut: float | None, lora: bool = True, latents=None):
+    """diffusers' pipeline of `saved` (the tiny SD1.5 or SDXL one) with the FaceID file at `path`, FACE at scale 0.6,
+    guidance 7.5 (SD1.5's default; SDXL's is 5)."""
+    pipe = copy.deepcopy(saved.torch_base)
     pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(0.6)
     if not lora:
@@ -125,7 +127,7 @@ def run_diffusers(sd15, path: Path, kind: str, shortcut: float | None, lora: boo
     with torch.no_grad():
         latents = torch.from_numpy(np.array(LATENTS if latents is None else latents))
         return pipe(prompt="the red cat", ip_adapter_image_embeds=[embeds], num_inference_steps=4, height=64,
-                    width=64, latents=latents, output_type="np").images  # fmt: skip
+                    width=64, latents=latents, guidance_scale=7.5, output_type="np").images  # fmt: skip
 
 
 LATENTS = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -146,6 +148,22 @@ def test_pipeline_matches_diffusers(sd15, faceid: dict, models, kind: str, short
     assert np.abs(ours - run_diffusers(sd15, path, kind, shortcut)).max() <= 5e-5
     if kind == "faceid":
         assert np.abs(ours - run_diffusers(sd15, path, kind, shortcut, lora=False)).max() > 1e-2
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, name", [("faceid", "ip-adapter-faceid_sdxl"),
+                                        ("faceid-plus", "ip-adapter-faceid-plusv2_sdxl")])  # fmt: skip
+def test_sdxl_pipeline_matches_diffusers(sdxl: tu.SavedPipelines, kind: str, name: str, tmp_path):
+    """The tiny SDXL pipeline with a FaceID / FaceID Plus v2 file (its LoRA included) vs diffusers', within the
+    pipeline test's 5e-5 (measured 2.4e-6 both)."""
+    path = official_file(tmp_path, faceid_files.random_faceid_adapter(sdxl.torch_base.unet, kind), "bin", name=name)
+    base, encoder = load_base(sdxl.folder, progress=False), load_image_encoder(sdxl.folder / "image_encoder")
+    pipe = IPAdapterPipeline(base, encoder, load_adapter(path, base, image_encoder=encoder))
+    face_image = tu.test_image(0) if kind == "faceid-plus" else None
+    ours = pipe(**faceid_prompt(pipe, FACE, face_image), prompt="the red cat", scale=0.6, num_inference_steps=4,
+                height=64, width=64, latents=LATENTS, guidance_scale=7.5).pixels  # fmt: skip
+    assert np.abs(ours - run_diffusers(sdxl, path, kind, 1.0 if kind == "faceid-plus" else None)).max() <= 5e-5
 
 
 @pytest.mark.parity

@@ -36,6 +36,7 @@ class Entry:
     image_file: Any
     text: Any
     problem: str | None = None  # a skip reason known from the annotations alone
+    face_embeds: Any = None  # the entry's identity-embedding .npy file, if it names one (`face_embeds.py`)
 
 
 def _not_json(path: str, err: json.JSONDecodeError, offset: int = 0) -> ValueError:
@@ -145,7 +146,7 @@ def _entries(path: str, chunks: _Chunks) -> Iterator[Entry]:
 
 def _list_entry(index: int, item: Any) -> Entry:
     if isinstance(item, dict):
-        return Entry(index, item.get("image_file"), item.get("text"))
+        return Entry(index, item.get("image_file"), item.get("text"), face_embeds=item.get("face_embeds"))
     return Entry(index, None, None, "malformed_entry")
 
 
@@ -217,13 +218,17 @@ def screen_entries(entries: Sequence[Entry]) -> None:
 
 @dataclasses.dataclass
 class Scan:
-    """What one pass over the annotations found: the entry count, the file's identity, the duplicates."""
+    """What one pass over the annotations found: the entry count, the file's identity, the duplicates, and which of
+    the entries not skipped name a face_embeds file (the count, the first one's (index, file), the first without)."""
 
     path: str
     total: int
     size: int
     sha256: str
     duplicates: np.ndarray  # bool per entry index
+    with_face_embeds: int = 0
+    first_face_embeds: tuple[int, Any] | None = None
+    without_face_embeds: int | None = None
 
     def entries(self, start: int = 0) -> Iterator[Entry]:
         """The entries from index `start` with `problem` set (`screen` and duplicates)."""
@@ -242,12 +247,14 @@ def scan_annotations(path: str | os.PathLike) -> Scan:
     path = os.fspath(path)
     chunks = _Chunks(path)
     indices, keys, total = array.array("q"), bytearray(), 0
+    faces: dict[str, Any] = {"with_face_embeds": 0, "first_face_embeds": None, "without_face_embeds": None}
     try:
         for entry in _entries(path, chunks):
             total = entry.index + 1
             if screen(entry) is None:
                 indices.append(entry.index)
                 keys += _key(entry)
+                _count_face_embeds(entry, faces)
         while chunks.read():  # the hash covers the whole file
             pass
     finally:
@@ -260,4 +267,14 @@ def scan_annotations(path: str | os.PathLike) -> Scan:
         repeat = np.zeros(len(order), bool)
         repeat[1:] = np.all(ordered[1:] == ordered[:-1], axis=1)
         duplicates[np.frombuffer(indices, np.int64)[order[repeat]]] = True
-    return Scan(path, total, chunks.size, chunks.sha256.hexdigest(), duplicates)
+    return Scan(path, total, chunks.size, chunks.sha256.hexdigest(), duplicates, **faces)
+
+
+def _count_face_embeds(entry: Entry, faces: dict[str, Any]) -> None:
+    if entry.face_embeds is None:
+        if faces["without_face_embeds"] is None:
+            faces["without_face_embeds"] = entry.index
+        return
+    faces["with_face_embeds"] += 1
+    if faces["first_face_embeds"] is None:
+        faces["first_face_embeds"] = (entry.index, entry.face_embeds)

@@ -9,6 +9,7 @@ Inputs: the reference's JSON list `[{"image_file": "1.png", "text": "A dog"}, ..
   image_file  the path as written in the annotations
   width, height     int32 size of the image
   annotation_index  int64 position of the entry in the annotations (COCO: of the annotation)
+  face_embeds       float32 (D,), only when the entries name identity-embedding .npy files (`face_embeds.py`)
 
 Bad entries are skipped with a reason (`SKIP_REASONS`) and the build fails only when more than
 `max_skip_fraction` of all entries are skipped. The report (`build_report.json` in `out_dir`, copied into
@@ -44,27 +45,23 @@ uploaded with `dataset_info.json` last; bucket annotations and images are staged
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
-import io
 import logging
 import math
 import numbers
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
 import tensorflow_datasets as tfds
 import tqdm
-from PIL import Image
 
 from ipadapter_jax import locks, paths
 from ipadapter_jax import staging as bucket_staging
-from ipadapter_jax.data import build_report, rgb, shards
-from ipadapter_jax.data.annotations import Entry, outside_root, read_annotations, scan_annotations, screen_entries
+from ipadapter_jax.data import build_report, face_embeds, image_check, shards
+from ipadapter_jax.data.annotations import Entry, read_annotations, scan_annotations, screen_entries
+from ipadapter_jax.data.image_check import check_image
 
 __all__ = ["Entry", "read_annotations", "screen_entries", "check_image", "build_dataset", "dataset_dir", "raw_source"]
 
@@ -78,7 +75,6 @@ SHARD_EXAMPLES = 10_000  # a shard closes at this many examples ...
 SHARD_BYTES = 128 << 20  # ... or this many bytes of records (what an interrupted build can lose)
 SHARD_REPORT_ENTRIES = 10_000  # ... or this many skipped / converted entries waiting for the progress file
 FILES_IN_FLIGHT_BYTES = 256 << 20  # image files read ahead of the writer
-DECODE_BYTES = 768 << 20  # decoded pixels held by all threads together (one larger image decodes alone)
 
 SKIP_REASONS = {
     "malformed_entry": "the entry is not an object with a string image_file and a caption",
@@ -95,108 +91,24 @@ SKIP_REASONS = {
     "extreme_aspect_ratio": "long/short side above max_aspect_ratio",
 }
 
-# Formats kept byte for byte when already RGB; anything else is re-encoded losslessly as PNG.
-_KEPT_FORMATS = ("JPEG", "PNG")
-_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
-
 
 class BuildError(RuntimeError):
     """The build cannot produce a dataset: too many entries skipped, or none could be written."""
 
 
-@dataclasses.dataclass
-class Checked:
-    """An entry after reading its image: either the stored fields or a skip reason."""
-
-    entry: Entry
-    image: bytes = b""
-    width: int = 0
-    height: int = 0
-    converted_from: str | None = None
-    reason: str | None = None
-    detail: str = ""
-
-
-class _ByteBudget:
-    """Bytes that threads hold together (decoded pixels); a request above the capacity waits to run alone."""
-
-    def __init__(self, capacity: int):
-        self.capacity, self._used, self._cond = capacity, 0, threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, amount: int) -> Iterator[None]:
-        amount = min(amount, self.capacity)
-        with self._cond:
-            self._cond.wait_for(lambda: self._used + amount <= self.capacity)
-            self._used += amount
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._used -= amount
-                self._cond.notify_all()
-
-
-_DECODE_BUDGET = _ByteBudget(DECODE_BYTES)
-
-
-def _decode_cost(image: Image.Image) -> int:
-    """Bytes a full decode + RGB conversion (+ PNG re-encoding) may hold, from the header alone."""
-    pixels = image.width * image.height
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit: float64 scaling in `to_rgb`
-        return pixels * 24
-    return pixels * (_BYTES_PER_PIXEL.get(image.mode, 4) + 6)
-
-
-def check_image(entry: Entry, image_root: str, max_aspect_ratio: float) -> Checked:
-    """Reads and fully decodes the entry's image; returns what to store or why to skip it."""
-    if entry.problem:
-        return Checked(entry, reason=entry.problem)
-    if outside_root(entry.image_file):
-        return Checked(entry, reason="outside_root", detail=entry.image_file)
-    path = os.path.join(image_root, entry.image_file)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return Checked(entry, reason="missing_file", detail=path)
-    except OSError as e:
-        return Checked(entry, reason="unreadable_image", detail=f"{path}: {type(e).__name__}: {e}")
-    if not data:
-        return Checked(entry, reason="empty_file", detail=path)
-    try:
-        image = Image.open(io.BytesIO(data))
-        with _DECODE_BUDGET.hold(_decode_cost(image)):
-            image.load()  # decodes everything: catches truncation past the header
-            return _stored(entry, path, data, image, max_aspect_ratio)
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        return Checked(entry, reason="unreadable_image", detail=f"{path}: {type(e).__name__}: {e}")
-
-
-def _stored(entry: Entry, path: str, data: bytes, image: Image.Image, max_aspect_ratio: float) -> Checked:
-    try:
-        converted = rgb.to_rgb(image)
-    except ValueError as e:
-        return Checked(entry, reason="unsupported_mode", detail=f"{path}: {e}")
-    width, height = converted.size
-    if max(width, height) > max_aspect_ratio * min(width, height):
-        return Checked(entry, reason="extreme_aspect_ratio", detail=f"{path}: {width}x{height}")
-    if image.mode == "RGB" and image.format in _KEPT_FORMATS:
-        return Checked(entry, image=data, width=width, height=height)
-    png = io.BytesIO()
-    converted.save(png, "PNG")
-    return Checked(
-        entry, image=png.getvalue(), width=width, height=height, converted_from=f"{image.format} {image.mode}"
-    )
-
-
-def _check_and_encode(entry: Entry, image_root: str, max_aspect_ratio: float, encode: Callable) -> tuple:
-    """(Checked, the serialized record or None): the whole per-entry work, on a worker thread."""
+def _check_and_encode(entry: Entry, image_root: str, max_aspect_ratio: float, encode: Callable,
+                      face_embed_dim: int | None = None) -> tuple:  # fmt: skip
+    """(Checked, the serialized record or None): the whole per-entry work, on a worker thread. An entry's
+    face_embeds file that is missing or not float32 (face_embed_dim,) raises ValueError (`face_embeds.py`)."""
     checked = check_image(entry, image_root, max_aspect_ratio)
     if checked.reason:
         return checked, None
-    record = encode({"image": checked.image, "text": entry.text, "image_file": entry.image_file,
-                     "width": checked.width, "height": checked.height, "annotation_index": entry.index})  # fmt: skip
+    example = {"image": checked.image, "text": entry.text, "image_file": entry.image_file,
+               "width": checked.width, "height": checked.height, "annotation_index": entry.index}  # fmt: skip
+    if entry.face_embeds is not None:
+        path = face_embeds.face_embeds_file(entry, image_root)
+        example[face_embeds.KEY] = face_embeds.read_face_embeds(path, face_embed_dim)
+    record = encode(example)
     checked.image = b""  # the record holds the bytes now
     return checked, record
 
@@ -210,7 +122,7 @@ def _file_size(entry: Entry, image_root: str) -> int:
 
 
 def _checked_in_order(entries: Iterator[Entry], image_root: str, max_aspect_ratio: float, num_threads: int,
-                      encode: Callable) -> Iterator[tuple]:  # fmt: skip
+                      encode: Callable, face_embed_dim: int | None = None) -> Iterator[tuple]:  # fmt: skip
     """`_check_and_encode` over `entries` on `num_threads` threads, results in order, with a bounded read-ahead."""
     pool = futures.ThreadPoolExecutor(num_threads, thread_name_prefix="data-build")
     window: collections.deque = collections.deque()  # (future or result, file bytes)
@@ -223,9 +135,10 @@ def _checked_in_order(entries: Iterator[Entry], image_root: str, max_aspect_rati
                 held -= item_cost
                 yield item.result() if isinstance(item, futures.Future) else item
             if entry.problem:
-                window.append(((Checked(entry, reason=entry.problem), None), 0))
+                window.append(((image_check.Checked(entry, reason=entry.problem), None), 0))
             else:
-                window.append((pool.submit(_check_and_encode, entry, image_root, max_aspect_ratio, encode), cost))
+                work = pool.submit(_check_and_encode, entry, image_root, max_aspect_ratio, encode, face_embed_dim)
+                window.append((work, cost))
                 held += cost
         while window:
             item, _ = window.popleft()
@@ -315,6 +228,9 @@ def build_dataset(
         settings = {"format": 1, "annotations_sha256": scan.sha256, "annotations_bytes": scan.size,
                     "image_root": os.path.realpath(image_root), "max_aspect_ratio": float(max_aspect_ratio),
                     "shard_examples": int(shard_examples), "shard_bytes": int(shard_bytes)}  # fmt: skip
+        face_embed_dim = face_embeds.face_embed_dim(scan, image_root)
+        if face_embed_dim is not None:  # only then: earlier partial builds without identity embeddings still resume
+            settings["face_embed_dim"] = face_embed_dim
         staging = shards.Staging.open(out_dir, settings, overwrite)
         report = build_report.BuildReport(annotations, image_root, scan.total, float(max_skip_fraction), SKIP_REASONS)
         report.restore(staging.shards, staging.next_entry)
@@ -324,8 +240,8 @@ def build_dataset(
         report_path = os.path.join(out_dir, REPORT_NAME)
         try:
             _write_shards(scan, staging, report, report_path, image_root, max_aspect_ratio, num_threads,
-                          (shard_examples, shard_bytes), progress)  # fmt: skip
-            version_dir = staging.finish()
+                          (shard_examples, shard_bytes), progress, face_embed_dim)  # fmt: skip
+            version_dir = staging.finish(face_embed_dim)
         except BuildError:
             report.status = "failed"
             report.write(report_path, staging.items)
@@ -346,11 +262,11 @@ def build_dataset(
 
 def _write_shards(scan: Any, staging: shards.Staging, report: build_report.BuildReport, report_path: str,
                   image_root: str, max_aspect_ratio: float, num_threads: int, limits: tuple[int, int],
-                  progress: bool) -> None:  # fmt: skip
+                  progress: bool, face_embed_dim: int | None) -> None:  # fmt: skip
     """Checks and writes the entries after the last complete shard, committing a shard at each limit."""
     shard_examples, shard_bytes = limits
     results = _checked_in_order(scan.entries(staging.next_entry), image_root, max_aspect_ratio, num_threads,
-                                shards.Encoder())  # fmt: skip
+                                shards.Encoder(face_embed_dim), face_embed_dim)  # fmt: skip
     bar = tqdm.tqdm(total=scan.total, initial=staging.next_entry, desc="data build", unit=" entries",
                     disable=not progress, mininterval=1.0)  # fmt: skip
     try:

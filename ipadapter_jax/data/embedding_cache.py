@@ -4,7 +4,8 @@ The VAE encoder and CLIP cost more than the UNet step they feed (REFERENCE.md s.
 their outputs can be computed once. `build_embedding_cache` runs caller-supplied encoder functions (VAE
 latent mean/std, CLIP image embeddings, text-encoder states, ...) over every record in order, jitted with
 the batch sharded over this process's devices, and stores per record the encoders' outputs plus the
-`keep` fields of the preprocessed example (SDXL micro-conditions) and the record `index`.
+`keep` fields of the preprocessed example (SDXL micro-conditions), the identity embedding `face_embeds` as stored
+(when the dataset has one, `face_embeds.py`) and the record `index`.
 
 Layout of a cache directory:
   cache.array_record-CCCCC-of-NNNNN  chunk c holds records [c*chunk_size, (c+1)*chunk_size), each a msgpack
@@ -39,7 +40,7 @@ from flax import serialization
 from jax.experimental import multihost_utils
 
 from ipadapter_jax import paths, sharding, staging
-from ipadapter_jax.data import builder, preprocess
+from ipadapter_jax.data import builder, face_embeds, preprocess
 
 CACHE_INFO = "cache_info.json"
 NULL_EXAMPLE = "null_example.msgpack"
@@ -186,7 +187,7 @@ def build_embedding_cache(
         Cast outputs inside encode_fn to the dtype to store (e.g. bfloat16 halves the cache).
       batch_size: examples per encoder call on this process, divisible by the number of devices.
       chunk_size: records per output file (the unit of resumption).
-      keep: preprocessed fields stored alongside the outputs.
+      keep: preprocessed fields stored alongside the outputs (and `face_embeds`, when the records have it).
       devices: devices of this process to shard the batch over (default: all local devices).
       process_index, process_count: this process's share (default from jax); explicit values simulate
         processes one after another (tests).
@@ -207,6 +208,8 @@ def build_embedding_cache(
     count = jax.process_count() if process_count is None else process_count
     source = builder.raw_source(raw_dir)
     num_records = len(source)
+    if num_records and face_embeds.KEY in source[0]:
+        keep = (*keep, face_embeds.KEY)
     num_chunks = -(-num_records // chunk_size)
     files = [chunk_name(c, num_chunks) for c in range(num_chunks)]
     os.makedirs(local_dir, exist_ok=True)

@@ -18,7 +18,8 @@ caller's NamedSharding) or b (numpy, without sharding):
     pixel_values float32 (B, R, R, 3) in [-1, 1]; clip_pixel_values float32 (B, 224, 224, 3);
     input_ids int32 (B, 77) [input_ids_2 for a second tokenizer]
   cached data (`embedding_cache`): the encoders' outputs, e.g. latent_mean/latent_std, image_embeds, text states
-  both: original_size, crop_top_left, target_size int32 (B, 2) (SDXL micro-conditions)
+  both: original_size, crop_top_left, target_size int32 (B, 2) (SDXL micro-conditions); face_embeds float32 (B, D)
+    when the dataset holds identity embeddings (`face_embeds.py`; FaceID training)
 """
 
 from __future__ import annotations

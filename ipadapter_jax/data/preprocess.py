@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 
 from ipadapter_jax.choices import TARGET_CROPS
+from ipadapter_jax.data.face_embeds import KEY as FACE_EMBEDS
+from ipadapter_jax.data.face_embeds import example_face_embeds
 from ipadapter_jax.data.rgb import to_rgb
 from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
 from ipadapter_jax.models.clip_preprocessing import preprocess as clip_preprocess
@@ -135,8 +137,10 @@ class Preprocessor:
       original_size      int32 (2,) (height, width) of the stored image
       crop_top_left      int32 (2,) (top, left)
       target_size        int32 (2,) (resolution, resolution)
+      face_embeds        float32 (D,), passed on as stored, when the record has an identity embedding
     `crop` (one of `TARGET_CROPS`) places the target's square; "random" draws it from `draw`, the loader's
-    (seed, index, epoch) of the example.
+    (seed, index, epoch) of the example. `face_embed_dim`: the width D of the identity embeddings a FaceID adapter's
+    training reads (the null example then holds zeros (D,)); None for other adapters.
     """
 
     tokenizers: Sequence[Any]
@@ -144,6 +148,7 @@ class Preprocessor:
     clip: ClipPreprocessing = ClipPreprocessing.default()
     max_length: int = 77
     crop: str = "center"
+    face_embed_dim: int | None = None
 
     @property
     def clip_size(self) -> int:
@@ -164,12 +169,14 @@ class Preprocessor:
         }
         for i, tokenizer in enumerate(self.tokenizers):
             example[token_key(i)] = tokenize(tokenizer, text, self.max_length)
+        example.update(example_face_embeds(record))
         return example
 
     def null_example(self) -> dict[str, np.ndarray]:
         """What a dropped condition stands for: ids of the empty text "" and all-zero images (zeros after CLIP
         normalisation, as the reference feeds the Plus encoder for a dropped image); the SDXL sizes of an
-        uncropped image at the target resolution. Same keys and shapes as `__call__`."""
+        uncropped image at the target resolution; zero identity embeddings with `face_embed_dim`. Same keys and shapes
+        as `__call__`."""
         size = np.array([self.resolution, self.resolution], np.int32)
         example = {
             "pixel_values": np.zeros((self.resolution, self.resolution, 3), np.float32),
@@ -180,4 +187,6 @@ class Preprocessor:
         }
         for i, tokenizer in enumerate(self.tokenizers):
             example[token_key(i)] = tokenize(tokenizer, "", self.max_length)
+        if self.face_embed_dim is not None:
+            example[FACE_EMBEDS] = np.zeros(self.face_embed_dim, np.float32)
         return example

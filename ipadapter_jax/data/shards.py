@@ -43,24 +43,27 @@ _DESCRIPTION = "Image-caption pairs for IP-Adapter training (see ipadapter_jax/d
 _MODULE = "ipadapter_jax.data.builder"  # the `moduleName` TFDS records; what earlier builds recorded
 
 
-def features() -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict(
-        {
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "text": tfds.features.Text(),
-            "image_file": tfds.features.Text(),
-            "width": np.int32,
-            "height": np.int32,
-            "annotation_index": np.int64,
-        }
-    )
+def features(face_embed_dim: int | None = None) -> tfds.features.FeaturesDict:
+    """The dataset's features (`builder.py`), with float32 `face_embeds` (face_embed_dim,) when the annotations name
+    identity embeddings (`face_embeds.py`)."""
+    spec = {
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "text": tfds.features.Text(),
+        "image_file": tfds.features.Text(),
+        "width": np.int32,
+        "height": np.int32,
+        "annotation_index": np.int64,
+    }
+    if face_embed_dim is not None:
+        spec["face_embeds"] = tfds.features.Tensor(shape=(face_embed_dim,), dtype=np.float32)
+    return tfds.features.FeaturesDict(spec)
 
 
 class Encoder:
     """Example dict -> the serialized record TFDS would write (thread-safe)."""
 
-    def __init__(self):
-        self.features = features()
+    def __init__(self, face_embed_dim: int | None = None):
+        self.features = features(face_embed_dim)
         self._serializer = example_serializer.ExampleSerializer(self.features.get_serialized_info())
 
     def __call__(self, example: dict[str, Any]) -> bytes:
@@ -174,8 +177,9 @@ class Staging:
         for record in _progress(self.root)[: len(self.shards)]:
             yield from record[kind]
 
-    def finish(self) -> str:
-        """Names the shards as TFDS does and writes TFDS's metadata; returns the dataset folder."""
+    def finish(self, face_embed_dim: int | None = None) -> str:
+        """Names the shards as TFDS does and writes TFDS's metadata (`features(face_embed_dim)`); returns the dataset
+        folder."""
         os.makedirs(self.version_dir, exist_ok=True)
         files = [shard for shard in self.shards if shard["file"]]
         for i, shard in enumerate(files):
@@ -185,7 +189,10 @@ class Staging:
         ident = tfds.core.DatasetIdentity(name=DATASET_NAME, version=tfds.core.Version(VERSION),
                                           data_dir=self.version_dir, module_name=_MODULE)  # fmt: skip
         info = tfds.core.DatasetInfo(
-            builder=ident, description=_DESCRIPTION, features=features(), disable_shuffling=True
+            builder=ident,
+            description=_DESCRIPTION,
+            features=features(face_embed_dim),
+            disable_shuffling=True,
         )  # fmt: skip  (records stay in annotation order)
         info.set_file_format("array_record")
         template = naming.ShardedFileTemplate(data_dir=self.version_dir, dataset_name=DATASET_NAME, split="train",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -25,6 +26,25 @@ def build_dataset(root: Path, num_images: int, seed: int) -> str:
     captions = synthetic.write_dataset(str(root / "src"), num_images=num_images, size=64, seed=seed)
     path, _ = builder.build_dataset(captions, str(root / "src" / "images"), str(root / "built"))
     return path
+
+
+def build_face_dataset(root: Path, num_images: int, seed: int, dim: int) -> tuple[str, np.ndarray]:
+    """`build_dataset` whose entries also name identity embeddings: random float32 (dim,) vectors saved as
+    `faces/<i>.npy` under the image root (the annotations' `face_embeds`). Returns (dataset path, the vectors
+    (num_images, dim) in entry order)."""
+    captions = synthetic.write_dataset(str(root / "src"), num_images=num_images, size=64, seed=seed)
+    images = root / "src" / "images"
+    (images / "faces").mkdir()
+    embeds = np.random.default_rng(seed).standard_normal((num_images, dim)).astype(np.float32)
+    with open(captions) as f:
+        entries = json.load(f)
+    for i, entry in enumerate(entries):
+        np.save(images / "faces" / f"{i}.npy", embeds[i])
+        entry["face_embeds"] = f"faces/{i}.npy"
+    with open(captions, "w") as f:
+        json.dump(entries, f)
+    path, _ = builder.build_dataset(captions, str(images), str(root / "built"), progress=False)
+    return path, embeds
 
 
 def overrides(dataset: str, steps: int, per_device: int, **extra: object) -> list[str]:

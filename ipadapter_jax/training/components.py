@@ -40,6 +40,7 @@ class Components:
     frozen: dict  # {"unet", "encoders", "alphas_cumprod", "vae_scaling_factor"} (null encodings added by the run)
     adapter: dict  # initial {"image_proj", "ip_layers"}
     clip: ClipPreprocessing  # the image encoder's preprocessing
+    face_embed_dim: int | None = None  # FaceID adapters: the identity embedding's width
 
     def preprocessor(self, resolution: int, crop: str = "center") -> preprocess.Preprocessor:
         """Host preprocessing for these encoders: images at `resolution` cropped by `crop` (`TARGET_CROPS`), CLIP
@@ -50,6 +51,7 @@ class Components:
             clip=self.clip,
             max_length=self.tokenizers[0].model_max_length,
             crop=crop,
+            face_embed_dim=self.face_embed_dim,
         )
 
 
@@ -63,12 +65,18 @@ def step_models(model: ModelConfig, unet: nn.Module, image_proj: nn.Module) -> S
     return StepModels(unet=unet, image_proj=image_proj, remat=model.remat)
 
 
+def faceid_options(model: ModelConfig) -> dict:
+    """The FaceID settings of a new projection (`known_models.image_proj_spec`): the identity embedding's width and
+    FaceID Plus v2's shortcut scale (None: v1)."""
+    return dict(face_embed_dim=model.face_embed_dim, shortcut_scale=model.faceid_shortcut_scale or None)
+
+
 def load(config: TrainConfig, workdir: str) -> Components:
     """The components `config.model` names; a real base's Flax conversion is cached in workdir/flax_cache.
 
     Raises:
       ConfigError: no base model or image encoder given.
-      ValueError: `model.init_adapter` is of another kind than `model.adapter_kind`.
+      ValueError: `model.init_adapter` is of another kind than `model.adapter_kind`, or carries a UNet LoRA.
     """
     model, dtype = config.model, jnp.dtype(config.model.dtype)
     model.require_models()
@@ -78,16 +86,21 @@ def load(config: TrainConfig, workdir: str) -> Components:
         model.image_encoder, dtype=dtype, preprocessor_config=feature_extractor_config(model.base)
     )
     if model.init_adapter:
-        adapter = load_adapter(model.init_adapter, base, image_encoder=image_encoder, dtype=dtype)
+        adapter = load_adapter(model.init_adapter, base, image_encoder=image_encoder, dtype=dtype,
+                               shortcut_scale=faceid_options(model)["shortcut_scale"])  # fmt: skip
         if adapter.kind != model.adapter_kind:
             raise ValueError(
                 f"model.init_adapter {model.init_adapter} is a {adapter.kind} adapter; model.adapter_kind is "
                 f"{model.adapter_kind!r}"
             )
+        if "unet_lora" in adapter.params:
+            raise ValueError(
+                f"model.init_adapter {model.init_adapter} carries a UNet LoRA (an official FaceID file): training "
+                "updates the projection and K'/V' only, so its export would lose the LoRA; start from a new adapter"
+            )
     else:
-        adapter = new_adapter(
-            model.adapter_kind, base, image_encoder, num_tokens=model.num_tokens, seed=config.seed, dtype=dtype
-        )
+        adapter = new_adapter(model.adapter_kind, base, image_encoder, num_tokens=model.num_tokens, seed=config.seed,
+                              dtype=dtype, **faceid_options(model))  # fmt: skip
     return _components(model, base, image_encoder, adapter)
 
 
@@ -117,9 +130,8 @@ def abstract_components(config: TrainConfig) -> Components:
     else:
         image_encoder = known_models.abstract_image_encoder(model.image_encoder, model.architecture, dtype)
     unet_params, ip_layers = split_unet_params(abstract_ip_unet_params(base.unet))
-    spec = known_models.image_proj_spec(
-        model.adapter_kind, base.unet.cross_attention_dim, image_encoder.config, model.num_tokens
-    )
+    spec = known_models.image_proj_spec(model.adapter_kind, base.unet.cross_attention_dim, image_encoder.config,
+                                        model.num_tokens, **faceid_options(model))  # fmt: skip
     image_proj = build_image_proj(spec, dtype)
     adapter = Adapter(image_proj, {"image_proj": param_shapes(image_proj), "ip_layers": ip_layers})
     comps = _components(model, base.replace(unet_params=unet_params), image_encoder, adapter)
@@ -151,4 +163,5 @@ def _components(model: ModelConfig, base: BaseModel, image_encoder: ImageEncoder
         },
         adapter=adapter.params,
         clip=image_encoder.image_preprocessing,
+        face_embed_dim=getattr(adapter.image_proj, "id_embeddings_dim", None),  # FaceID kinds only
     )

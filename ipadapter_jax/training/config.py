@@ -37,6 +37,8 @@ class ModelConfig:
     weights_variant: str = ""
     adapter_kind: str = "base"
     num_tokens: int = 4
+    face_embed_dim: int = 512
+    faceid_shortcut_scale: float = 0.0
     init_adapter: str = ""
     prediction_type: str = "epsilon"
     dtype: str = "bfloat16"
@@ -51,6 +53,13 @@ class ModelConfig:
         _choice(self.architecture, ARCHITECTURES, "model.architecture")
         _choice(self.adapter_kind, ADAPTER_KINDS, "model.adapter_kind")
         _at_least(self.num_tokens, 1, "model.num_tokens")
+        _at_least(self.face_embed_dim, 1, "model.face_embed_dim")
+        _at_least(self.faceid_shortcut_scale, 0.0, "model.faceid_shortcut_scale")
+        if self.faceid_shortcut_scale and self.adapter_kind != "faceid-plus":
+            raise ConfigError(
+                f"model.faceid_shortcut_scale is FaceID Plus v2's shortcut: it needs model.adapter_kind='faceid-plus', "
+                f"got {self.adapter_kind!r}"
+            )
         _choice(self.prediction_type, PREDICTION_TYPES, "model.prediction_type")
         _choice(self.dtype, DTYPES, "model.dtype")
         _choice(self.attention_implementation, ATTENTION_IMPLEMENTATIONS, "model.attention_implementation")
@@ -227,6 +236,11 @@ class TrainConfig:
         for name in ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "export_every"):
             _at_least(getattr(self, name), 1, name)
         _choice(self.on_nonfinite, ON_NONFINITE, "on_nonfinite")
+        if self.samples.every and self.model.adapter_kind.startswith("faceid"):
+            raise ConfigError(
+                "samples.every: the sample grids prompt the adapter with images, a FaceID adapter needs identity "
+                f"embeddings (model.adapter_kind={self.model.adapter_kind!r}): set --config.samples.every=0"
+            )
         if self.profile_steps and not (
             len(self.profile_steps) == 2 and 0 <= self.profile_steps[0] < self.profile_steps[1]
         ):

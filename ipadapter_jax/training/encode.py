@@ -11,7 +11,9 @@ Output:
   text_embeds (B, 77, cross)                SD1.5: last hidden state; SDXL: hidden_states[-2] of both encoders
   text_pooled (B, P)                        SDXL only: projected pooled output of the second encoder
   time_ids (B, 6)                           SDXL only: original size, crop top-left, target size
-  image_embeds (B, D) | (B, S, E)           CLIP image embedding (base) or hidden_states[-2] (Plus/Full)
+  image_embeds (B, D) | (B, S, E)           CLIP image embedding (base) or hidden_states[-2] (Plus/Full/FaceID
+                                            Plus); none for FaceID, whose projection reads the identity embedding
+                                            `face_embeds` (B, D) of the data, passed through
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ipadapter_jax.models.image_encoder import CLIPImageEncoder, projection_input
+from ipadapter_jax.models.image_encoder import CLIPImageEncoder, null_projection_input, projection_input
 from ipadapter_jax.models.text_encoder import encode_token_ids
 
 # Batch fields that are not encoder inputs and pass through `encode_if_raw` unchanged: the condition-drop flags of
 # the data pipeline and the diffusion noise / timesteps a caller may inject (`ipadapter_jax.training.step`).
-PASSTHROUGH = ("drop_image", "drop_text", "noise", "timesteps")
+PASSTHROUGH = ("drop_image", "drop_text", "noise", "timesteps", "face_embeds")
+
+# Adapter kind -> the kind of CLIP image features its projection reads (`projection_input`): FaceID Plus reads Plus's
+# hidden_states[-2] (with the identity embedding), FaceID none.
+IMAGE_FEATURES = {"base": "base", "plus": "plus", "full": "full", "faceid": None, "faceid-plus": "plus"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +65,17 @@ def encode_text(encoders: Encoders, params: Sequence[Any], input_ids: Sequence[j
 
 def encode_image(encoders: Encoders, params: Any, clip_pixel_values: jax.Array) -> jax.Array:
     """(B, 224, 224, 3) CLIP-normalised pixels -> image_embeds (B, D) or penultimate states (B, S, E)."""
-    return projection_input(encoders.image_encoder.apply({"params": params}, clip_pixel_values), encoders.kind)
+    features = encoders.image_encoder.apply({"params": params}, clip_pixel_values)
+    return projection_input(features, IMAGE_FEATURES[encoders.kind])
+
+
+def null_image_input(kind: str, encoded_null: dict) -> dict:
+    """{"null_image_embeds": (1, ...)}: the projection's image input of a dropped image (`null_projection_input` of
+    `encoded_null["image_embeds"]`, the encoding of the null example); {} for FaceID (no image input; a dropped
+    image's identity embedding is zeros, `ipadapter_jax.training.step.apply_condition_drop`)."""
+    if IMAGE_FEATURES[kind] is None:
+        return {}
+    return {"null_image_embeds": np.asarray(null_projection_input(encoded_null["image_embeds"], IMAGE_FEATURES[kind]))}
 
 
 def encode_batch(encoders: Encoders, params: dict, batch: dict) -> dict:
@@ -71,8 +88,9 @@ def encode_batch(encoders: Encoders, params: dict, batch: dict) -> dict:
         "latent_mean": jnp.transpose(posterior.mean, (0, 3, 1, 2)),
         "latent_std": jnp.transpose(posterior.std, (0, 3, 1, 2)),
         **encode_text(encoders, params["text_encoders"], ids),
-        "image_embeds": encode_image(encoders, params["image_encoder"], batch["clip_pixel_values"]),
     }
+    if IMAGE_FEATURES[encoders.kind] is not None:
+        out["image_embeds"] = encode_image(encoders, params["image_encoder"], batch["clip_pixel_values"])
     if encoders.is_sdxl:
         out["time_ids"] = sdxl_time_ids(batch)
     return out

@@ -71,7 +71,8 @@ class Planner:
         self.comps = components.abstract_components(config)
         example = self.comps.preprocessor(config.data.resolution, config.data.crop).null_example()
         null = _encode(self.comps, _batched(example, 1))  # shapes of the run's `null_encodings`
-        frozen = dict(self.comps.frozen, null_text_embeds=null["text_embeds"], null_image_embeds=null["image_embeds"])
+        frozen = dict(self.comps.frozen, null_text_embeds=null["text_embeds"])
+        frozen.update({"null_image_embeds": null["image_embeds"]} if "image_embeds" in null else {})  # not FaceID's
         if "text_pooled" in null:
             frozen["null_text_pooled"] = null["text_pooled"]
         if cached:
@@ -357,7 +358,7 @@ def _step_batch(comps: components.Components, raw: dict, cached: bool) -> dict:
     """A raw batch, or the embedding-cache batch of the same examples (encodings + kept fields + loader fields)."""
     if not cached:
         return raw
-    kept = {key: raw[key] for key in (*_CACHE_KEEP, *_LOADER_FIELDS) if key in raw}
+    kept = {key: raw[key] for key in (*_CACHE_KEEP, "face_embeds", *_LOADER_FIELDS) if key in raw}
     return dict(_encode(comps, raw), **kept)
 
 

@@ -20,10 +20,9 @@ from jax.sharding import Mesh
 
 from ipadapter_jax import paths, sharding
 from ipadapter_jax.data import loader
-from ipadapter_jax.models.image_encoder import null_projection_input
 from ipadapter_jax.training import checkpoint, components
 from ipadapter_jax.training.config import ConfigError, TrainConfig
-from ipadapter_jax.training.encode import encode_batch, encode_if_raw
+from ipadapter_jax.training.encode import IMAGE_FEATURES, encode_batch, encode_if_raw, null_image_input
 from ipadapter_jax.training.program import step_program
 from ipadapter_jax.training.step import diffusion_loss
 
@@ -69,6 +68,7 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     preprocessor = comps.preprocessor(config.data.resolution, config.data.crop)
     data = loader.open_dataset(config.data.path, preprocessor)
     _check_cache_settings(data, config)
+    _check_adapter_inputs(data, config.data.path, config, comps)
     global_batch = config.data.batch_size_per_device * jax.device_count()
     batches = loader.DataIterator(
         data,
@@ -126,6 +126,32 @@ def _check_cache_settings(data: loader.Dataset, config: TrainConfig) -> None:
         )
 
 
+def _check_adapter_inputs(data: loader.Dataset, path: str, config: TrainConfig, comps: components.Components) -> None:
+    """The data at `path` holds what the adapter's projection reads: a FaceID adapter identity embeddings of its width;
+    an embedding cache the image features (a cache encoded for FaceID has none)."""
+    record = data.source[0]
+    if data.cached and IMAGE_FEATURES[comps.encoders.kind] is not None and "image_embeds" not in record:
+        raise ConfigError(
+            f"the embedding cache {path} holds no image_embeds (encoded for a FaceID adapter), but "
+            f"model.adapter_kind={config.model.adapter_kind!r} reads image features: encode it with this config"
+        )
+    face_embed_dim = comps.face_embed_dim
+    if face_embed_dim is None:
+        return
+    found = record.get("face_embeds")
+    if found is None:
+        raise ConfigError(
+            f"model.adapter_kind={config.model.adapter_kind!r} trains on identity embeddings, but {path} "
+            "holds none (no face_embeds): build the dataset from annotations whose entries name their .npy file "
+            '("face_embeds": "faces/1.npy", see README "Train a FaceID adapter")'
+        )
+    if np.shape(found) != (face_embed_dim,):
+        raise ConfigError(
+            f"{path}: face_embeds are {np.shape(found)} per example, but the FaceID adapter reads "
+            f"({face_embed_dim},): set --config.model.face_embed_dim={np.shape(found)[-1]}"
+        )
+
+
 def null_encodings(comps: components.Components, data: loader.Dataset) -> dict:
     """What the step substitutes for dropped conditions, each (1, ...): the encoding of the empty prompt, and the
     null image input of the adapter's kind (`null_projection_input`)."""
@@ -135,7 +161,7 @@ def null_encodings(comps: components.Components, data: loader.Dataset) -> dict:
     out = {"null_text_embeds": null["text_embeds"]}
     if "text_pooled" in null:
         out["null_text_pooled"] = null["text_pooled"]
-    out["null_image_embeds"] = np.asarray(null_projection_input(null["image_embeds"], comps.encoders.kind))
+    out.update(null_image_input(comps.encoders.kind, null))
     return out
 
 
@@ -153,6 +179,7 @@ def _held_out_loss(
     eval_data = loader.open_dataset(config.data.eval_path, preprocessor)
     if eval_data.cached != cached:
         raise ValueError("data.eval_path must be in the same form (raw or embedding cache) as data.path")
+    _check_adapter_inputs(eval_data, config.data.eval_path, config, comps)
     eval_batches = loader.DataIterator(
         eval_data,
         global_batch_size=global_batch,

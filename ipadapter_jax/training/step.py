@@ -4,15 +4,20 @@ One step, for a batch of encoded examples (see `EncodedBatch` below; raw batches
 frozen encoders inside the same compiled step, `ipadapter_jax.training.encode.encode_if_raw`):
   1. latents sampled from the cached VAE posterior, times the VAE scaling factor;
   2. condition dropping (decided per example by the data pipeline): image embeddings -> the null image
-     embedding, text tokens -> the encoding of the empty prompt;
+     embedding (FaceID: the identity embedding -> zeros, as the official tutorial_train_faceid.py does; FaceID
+     Plus also its CLIP hidden states -> those of the all-zero image, as Plus), text tokens -> the encoding of the
+     empty prompt;
   3. noise and timesteps t ~ U{0..T-1} from the step's RNG; noisy latents by the base's DDPM schedule;
-  4. image tokens = image_proj(image embeddings); UNet noise (or v) prediction with the adapter's K'/V';
+  4. image tokens = image_proj(its input: `projection_features`); UNet noise (or v) prediction with the adapter's
+     K'/V' (FaceID adapters train no UNet LoRA here: the projection and K'/V' only);
   5. MSE against the target (optionally min-SNR weighted), AdamW update of the adapter params.
 
 EncodedBatch (a dict of arrays, leading axis B = global batch):
   latent_mean, latent_std (B, 4, h, w) f32  the VAE posterior of the target image (unscaled)
   text_embeds   (B, T, cross)      text encoder hidden states (SDXL: both encoders concatenated)
-  image_embeds  (B, D) or (B, S, E) CLIP image embedding (base) or penultimate hidden states (Plus/Full)
+  image_embeds  (B, D) or (B, S, E) CLIP image embedding (base) or penultimate hidden states (Plus/Full/FaceID
+                                   Plus); absent for FaceID
+  face_embeds   (B, D_id)          FaceID kinds: the identity embedding (`ipadapter_jax.data.face_embeds`)
   drop_image    (B,) bool          replace the image embedding by the null image embedding
   drop_text     (B,) bool          replace the text tokens by the empty-prompt encoding
   SDXL only: text_pooled (B, P), time_ids (B, 6)
@@ -22,7 +27,8 @@ EncodedBatch (a dict of arrays, leading axis B = global batch):
 Frozen (never differentiated, never in the optimizer):
   unet          UNet params without K'/V'
   null_text_embeds (1, T, cross) encoding of "" (SDXL also null_text_pooled (1, P))
-  null_image_embeds (1, D) or (1, S, E): zeros (base) or the encoder's output on zero pixels (Plus/Full)
+  null_image_embeds (1, D) or (1, S, E): zeros (base) or the encoder's output on zero pixels (Plus/Full/FaceID
+                    Plus); absent for FaceID
   alphas_cumprod (num_train_timesteps,) of the base's noise schedule
   vae_scaling_factor ()             0.18215 for SD1.5, 0.13025 for SDXL
   encoders      params of `ipadapter_jax.training.encode.Encoders` (only for raw batches)
@@ -40,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from ipadapter_jax.models.adapter import merge_unet_params
+from ipadapter_jax.models.image_proj import pack_faceid_plus_features, projection_kind
 from ipadapter_jax.training.encode import Encoders, encode_if_raw
 
 
@@ -66,7 +73,7 @@ class StepModels:
     """The (stateless) Flax modules the step applies; params travel separately."""
 
     unet: nn.Module  # IPUNet2DConditionModel
-    image_proj: nn.Module  # ImageProjModel / Resampler / MLPProjModel
+    image_proj: nn.Module  # ImageProjModel / Resampler / MLPProjModel / FaceIDProjModel / FaceIDPlusProjModel
     remat: bool = False  # recompute UNet activations in the backward pass (memory for compute)
 
 
@@ -126,7 +133,8 @@ def split_step_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
 def apply_condition_drop(batch: dict, frozen: dict) -> dict:
     """The batch with dropped conditions replaced by the null encodings (`frozen["null_<field>"]`, (1, ...)).
 
-    drop_text replaces `text_embeds` (and SDXL's `text_pooled`); drop_image replaces `image_embeds`.
+    drop_text replaces `text_embeds` (and SDXL's `text_pooled`); drop_image replaces `image_embeds` (when the
+    adapter reads one) and sets `face_embeds` (when the batch has one) to zeros, the official FaceID training's drop.
     """
 
     def where(drop: jax.Array, null: jax.Array, value: jax.Array) -> jax.Array:
@@ -137,8 +145,24 @@ def apply_condition_drop(batch: dict, frozen: dict) -> dict:
     for field in ("text_embeds", "text_pooled"):
         if field in batch:
             out[field] = where(batch["drop_text"], frozen[f"null_{field}"], batch[field])
-    out["image_embeds"] = where(batch["drop_image"], frozen["null_image_embeds"], batch["image_embeds"])
+    if "image_embeds" in batch:
+        out["image_embeds"] = where(batch["drop_image"], frozen["null_image_embeds"], batch["image_embeds"])
+    if "face_embeds" in batch:
+        face = batch["face_embeds"]
+        out["face_embeds"] = where(batch["drop_image"], jnp.zeros((1,) + face.shape[1:], face.dtype), face)
     return out
+
+
+def projection_features(batch: dict, image_proj: nn.Module) -> jax.Array:
+    """What the adapter's projection reads from an (encoded, condition-dropped) batch: `image_embeds`; for FaceID
+    `face_embeds` (B, D_id); for FaceID Plus both packed per example, (B, D_id + S * E) (`pack_faceid_plus_features`).
+    """
+    kind = projection_kind(image_proj)
+    if kind == "faceid":
+        return batch["face_embeds"]
+    if kind == "faceid-plus":
+        return pack_faceid_plus_features(batch["face_embeds"], batch["image_embeds"])
+    return batch["image_embeds"]
 
 
 def diffusion_loss(
@@ -169,7 +193,9 @@ def diffusion_loss(
         raise ValueError(f"unknown prediction_type {loss_config.prediction_type!r}")
 
     batch = apply_condition_drop(batch, frozen)
-    image_tokens = models.image_proj.apply({"params": adapter["image_proj"]}, batch["image_embeds"])
+    image_tokens = models.image_proj.apply(
+        {"params": adapter["image_proj"]}, projection_features(batch, models.image_proj)
+    )
     added = None
     if "time_ids" in batch:
         added = {"text_embeds": batch["text_pooled"], "time_ids": batch["time_ids"]}

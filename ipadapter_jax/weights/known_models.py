@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from ipadapter_jax import quiet
+from ipadapter_jax.choices import ADAPTER_KINDS
 from ipadapter_jax.models.adapter import split_unet_params
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.image_encoder import CLIPImageEncoder, ImageEncoder
@@ -199,11 +200,23 @@ ARCHITECTURES = {"sd15": (SD15, CLIP_VIT_H14), "sdxl": (SDXL, CLIP_VIT_BIGG14)}
 RESAMPLER = dict(depth=4, dim_head=64, ff_mult=4)
 
 
-def image_proj_spec(kind: str, cross_attention_dim: int, encoder_config: Any, num_tokens: int) -> ImageProjSpec:
+def image_proj_spec(
+    kind: str,
+    cross_attention_dim: int,
+    encoder_config: Any,
+    num_tokens: int,
+    *,
+    face_embed_dim: int = 512,
+    shortcut_scale: float | None = None,
+) -> ImageProjSpec:
     """The image projection of a new adapter of `kind` for a UNet of `cross_attention_dim` and a CLIP image encoder
     (`encoder_config`: its `CLIPVisionConfig`) as an `ImageProjSpec`: "base" (`num_tokens` tokens from the projected
     image embedding), "plus" (a Resampler of `num_tokens` queries over the penultimate hidden states, the reference's
-    depth 4 / head size 64) or "full" (one token per hidden state; `num_tokens` must be the encoder's 1 + patches).
+    depth 4 / head size 64), "full" (one token per hidden state; `num_tokens` must be the encoder's 1 + patches),
+    "faceid" (the official `MLPProjModel`: `num_tokens` tokens from a (face_embed_dim,) identity embedding, hidden
+    width 2 * face_embed_dim) or "faceid-plus" (`ProjModelFaceIdPlus`: those tokens at the cross-attention width,
+    refined by a depth-4 perceiver of cross_attention_dim / 64 heads of 64 over the hidden states; `shortcut_scale`:
+    v2's shortcut, None for v1). diffusers' loader builds FaceID Plus projections with 4 tokens.
 
     Raises:
       ValueError: an unknown kind, or a "full" adapter whose `num_tokens` is not the encoder's token count.
@@ -228,8 +241,15 @@ def image_proj_spec(kind: str, cross_attention_dim: int, encoder_config: Any, nu
                 f"a full adapter makes one token per hidden state: num_tokens must be {tokens}, got {num_tokens}"
             )
         hparams = dict(cross_attention_dim=cross, clip_embeddings_dim=encoder.hidden_size)
+    elif kind == "faceid":
+        hparams = dict(cross_attention_dim=cross, id_embeddings_dim=face_embed_dim, num_tokens=num_tokens, mult=2)
+    elif kind == "faceid-plus":
+        hparams = dict(cross_attention_dim=cross, dim=cross, heads=max(1, cross // RESAMPLER["dim_head"]),
+                       clip_embeddings_dim=encoder.hidden_size, id_embeddings_dim=face_embed_dim,
+                       num_tokens=num_tokens, depth=4, dim_head=RESAMPLER["dim_head"], ff_mult=4, mult=2,
+                       shortcut_scale=shortcut_scale)  # fmt: skip
     else:
-        raise ValueError(f"adapter kind must be 'base', 'plus' or 'full', got {kind!r}")
+        raise ValueError(f"adapter kind must be one of {ADAPTER_KINDS}, got {kind!r}")
     return ImageProjSpec(kind, num_tokens, hparams)
 
 

@@ -24,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.architecture = "sd15"
     c.model.adapter_kind = "base"  # "base" (tokens from image_embeds) | "plus" (Resampler over hidden_states[-2])
     c.model.num_tokens = 4
+    # "faceid" (tokens from a per-example identity embedding, the dataset's face_embeds) | "faceid-plus" (those
+    # tokens refined by a resampler over the CLIP hidden_states[-2]); FaceID adapters train no UNet LoRA
+    c.model.face_embed_dim = 512  # FaceID kinds: the identity embedding's width D (ArcFace: 512); the data's must match
+    c.model.faceid_shortcut_scale = 0.0  # "faceid-plus": 0 = v1; > 0 = v2's shortcut with this s_scale
     c.model.init_adapter = ""  # optional official .bin/.safetensors (or our .msgpack) to start from (fine-tuning)
     c.model.prediction_type = "epsilon"  # "v_prediction" for SD2-768-style bases
     c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
