@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ipadapter_jax.choices import ADAPTER_KINDS, ATTENTION_IMPLEMENTATIONS, DTYPES, TARGET_CROPS
+from ipadapter_jax.choices import ADAPTER_DESIGNS, ADAPTER_KINDS, ATTENTION_IMPLEMENTATIONS, DTYPES, TARGET_CROPS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The published model families whose shapes `ipadapter_jax.weights.known_models` holds (`model.architecture`).
@@ -37,6 +37,7 @@ class ModelConfig:
     weights_variant: str = ""
     adapter_kind: str = "base"
     num_tokens: int = 4
+    design: str = "decoupled"
     init_adapter: str = ""
     prediction_type: str = "epsilon"
     dtype: str = "bfloat16"
@@ -50,6 +51,7 @@ class ModelConfig:
         checks them where models are loaded."""
         _choice(self.architecture, ARCHITECTURES, "model.architecture")
         _choice(self.adapter_kind, ADAPTER_KINDS, "model.adapter_kind")
+        _choice(self.design, ADAPTER_DESIGNS, "model.design")
         _at_least(self.num_tokens, 1, "model.num_tokens")
         _choice(self.prediction_type, PREDICTION_TYPES, "model.prediction_type")
         _choice(self.dtype, DTYPES, "model.dtype")

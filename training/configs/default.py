@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.architecture = "sd15"
     c.model.adapter_kind = "base"  # "base" (tokens from image_embeds) | "plus" (Resampler over hidden_states[-2])
     c.model.num_tokens = 4
+    # The adapter design (`ipadapter_jax.models.designs`): "decoupled" (the paper's decoupled cross-attention, the
+    # official files' layout) | "simple" (image tokens appended to the text tokens, projection trained only) |
+    # "gated" (the decoupled branch through a learned tanh gate, initialised at 0). Designs other than "decoupled"
+    # export ip-adapter.msgpack (no official layout).
+    c.model.design = "decoupled"
     c.model.init_adapter = ""  # optional official .bin/.safetensors (or our .msgpack) to start from (fine-tuning)
     c.model.prediction_type = "epsilon"  # "v_prediction" for SD2-768-style bases
     c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
