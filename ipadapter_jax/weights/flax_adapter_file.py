@@ -110,11 +110,29 @@ def adapter_design(metadata: Mapping[str, str]) -> str:
     return metadata.get(DESIGN_KEY, "decoupled")
 
 
-def load_flax_adapter(path: str | os.PathLike, unet: Any) -> tuple[ImageProjSpec, Any, dict, str]:
-    """Reads an adapter file and checks it against `unet` (an `IPUNet2DConditionModel`, for its param shapes).
+def load_flax_adapter(path: str | os.PathLike, unet_params: Any) -> tuple[ImageProjSpec, Any, dict]:
+    """Reads an adapter file of the decoupled design and checks it against the UNet whose (concrete or abstract)
+    params are given (files of any design: `load_design_adapter`).
 
-    Returns (spec, image projection module, adapter pytree, design name); the first three like
-    `ip_adapter_files.load_ip_adapter`.
+    Returns (spec, image projection module, adapter pytree) like `ip_adapter_files.load_ip_adapter`.
+    Raises:
+      ConversionError: unreadable (see `read_flax_adapter`), of another design, or a layer/shape that does not fit
+        the UNet; problems are named by their official keys (`ip_adapter.<id>...`, `image_proj...`).
+    """
+    adapter, metadata = read_flax_adapter(path)
+    if adapter_design(metadata) != "decoupled":
+        raise ConversionError(
+            f"{path}: an adapter of the {adapter_design(metadata)!r} design; load it with load_adapter"
+        )
+    # Through the official layout: one validation path (layer ids, shapes, kind) for every file format.
+    return adapter_from_official(adapter_to_official(adapter), unet_params, source=str(path))
+
+
+def load_design_adapter(path: str | os.PathLike, unet: Any) -> tuple[ImageProjSpec, Any, dict, str]:
+    """Reads an adapter file of any design and checks it against `unet` (an `IPUNet2DConditionModel`, for the param
+    shapes of the design it records).
+
+    Returns (spec, image projection module, adapter pytree, design name).
     Raises:
       ConversionError: unreadable (see `read_flax_adapter`), an unknown design, or a layer/shape that does not fit
         the UNet; a decoupled adapter's problems are named by their official keys (`ip_adapter.<id>...`).
@@ -140,7 +158,7 @@ def load_flax_adapter(path: str | os.PathLike, unet: Any) -> tuple[ImageProjSpec
         want, have = (tuple(d[key].shape) if key in d else None for d in (expected, found))
         if want != have:
             raise ConversionError(
-                f"{path}: ip_layers/{'/'.join(key)} is {have or 'missing'}, the {design} design on this UNet needs "
-                f"{want or 'none'} (adapter for a different base model?)"
+                f"{path}: ip_layers/{'/'.join(key)} is {'missing' if have is None else have}, the {design} design on "
+                f"this UNet needs {'none' if want is None else want} (adapter for a different base model?)"
             )
     return spec, module, {"image_proj": image_proj, "ip_layers": adapter["ip_layers"]}, design

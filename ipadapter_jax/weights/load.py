@@ -42,7 +42,7 @@ from ipadapter_jax.weights.adapter_files import load_ip_adapter
 from ipadapter_jax.weights.clip_image_encoder import load_clip_image_encoder
 from ipadapter_jax.weights.diffusers_models import load_pipeline
 from ipadapter_jax.weights.flax_adapter_file import SUFFIX as FLAX_ADAPTER_SUFFIX
-from ipadapter_jax.weights.flax_adapter_file import load_flax_adapter
+from ipadapter_jax.weights.flax_adapter_file import load_design_adapter
 from ipadapter_jax.weights.image_proj_keys import build_image_proj, param_shapes
 from ipadapter_jax.weights.lora import LoraSpec, apply_loras
 from ipadapter_jax.weights.torch_layout import ConversionError
@@ -191,7 +191,7 @@ def load_adapter(
         raise TypeError(f"load_adapter needs a BaseModel or an IPUNet2DConditionModel, got {type(base).__name__}")
     design = "decoupled"
     if Path(path).suffix == FLAX_ADAPTER_SUFFIX:
-        _, image_proj, params, design = load_flax_adapter(path, unet)
+        _, image_proj, params, design = load_design_adapter(path, unet)
         if image_encoder is not None:
             _check_encoder_width(path, image_proj, image_encoder)
     else:
