@@ -35,8 +35,11 @@ from ipadapter_jax.pipelines import IPAdapterPipeline
 from ipadapter_jax.presets import get_preset
 from ipadapter_jax.testing import pipeline_fixtures as tu
 from ipadapter_jax.testing import tiny
+from ipadapter_jax.testing import training_runs as runs
+from ipadapter_jax.training.components import abstract_components
 from ipadapter_jax.training.config import ConfigError, TrainConfig
 from ipadapter_jax.training.hooks import export_adapter
+from ipadapter_jax.training.loop import train
 from ipadapter_jax.training.step import (
     LossConfig,
     StepModels,
@@ -290,6 +293,20 @@ def with_gates(params: dict, value: float) -> dict:
     return {**params, "ip_layers": traverse_util.unflatten_dict({**flat, **gates})}
 
 
+def test_abstract_components_have_the_shapes_of_a_new_adapter_of_the_design(tiny_gated):
+    """What `ipadapter-jax plan` compiles (`abstract_components`) is what training starts from (`new_adapter`)."""
+    _, _, adapter = tiny_gated
+    config = get_preset("tiny")
+    config.model.design = "gated"
+    comps = abstract_components(TrainConfig.from_config_dict(config))
+
+    def shapes(tree):
+        return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+    assert shapes(comps.adapter) == shapes(adapter.params)
+    assert comps.models.unet.adapter_design == "gated"
+
+
 @pytest.mark.slow
 def test_gated_design_is_the_decoupled_one_at_scale_tanh_gate(tiny_gated):
     base, _, adapter = tiny_gated
@@ -355,3 +372,30 @@ def test_gated_design_trains_one_step_and_samples(tiny_gated, tmp_path):
     request = dict(prompt="a cat", num_inference_steps=2, seed=0)
     image, closed = (pipe(tu.test_image(0), scale=scale, **request).pixels for scale in (1.0, 0.0))
     assert np.abs(image - closed).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_simple_design_training_run_resumes_and_exports_msgpack(tmp_path):
+    """`model.design=simple` through the training loop: its checkpoints (an empty `ip_layers`) resume to the
+    uninterrupted run's state bit for bit, and the final export is ip-adapter.msgpack holding that state's adapter."""
+    dataset = runs.build_dataset(tmp_path / "data", num_images=8, seed=0)
+
+    def config(steps: int):
+        cfg = runs.config(dataset, steps, 2)
+        cfg.model.design = "simple"
+        return cfg
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train(config(3), straight)
+    train(config(2), resumed)
+    train(config(3), resumed)
+    state = runs.final_state(resumed)
+    runs.assert_states_close(state, runs.final_state(straight), rtol=0)
+    assert not (tmp_path / "resumed" / "ip-adapter.safetensors").exists()
+    params, metadata = read_flax_adapter(tmp_path / "resumed" / "ip-adapter.msgpack")
+    assert metadata["adapter_design"] == "simple" and params["ip_layers"] == {}
+    exported = traverse_util.flatten_dict(params["image_proj"])
+    assert exported and all(
+        np.array_equal(value, state[".adapter['image_proj']" + "".join(f"['{k}']" for k in path)])
+        for path, value in exported.items()
+    )
