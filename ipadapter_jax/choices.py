@@ -15,6 +15,11 @@ SCHEDULERS = {"ddim": "ddim", "dpm-solver++": "dpm_solver_multistep", "euler": "
 # (`ipadapter_jax.models.image_proj`); the FaceID kinds read an identity embedding (Plus: and CLIP hidden states).
 ADAPTER_KINDS = ("base", "plus", "full", "faceid", "faceid-plus")
 
+# Adapter designs: what an adapter trains beside its projection and what attn2 does with the image tokens
+# (`ipadapter_jax.models.designs.DESIGNS`): the paper's decoupled cross-attention, its "simple adapter" (image tokens
+# appended to the text tokens) and gated image attention.
+ADAPTER_DESIGNS = ("decoupled", "simple", "gated")
+
 # Computation dtypes (params stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -148,13 +148,20 @@ def _to_flax(args: argparse.Namespace) -> None:
 def _to_torch(args: argparse.Namespace) -> None:
     from ipadapter_jax.weights import adapter_files as ip_adapter_files
     from ipadapter_jax.weights import flax_adapter_file
-    from ipadapter_jax.weights.official_layout import adapter_from_official, adapter_to_official, check_weights
+    from ipadapter_jax.weights.official_layout import (
+        adapter_from_official,
+        adapter_to_official,
+        check_official_layout,
+        check_weights,
+    )
 
     file_format = args.format or ("safetensors" if Path(args.out).suffix == ".safetensors" else "bin")
     suffixes = (".safetensors",) if file_format == "safetensors" else ip_adapter_files.BIN_SUFFIXES
     _check_output(args, suffixes, file_format)
     with _step(f"reading {args.adapter}"):
         adapter, stored = flax_adapter_file.read_flax_adapter(args.adapter)
+        design = flax_adapter_file.adapter_design(stored)
+        check_official_layout(design, args.out)
         check_weights(adapter_to_official(adapter), source=args.adapter)
     if args.unet_config:
         unet_params = _unet_params(args.unet_config)

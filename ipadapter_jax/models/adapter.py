@@ -55,11 +55,12 @@ def ip_layer_paths(unet_params: Any) -> list[FlaxPath]:
     return sorted(paths, key=_registration_key)
 
 
-def split_unet_params(params: Any) -> tuple[dict, dict]:
-    """Full IP-UNet params -> (frozen UNet params without K'/V', `ip_layers`)."""
+def split_unet_params(params: Any, layer_params: tuple[str, ...] = IP_KERNELS) -> tuple[dict, dict]:
+    """Full IP-UNet params -> (frozen UNet params, `ip_layers`): the adapter's per-layer params are those named
+    `layer_params` (an adapter design's: Dense modules such as K'/V', or params such as a gate)."""
     frozen, ip_layers = {}, {}
     for path, value in _flat(params).items():
-        (ip_layers if path[-2] in IP_KERNELS else frozen)[path] = value
+        (ip_layers if path[-2] in layer_params or path[-1] in layer_params else frozen)[path] = value
     return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(ip_layers)
 
 
@@ -99,14 +100,26 @@ def ip_layers_from_unet(unet_params: Any, dtype: Any = np.float32) -> dict:
     `unet_params` is the base UNet's (or an IP-UNet's) param tree; returns `ip_layers` for every
     cross-attention layer, i.e. every `attn2`.
     """
-    flat = _flat(unet_params)
-    ip_layers = {}
-    for path, value in flat.items():
+    sources = _ip_kernel_sources(unet_params)
+    return traverse_util.unflatten_dict({path: np.array(value, dtype=dtype) for path, value in sources.items()})
+
+
+def cross_attention_layout(unet_params: Any) -> dict:
+    """The `ip_layers` a decoupled adapter has for this UNet, as `jax.ShapeDtypeStruct`s: the attn2 layers and their
+    widths, which name the layers of the "ip_scale" variables (`ip_variables`) for an adapter of any design."""
+    sources = _ip_kernel_sources(unet_params)
+    return traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in sources.items()})
+
+
+def _ip_kernel_sources(unet_params: Any) -> dict[FlaxPath, Any]:
+    """{path of a `to_k_ip`/`to_v_ip` kernel: the attn2's `to_k`/`to_v` kernel} for every attn2 of the UNet."""
+    sources = {}
+    for path, value in _flat(unet_params).items():
         if len(path) >= 3 and path[-3] == "attn2" and path[-2] in ("to_k", "to_v") and path[-1] == "kernel":
-            ip_layers[path[:-2] + (path[-2] + "_ip", "kernel")] = np.array(value, dtype=dtype)
-    if not ip_layers:
+            sources[path[:-2] + (path[-2] + "_ip", "kernel")] = value
+    if not sources:
         raise ValueError("no cross-attention (attn2) layers found in the UNet params")
-    return traverse_util.unflatten_dict(ip_layers)
+    return sources
 
 
 def count_params(tree: Any) -> int:
@@ -116,14 +129,16 @@ def count_params(tree: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """An IP-Adapter: its image projection module and its params {"image_proj": ..., "ip_layers": ...}.
+    """An IP-Adapter: its image projection module, its params {"image_proj": ..., "ip_layers": ...} and its design
+    (`ipadapter_jax.models.designs`: what `ip_layers` holds and what attn2 does with the image tokens).
 
     `ipadapter_jax.weights.load_adapter` reads one from an official file or our msgpack; training makes one with
-    the paper's init (`ipadapter_jax.weights.new_adapter`).
+    the design's init (`ipadapter_jax.weights.new_adapter`).
     """
 
     image_proj: nn.Module
     params: dict
+    design: str = "decoupled"
 
     @property
     def kind(self) -> AdapterKind:

@@ -1,24 +1,21 @@
-"""diffusers' Flax UNet with IP-Adapter's decoupled cross-attention in every cross-attention layer.
+"""diffusers' Flax UNet with IP-Adapter's cross-attention in every cross-attention layer.
 
-Every attn2 layer gains two bias-free projections, `to_k_ip` and `to_v_ip`, and computes
-
-    to_out(Attn(Q, K_text, V_text) + ip_scale * Attn(Q, to_k_ip(c_i), to_v_ip(c_i)))
-
-with the query Q shared by both branches (Ye et al., 2023, eq. 5).
+Every attn2 layer of the decoupled design (the default) gains two bias-free projections, `to_k_ip` and `to_v_ip`,
+and computes `to_out(Attn(Q, K_text, V_text) + ip_scale * Attn(Q, to_k_ip(c_i), to_v_ip(c_i)))` with the query Q
+shared by both branches (Ye et al., 2023, eq. 5). Other designs (`adapter_design`, `ipadapter_jax.models.designs`)
+decide what attn2 does with the image tokens and which per-layer params it has.
 
 How the classes are built. diffusers 0.39 (the last release with Flax) constructs attn2 four containers deep:
 UNet -> cross-attention down/mid/up block -> `FlaxTransformer2DModel` -> `FlaxBasicTransformerBlock` -> attn2.
-Flax forbids re-creating a submodule that a parent `setup` already attached, so a subclass cannot simply
-replace attn2 after `super().setup()`. Instead each of our containers subclasses its diffusers twin and, as
-the diffusers `setup` attaches a child (`self.attn2 = FlaxAttention(...)`), swaps that not-yet-registered
-child for our subclass built from the very same dataclass fields (`_SwapChildren`). Not a line of diffusers'
-`setup` or `__call__` is restated and diffusers' modules are not patched: the UNet's own `isinstance` checks
-accept our subclasses, and `encoder_hidden_states` travels unchanged down to attn2.
+Flax forbids re-creating a submodule that a parent `setup` already attached, so each of our containers subclasses
+its diffusers twin and, as the diffusers `setup` attaches a child (`self.attn2 = FlaxAttention(...)`), swaps that
+not-yet-registered child for our subclass built from the very same dataclass fields (`_SwapChildren`). Not a line
+of diffusers' `setup` or `__call__` is restated and diffusers' modules are not patched.
 
 How image tokens and scales reach attn2.
-- Image tokens ride along with the text tokens: `IPUNet2DConditionModel.__call__(..., image_tokens=...)`
-  packs both into an `IPContext` that the blocks pass through untouched; only our attn2 unpacks it.
-  Without `image_tokens` the UNet is the plain diffusers UNet (text-to-image).
+- `IPUNet2DConditionModel.__call__(..., image_tokens=...)` packs text and image tokens into an `IPContext` that
+  the blocks pass through untouched; only our attn2 unpacks it. Without `image_tokens` the UNet is the plain
+  diffusers UNet (text-to-image).
 - The scale is read by each attn2 from the variable collection "ip_scale" (see `ipadapter_jax.models.scales`),
   so changing it, globally or per layer, changes only array values and never recompiles. A layer whose
   scale is absent uses 1.0 (training).
@@ -43,6 +40,7 @@ import jax.numpy as jnp
 from ipadapter_jax import quiet
 from ipadapter_jax.choices import ATTENTION_IMPLEMENTATIONS
 from ipadapter_jax.models import ip_attention
+from ipadapter_jax.models.designs import get_design
 from ipadapter_jax.models.splash_attention import splash_attention_in_mesh_context
 
 quiet.install()
@@ -89,16 +87,13 @@ class Attention(FlaxAttention):
       "diffusers"  diffusers' own `__call__` (einsum attention, or its chunked variant with
                    `use_memory_efficient_attention`);
       "xla"        `jax.nn.dot_product_attention(implementation="xla")`;
-      "cudnn"      self-attention through `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused
-                   flash attention, which never holds the (heads, L, L) scores; cross-attention through XLA (its
-                   L x 77 scores are small, and jax's cuDNN training path rejects odd key lengths such as 77).
-                   NVIDIA GPUs only, bf16/fp16 compute, head dim a multiple of 8 and at most 128 (256 on Hopper):
-                   SD1.5's 40/80/160 and SDXL's 64 fit on an H100.
+      "cudnn"      self-attention through cuDNN's fused flash attention (`jax.nn.dot_product_attention`), which
+                   never holds the (heads, L, L) scores; cross-attention through XLA (its L x 77 scores are small,
+                   and jax's cuDNN training path rejects odd key lengths such as 77). NVIDIA GPUs, bf16/fp16, head
+                   dim a multiple of 8 and at most 128 (256 on Hopper): SD1.5's 40/80/160 and SDXL's 64 fit.
       "splash"     self-attention through Pallas TPU splash attention (`models.splash_attention`), per batch shard
-                   of the `jax.set_mesh` mesh the step is traced under; it never holds the (heads, L, L) scores.
-                   Cross-attention through XLA: its 77 text (4-16 image) keys make L x 77 scores, smaller than
-                   the queries themselves, below the kernel's 128-key blocks. TPUs; elsewhere it runs in Pallas
-                   interpret mode (tests).
+                   of the `jax.set_mesh` mesh; cross-attention through XLA (its 77 text keys are below the
+                   kernel's 128-key blocks). TPUs; elsewhere Pallas interpret mode (tests).
     """
 
     attention_implementation: str = "diffusers"
@@ -144,18 +139,18 @@ class IPAttention(Attention):
 
     Params added: `to_k_ip/kernel`, `to_v_ip/kernel`, each (cross_attention_dim, heads * dim_head).
 
-    The text branch is `Attention.__call__` (by default diffusers' own, including its `split_head_dim` and
-    memory-efficient variants). `to_out` is affine, so `to_out(a + s * b) == to_out(a) + s * (b @ W_out)`: the
-    image branch is added after diffusers' output projection using `to_out`'s kernel alone. With `s == 0` the
-    result is the text branch bit for bit. The image branch uses the same heads/head_dim and no mask, like the
-    reference; its 4-16 keys make it cheap whatever the kernel, so it always uses XLA's.
-    Dropout (0 in every Stable Diffusion config) is applied by diffusers to the text branch only.
+    The text branch is `Attention.__call__` (by default diffusers' own). `to_out` is affine, so
+    `to_out(a + s * b) == to_out(a) + s * (b @ W_out)`: the image branch is added after diffusers' output projection
+    using `to_out`'s kernel alone; with `s == 0` the result is the text branch bit for bit. The image branch's 4-16
+    keys make it cheap whatever the kernel, so it always uses XLA's. Dropout (0 in every Stable Diffusion config)
+    is applied by diffusers to the text branch only. What attn2 computes is its `adapter_design`'s `attn2`.
 
     With `num_ip_adapters` = A > 1 it has A branches (adapter a's kernels `to_k_ip_a`/`to_v_ip_a`, scale
     variables "scale_a", ...), summed before the output projection.
     """
 
     num_ip_adapters: int = 1
+    adapter_design: str = "decoupled"  # what it does with image tokens: `ipadapter_jax.models.designs`
 
     def setup(self) -> None:
         super().setup()
@@ -168,13 +163,24 @@ class IPAttention(Attention):
         self.to_v_ip = dense("to_v_ip")
         self.extra_k_ip = tuple(dense(f"to_k_ip_{a}") for a in range(1, self.num_ip_adapters))
         self.extra_v_ip = tuple(dense(f"to_v_ip_{a}") for a in range(1, self.num_ip_adapters))
+        self.design_params = get_design(self.adapter_design).declare_params(self)
 
     def __call__(self, hidden_states: jax.Array, context: Any = None, deterministic: bool = True) -> jax.Array:
-        """hidden_states (B, L, query_dim); context: None (self-attention), (B, T, D) text, or `IPContext`."""
+        """hidden_states (B, L, query_dim); context: None (self-attention), (B, T, D) text, or `IPContext` (then
+        the adapter design's `attn2`)."""
         if not isinstance(context, IPContext):
             return super().__call__(hidden_states, context, deterministic=deterministic)
-        text_out = super().__call__(hidden_states, context.text, deterministic=deterministic)
-        return text_out + self.image_attention(hidden_states, context)
+        return get_design(self.adapter_design).attn2(self, hidden_states, context, deterministic)
+
+    def text_attention(self, hidden_states: jax.Array, text: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The frozen text branch `Attention.__call__`: (B, L, query_dim)."""
+        return super().__call__(hidden_states, text, deterministic=deterministic)
+
+    def ip_factors(self, adapter: int) -> dict[str, jax.Array]:
+        """Adapter `adapter`'s "ip_scale" factors on this layer (`ip_attention.FACTOR_NAMES`; absent ones left out)."""
+        names = {name: ip_attention.factor_name(name, adapter) for name in ip_attention.FACTOR_NAMES}
+        present = {name: var for name, var in names.items() if self.has_variable(IP_SCALE_COLLECTION, var)}
+        return {name: self.get_variable(IP_SCALE_COLLECTION, var) for name, var in present.items()}
 
     def image_attention(self, hidden_states: jax.Array, context: IPContext) -> jax.Array:
         """`sum_a scale_a * branch_a @ W_out` (no bias): (B, L, query_dim); branch_a as
@@ -190,11 +196,7 @@ class IPAttention(Attention):
         total = None
         swapped = context.swapped or (None,) * len(context.image_tokens)
         for adapter, (tokens, mask) in enumerate(zip(context.image_tokens, context.masks, strict=True)):
-            factors = {
-                name: self.get_variable(IP_SCALE_COLLECTION, ip_attention.factor_name(name, adapter))
-                for name in ip_attention.FACTOR_NAMES
-                if self.has_variable(IP_SCALE_COLLECTION, ip_attention.factor_name(name, adapter))
-            }
+            factors = self.ip_factors(adapter)
             weights = None if mask is None else ip_attention.masks_on_token_grid(mask, length)
             tokens = ip_attention.select_tokens(tokens, swapped[adapter], factors)
             branch = ip_attention.image_attention(query, to_k[adapter](tokens), to_v[adapter](tokens), factors, weights)
@@ -241,6 +243,7 @@ class _SwapChildren(nn.Module):
     # input of each Transformer2D. False: diffusers' Flax behaviour (tanh GELU, 1e-5).
     pytorch_numerics: bool = True
     num_ip_adapters: int = 1  # image branches per attn2 (see `IPAttention`)
+    adapter_design: str = "decoupled"  # see `IPAttention`
 
     @nn.nowrap
     def __setattr__(self, name: str, value: Any) -> None:
@@ -317,11 +320,8 @@ class IPUNetMidBlock2DCrossAttn(_SwapChildren, FlaxUNetMidBlock2DCrossAttn):
 # diffusers' config registration wraps __init__, which Flax's dataclass transform regenerates per subclass.
 @flax_register_to_config
 class IPUNet2DConditionModel(_SwapChildren, FlaxUNet2DConditionModel):
-    """diffusers' `FlaxUNet2DConditionModel` (same config, same param tree) with IP-Adapter attn2 layers.
-
-    The param tree is diffusers' plus `.../attn2/to_k_ip/kernel` and `.../attn2/to_v_ip/kernel` in every
-    cross-attention layer; `ipadapter_jax.models.adapter` splits those from the frozen UNet params.
-    """
+    """diffusers' `FlaxUNet2DConditionModel` (same config) with IP-Adapter attn2 layers: its param tree is diffusers'
+    plus the design's per-layer params in every attn2 (decoupled: `to_k_ip/kernel`, `to_v_ip/kernel`)."""
 
     _SWAPS = {
         "down_blocks": {FlaxCrossAttnDownBlock2D: IPCrossAttnDownBlock2D},

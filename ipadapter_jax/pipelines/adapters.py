@@ -21,6 +21,7 @@ from PIL import Image
 
 from ipadapter_jax.models.adapter import Adapter, ip_layer_paths
 from ipadapter_jax.models.base_model import BaseModel
+from ipadapter_jax.models.designs import get_design
 from ipadapter_jax.models.scale_presets import ScalePreset
 from ipadapter_jax.pipelines.image_prompt import ImageInput, ImagePrompt, as_image_list
 
@@ -66,6 +67,8 @@ def check_adapter_fits(base: BaseModel, adapter: Adapter, index: int = 0) -> Non
             f"{which}'s image projection makes {adapter.token_dim}-d tokens but this UNet's cross-attention takes "
             f"{cross_attention_dim}-d (an adapter for a different base model?)"
         )
+    if not get_design(adapter.design).layer_params:
+        return  # a design that trains the projection only
     flat_unet = traverse_util.flatten_dict(base.unet_params)
     expected = {path[:-2] for path in flat_unet if path[-3:] == ("attn2", "to_k", "kernel")}
     found = set(ip_layer_paths(adapter.params["ip_layers"]))
@@ -85,6 +88,41 @@ def check_adapter_fits(base: BaseModel, adapter: Adapter, index: int = 0) -> Non
                     f"{which}'s kernel {'/'.join(path + (ip_name,))} is {tuple(have)} but this UNet's {base_name} "
                     f"is {tuple(want)} (an adapter for a different base model?)"
                 )
+
+
+def adapters_unet(unet: Any, adapters: Sequence[Adapter]) -> Any:
+    """The IP-UNet module for `adapters`: one image branch each, their design (`ipadapter_jax.models.designs`).
+
+    Raises:
+      ValueError: several adapters of which one is not of the decoupled design.
+    """
+    designs = [adapter.design for adapter in adapters]
+    if len(adapters) > 1 and set(designs) != {"decoupled"}:
+        raise ValueError(f"several adapters at once must all be of the decoupled design; got designs {designs}")
+    if (len(adapters), designs[0]) == (1, "decoupled"):
+        return unet
+    return unet.clone(num_ip_adapters=len(adapters), adapter_design=designs[0])
+
+
+def check_design_options(design: str, masks: Sequence[Any], embeds_scaling: Sequence[str], scales: Sequence) -> None:
+    """ValueError when a request uses regional masks, an embeds_scaling mode other than "v_only" or a precise weight
+    type with an adapter whose design has no decoupled image branch (`AdapterDesign.image_branch_options`)."""
+    if get_design(design).image_branch_options:
+        return
+    used = [
+        name
+        for name, on in (
+            ("mask", any(mask is not None for mask in masks)),
+            ("embeds_scaling", any(mode != "v_only" for mode in embeds_scaling)),
+            ("precise weight types", any(isinstance(s, ScalePreset) and s.name.endswith("-precise") for s in scales)),
+        )
+        if on
+    ]
+    if used:
+        raise ValueError(
+            f"{', '.join(used)}: not available with an adapter of the {design!r} design (they act on the decoupled "
+            "image branch, which it has not)"
+        )
 
 
 def adapter_fields(

@@ -10,10 +10,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from ipadapter_jax.models.adapter import cross_attention_layout
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.ip_variables import ip_variables
 from ipadapter_jax.models.text_encoder import PromptEncoder
-from ipadapter_jax.pipelines.adapters import mask_pixels
+from ipadapter_jax.pipelines.adapters import check_design_options, mask_pixels
 from ipadapter_jax.pipelines.image_prompt import ImagePromptEncoder
 from ipadapter_jax.pipelines.request import GenerationRequest
 
@@ -51,6 +52,8 @@ def image_conditioning(
     masks); and the "ip_scale" variables (`ip_variables`). All None without an image prompt."""
     if not request.image_prompts:
         return None, None, None
+    for encoder in encoders:
+        check_design_options(encoder.adapter.design, request.masks, request.embeds_scaling, request.scales)
     num_prompts = len(request.prompts)
     tokens = tuple(
         encoder.encode(prompt, num_prompts, request.guided)
@@ -59,4 +62,6 @@ def image_conditioning(
     masks = None
     if any(m is not None for m in request.masks):
         masks = tuple(None if m is None else mask_pixels(m, request.height, request.width) for m in request.masks)
-    return tokens, masks, ip_variables(unet_params, request.scales, request.embeds_scaling)
+    # The layers and widths of the decoupled design's branches name the scale variables of every design.
+    layout = cross_attention_layout(unet_params)
+    return tokens, masks, ip_variables(layout, request.scales, request.embeds_scaling)

@@ -42,7 +42,7 @@ from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.image_encoder import ImageEncoder
 from ipadapter_jax.models.scales import ScaleSpec
 from ipadapter_jax.models.text_encoder import PromptEncoder
-from ipadapter_jax.pipelines.adapters import adapter_fields, check_adapter_fits
+from ipadapter_jax.pipelines.adapters import adapter_fields, adapters_unet, check_adapter_fits
 from ipadapter_jax.pipelines.conditioning import image_conditioning, text_conditioning
 from ipadapter_jax.pipelines.image_prompt import ImageInput, ImagePromptEncoder
 from ipadapter_jax.pipelines.images import control_pixels, to_pil
@@ -104,7 +104,7 @@ class IPAdapterPipeline:
         self.size_multiple = self.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
         self.prompt_encoder = PromptEncoder(base.text_encoders)
         self.has_controlnet = controlnet is not None
-        self._samplers: dict[int, Sampler] = {}  # per adapter count: their compiled functions survive unloading
+        self._samplers: dict[tuple, Sampler] = {}  # per adapter count and design: they survive unloading
         self._set_adapters((adapter,) if isinstance(adapter, Adapter) else tuple(adapter))
 
     def _set_adapters(self, adapters: tuple[Adapter, ...]) -> None:
@@ -113,11 +113,10 @@ class IPAdapterPipeline:
             raise ValueError("an IPAdapterPipeline needs at least one adapter")
         for index, adapter in enumerate(adapters):
             check_adapter_fits(self.base, adapter, index)
-        count = len(adapters)
-        if count not in self._samplers:
-            unet = self.base.unet if count == 1 else self.base.unet.clone(num_ip_adapters=count)
-            self._samplers[count] = Sampler(unet, self.base.vae, self.base.scheduler, self.mesh, self.controlnet)
-        self.adapters, self.sampler = adapters, self._samplers[count]
+        unet = adapters_unet(self.base.unet, adapters)
+        if (key := (len(adapters), unet.adapter_design)) not in self._samplers:
+            self._samplers[key] = Sampler(unet, self.base.vae, self.base.scheduler, self.mesh, self.controlnet)
+        self.adapters, self.sampler = adapters, self._samplers[key]
         self.image_prompt_encoders = [ImagePromptEncoder(self.image_encoder, adapter) for adapter in adapters]
         unet_params = merge_adapters_params(self.base.unet_params, [a.params for a in adapters])
         params = {"unet": unet_params, "vae": self.base.vae_params}

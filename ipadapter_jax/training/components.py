@@ -21,6 +21,7 @@ from ipadapter_jax.data import preprocess
 from ipadapter_jax.models.adapter import Adapter, split_unet_params
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
+from ipadapter_jax.models.designs import get_design
 from ipadapter_jax.models.image_encoder import ImageEncoder
 from ipadapter_jax.models.scheduler_base import training_alphas_cumprod
 from ipadapter_jax.training.config import ModelConfig, TrainConfig
@@ -56,11 +57,12 @@ class Components:
 
 
 def step_models(model: ModelConfig, unet: nn.Module, image_proj: nn.Module) -> StepModels:
-    """The modules the step applies, with `model`'s attention kernel and memory options (remat)."""
+    """The modules the step applies, with `model`'s adapter design, attention kernel and memory options (remat)."""
     unet = unet.clone(
         use_memory_efficient_attention=model.memory_efficient_attention,
         attention_implementation=model.attention_implementation,
         pytorch_numerics=model.pytorch_numerics,
+        adapter_design=model.design,
     )
     return StepModels(unet=unet, image_proj=image_proj, remat=model.remat)
 
@@ -76,7 +78,8 @@ def load(config: TrainConfig, workdir: str) -> Components:
 
     Raises:
       ConfigError: no base model or image encoder given.
-      ValueError: `model.init_adapter` is of another kind than `model.adapter_kind`, or carries a UNet LoRA.
+      ValueError: `model.init_adapter` is of another kind or design than `model.adapter_kind` / `model.design`,
+        or carries a UNet LoRA.
     """
     model, dtype = config.model, jnp.dtype(config.model.dtype)
     model.require_models()
@@ -88,11 +91,15 @@ def load(config: TrainConfig, workdir: str) -> Components:
     if model.init_adapter:
         adapter = load_adapter(model.init_adapter, base, image_encoder=image_encoder, dtype=dtype,
                                shortcut_scale=faceid_options(model)["shortcut_scale"])  # fmt: skip
-        if adapter.kind != model.adapter_kind:
-            raise ValueError(
-                f"model.init_adapter {model.init_adapter} is a {adapter.kind} adapter; model.adapter_kind is "
-                f"{model.adapter_kind!r}"
-            )
+        for field, ours, wanted in (
+            ("adapter_kind", adapter.kind, model.adapter_kind),
+            ("design", adapter.design, model.design),
+        ):
+            if ours != wanted:
+                raise ValueError(
+                    f"model.init_adapter {model.init_adapter} is an adapter of {field} {ours!r}; model.{field} is "
+                    f"{wanted!r}"
+                )
         if "unet_lora" in adapter.params:
             raise ValueError(
                 f"model.init_adapter {model.init_adapter} carries a UNet LoRA (an official FaceID file): training "
@@ -100,7 +107,7 @@ def load(config: TrainConfig, workdir: str) -> Components:
             )
     else:
         adapter = new_adapter(model.adapter_kind, base, image_encoder, num_tokens=model.num_tokens, seed=config.seed,
-                              dtype=dtype, **faceid_options(model))  # fmt: skip
+                              dtype=dtype, design=model.design, **faceid_options(model))  # fmt: skip
     return _components(model, base, image_encoder, adapter)
 
 
@@ -111,8 +118,8 @@ def abstract_components(config: TrainConfig) -> Components:
     Shapes come from `model.base` / `model.image_encoder` when they name folders (their config.json files), from the
     embedded tiny base for "tiny", and from `model.architecture`'s published configs when they are empty
     (`ipadapter_jax.weights.known_models`). The adapter has the shapes of a new one of `model.adapter_kind` with
-    `model.num_tokens` tokens (`model.init_adapter`, a file of the same kind, is not read). Tokenizers of bases
-    without tokenizer files are `known_models.ShapeTokenizer`s (ids of the right length).
+    `model.num_tokens` tokens and `model.design` (`model.init_adapter`, a file of the same kind, is not read).
+    Tokenizers of bases without tokenizer files are `known_models.ShapeTokenizer`s (ids of the right length).
 
     Raises:
       ConversionError: a folder's config that the Flax models cannot represent.
@@ -129,11 +136,13 @@ def abstract_components(config: TrainConfig) -> Components:
         image_encoder = dataclasses.replace(image_encoder, params=known_models.abstract(image_encoder.params))
     else:
         image_encoder = known_models.abstract_image_encoder(model.image_encoder, model.architecture, dtype)
-    unet_params, ip_layers = split_unet_params(abstract_ip_unet_params(base.unet))
+    design = get_design(model.design)
+    ip_unet = base.unet.clone(adapter_design=model.design)
+    unet_params, ip_layers = split_unet_params(abstract_ip_unet_params(ip_unet), design.layer_params)
     spec = known_models.image_proj_spec(model.adapter_kind, base.unet.cross_attention_dim, image_encoder.config,
                                         model.num_tokens, **faceid_options(model))  # fmt: skip
     image_proj = build_image_proj(spec, dtype)
-    adapter = Adapter(image_proj, {"image_proj": param_shapes(image_proj), "ip_layers": ip_layers})
+    adapter = Adapter(image_proj, {"image_proj": param_shapes(image_proj), "ip_layers": ip_layers}, model.design)
     comps = _components(model, base.replace(unet_params=unet_params), image_encoder, adapter)
     comps.frozen = known_models.abstract(comps.frozen)
     return comps

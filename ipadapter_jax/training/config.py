@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ipadapter_jax.choices import ADAPTER_KINDS, ATTENTION_IMPLEMENTATIONS, DTYPES, TARGET_CROPS
+from ipadapter_jax.choices import ADAPTER_DESIGNS, ADAPTER_KINDS, ATTENTION_IMPLEMENTATIONS, DTYPES, TARGET_CROPS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The published model families whose shapes `ipadapter_jax.weights.known_models` holds (`model.architecture`).
@@ -39,6 +39,7 @@ class ModelConfig:
     num_tokens: int = 4
     face_embed_dim: int = 512
     faceid_shortcut_scale: float = 0.0
+    design: str = "decoupled"
     init_adapter: str = ""
     prediction_type: str = "epsilon"
     dtype: str = "bfloat16"
@@ -52,6 +53,7 @@ class ModelConfig:
         checks them where models are loaded."""
         _choice(self.architecture, ARCHITECTURES, "model.architecture")
         _choice(self.adapter_kind, ADAPTER_KINDS, "model.adapter_kind")
+        _choice(self.design, ADAPTER_DESIGNS, "model.design")
         _at_least(self.num_tokens, 1, "model.num_tokens")
         _at_least(self.face_embed_dim, 1, "model.face_embed_dim")
         _at_least(self.faceid_shortcut_scale, 0.0, "model.faceid_shortcut_scale")

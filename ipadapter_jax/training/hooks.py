@@ -8,7 +8,8 @@ alone, that the loop (`ipadapter_jax.training.loop`) calls in order:
                      raises `NonFiniteLoss` under on_nonfinite="stop"; passes each record to its `listeners`
     HeldOutLoss      the held-out batch's loss (fixed noise and timesteps) into metrics.jsonl
     Checkpoint       orbax checkpoints (asynchronous), with the data position
-    Export           the adapter as an official .safetensors (workdir/exports/) that diffusers loads
+    Export           the adapter as an official .safetensors (workdir/exports/) that diffusers loads; a design
+                     without the official layout as our .msgpack
     Profile          a jax.profiler trace of a step range into workdir/profile
     TensorBoard      event files in workdir/tensorboard (`ipadapter_jax.training.tensorboard`)
 
@@ -30,11 +31,23 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from ipadapter_jax import paths, staging
+from ipadapter_jax.models.designs import get_design
 from ipadapter_jax.training import accelerators, checkpoint
 from ipadapter_jax.weights.adapter_files import save_ip_adapter
+from ipadapter_jax.weights.flax_adapter_file import SUFFIX, save_flax_adapter
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_EXPORT = "ip-adapter.safetensors"
+
+
+def export_suffix(design: str) -> str:
+    """ ".safetensors" for an adapter design with the official layout, else ".msgpack" (`models.designs`)."""
+    return ".safetensors" if get_design(design).official_layout else SUFFIX
+
+
+def final_export(design: str) -> str:
+    """The final export's file name in the workdir: FINAL_EXPORT, or ip-adapter.msgpack (no official layout)."""
+    return "ip-adapter" + export_suffix(design)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -157,18 +170,18 @@ class Checkpoint(Every):
 
 
 class Export(Every):
-    """The adapter as an official .safetensors at workdir/exports/ip-adapter_<step>.safetensors (not at the run's
-    last step: the final export is workdir/ip-adapter.safetensors)."""
+    """The adapter as an official .safetensors at workdir/exports/ip-adapter_<step>.safetensors, or .msgpack for a
+    design without the official layout (not at the run's last step: the final export is `final_export`)."""
 
-    def __init__(self, workdir: str, every: int, metadata: dict[str, str]):
-        self.workdir, self.every, self.metadata = workdir, every, metadata
+    def __init__(self, workdir: str, every: int, metadata: dict[str, str], design: str = "decoupled"):
+        self.workdir, self.every, self.metadata, self.design = workdir, every, metadata, design
 
     def due(self, info: StepInfo) -> bool:
         return info.step % self.every == 0 and not info.done
 
     def __call__(self, info: StepInfo) -> None:
-        path = paths.join(self.workdir, "exports", f"ip-adapter_{info.step:08d}.safetensors")
-        export_adapter(info.state.adapter, path, self.metadata)
+        path = paths.join(self.workdir, "exports", f"ip-adapter_{info.step:08d}{export_suffix(self.design)}")
+        export_adapter(info.state.adapter, path, self.metadata, self.design)
 
 
 class Profile:
@@ -197,15 +210,21 @@ class Profile:
             self(StepInfo(self.last, None, done=True))
 
 
-def export_adapter(adapter: Any, path: str, metadata: dict[str, str]) -> None:
-    """Writes the adapter as an official `.safetensors` (diffusers' `load_ip_adapter` reads it).
+def export_adapter(adapter: Any, path: str, metadata: dict[str, str], design: str = "decoupled") -> None:
+    """Writes the adapter of `design` as an official `.safetensors` (diffusers' `load_ip_adapter` reads it) or, for a
+    `path` ending in .msgpack, as our Flax file (which records the design).
 
     Every process takes part in gathering FSDP-split params; process 0 writes.
+    Raises:
+      ConversionError: a .safetensors path for a design without the official layout.
     """
     host_adapter = multihost_utils.process_allgather(adapter, tiled=True)
     if jax.process_index() == 0:
         paths.makedirs(paths.parent(path))
-        save_ip_adapter(host_adapter, path, metadata=metadata)
+        if path.endswith(SUFFIX):
+            save_flax_adapter(host_adapter, path, metadata=metadata, design=design)
+        else:
+            save_ip_adapter(host_adapter, path, metadata=metadata, design=design)
 
 
 def summarise(fetched: list[dict], step: int, steps: int, elapsed: float, global_batch: int, step_flops: float) -> dict:

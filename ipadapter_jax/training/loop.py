@@ -10,8 +10,9 @@ are due, until the total is reached or SIGTERM arrives -> the final export.
 A run restarted with the same workdir resumes from its latest checkpoint: same params, optimizer state and data
 order as if never interrupted. SIGTERM (preemption) finishes the current step, checkpoints it and raises
 `Preempted` (the command's exit status 75). The adapter is exported in the official layout every
-`export_every` steps (workdir/exports/) and at the end (workdir/ip-adapter.safetensors). The workdir may be a
-bucket (gs://): checkpoints, metrics, TensorBoard events and exports are written there (`ipadapter_jax.paths`).
+`export_every` steps (workdir/exports/) and at the end (workdir/ip-adapter.safetensors); an adapter design without
+the official layout (`models.designs`) as ip-adapter.msgpack. The workdir may be a bucket (gs://): checkpoints,
+metrics, TensorBoard events and exports are written there (`ipadapter_jax.paths`).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def train(config: TrainConfig | Mapping[str, Any], workdir: str) -> dict:
                 hook.close()
         if step < config.total_steps:
             raise Preempted(f"SIGTERM: checkpointed step {step} in {workdir}; rerun the same command to resume")
-        final = paths.join(workdir, hooks_lib.FINAL_EXPORT)
-        hooks_lib.export_adapter(run.state.adapter, final, _export_metadata(config))
+        final = paths.join(workdir, hooks_lib.final_export(config.model.design))
+        hooks_lib.export_adapter(run.state.adapter, final, _export_metadata(config), config.model.design)
     _log(f"exported {final}")
     return metrics.last
 
@@ -115,7 +116,7 @@ def _hooks(run: Run, metrics: hooks_lib.MetricsLog) -> list[Any]:
     if run.held_out_loss is not None:
         hooks.append(hooks_lib.HeldOutLoss(run.held_out_loss, config.eval_every, metrics))
     hooks.append(hooks_lib.Checkpoint(run.checkpoints, config.checkpoint_every, run.batches.get_state))
-    hooks.append(hooks_lib.Export(run.workdir, config.export_every, _export_metadata(config)))
+    hooks.append(hooks_lib.Export(run.workdir, config.export_every, _export_metadata(config), config.model.design))
     if config.profile_steps:
         hooks.append(hooks_lib.Profile(run.workdir, *config.profile_steps))
     if config.tensorboard:

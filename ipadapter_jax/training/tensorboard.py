@@ -104,7 +104,7 @@ class SampleGrid:
         from ipadapter_jax.pipelines import IPAdapterPipeline, image_grid
 
         base, encoder, features = self._load()
-        pipe = IPAdapterPipeline(base, encoder, Adapter(self.image_proj, adapter_params))
+        pipe = IPAdapterPipeline(base, encoder, Adapter(self.image_proj, adapter_params, self.config.model.design))
         if self._sampler is not None:
             pipe.sampler = self._sampler  # same shapes: the compiled sampling loop of the first grid
         samples = self.config.samples

@@ -40,7 +40,12 @@ from ipadapter_jax import paths, staging
 from ipadapter_jax.weights import image_proj_keys
 from ipadapter_jax.weights.atomic_write import atomic_output
 from ipadapter_jax.weights.image_proj_keys import ImageProjSpec, detect_kind
-from ipadapter_jax.weights.official_layout import SECTIONS, adapter_from_official, adapter_to_official
+from ipadapter_jax.weights.official_layout import (
+    SECTIONS,
+    adapter_from_official,
+    adapter_to_official,
+    check_official_layout,
+)
 from ipadapter_jax.weights.torch_layout import ConversionError
 
 # Metadata recorded in saved files. kind and num_tokens are derived from the weights on save; base_model
@@ -160,6 +165,7 @@ def save_ip_adapter(
     format: str = "safetensors",
     dtype: str = "fp32",
     metadata: Mapping[str, str] | None = None,
+    design: str = "decoupled",
 ) -> Path:
     """Writes our adapter {"image_proj", "ip_layers"} as an official IP-Adapter file, atomically.
 
@@ -169,6 +175,7 @@ def save_ip_adapter(
         diffusers' `load_ip_adapter` picks its reader by that suffix.
       format: "safetensors" (flat prefixed keys + header metadata) or "bin" (two-section `torch.save`; metadata
         to the sidecar `metadata_sidecar(path)`). "bin" needs torch.
+      design: the adapter's design; one without the official layout (`check_official_layout`) is a ConversionError.
       dtype: "fp32", "fp16" or "bf16": every tensor is cast to it (round to nearest even).
       metadata: str -> str entries to record, e.g. {"base_model": ..., "image_encoder": ...}; "adapter_kind" and
         "num_tokens" are derived from the weights and may only be repeated with the same value.
@@ -178,6 +185,7 @@ def save_ip_adapter(
     """
     target = os.fspath(path)
     path = Path(target)
+    check_official_layout(design, target)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if dtype not in DTYPES:

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 
 from ipadapter_jax import paths, staging
 from ipadapter_jax.choices import SCHEDULERS
-from ipadapter_jax.models.adapter import Adapter, ip_layers_from_unet
+from ipadapter_jax.models.adapter import Adapter
 from ipadapter_jax.models.base_model import BaseModel
 from ipadapter_jax.models.clip_preprocessing import ClipPreprocessing
+from ipadapter_jax.models.designs import get_design
 from ipadapter_jax.models.image_encoder import ImageEncoder
 from ipadapter_jax.models.image_proj import FaceIDPlusProjModel, FaceIDProjModel
 from ipadapter_jax.models.random_init import numpy_init
@@ -41,7 +42,7 @@ from ipadapter_jax.weights.adapter_files import load_ip_adapter
 from ipadapter_jax.weights.clip_image_encoder import load_clip_image_encoder
 from ipadapter_jax.weights.diffusers_models import load_pipeline
 from ipadapter_jax.weights.flax_adapter_file import SUFFIX as FLAX_ADAPTER_SUFFIX
-from ipadapter_jax.weights.flax_adapter_file import load_flax_adapter
+from ipadapter_jax.weights.flax_adapter_file import load_design_adapter
 from ipadapter_jax.weights.image_proj_keys import build_image_proj, param_shapes
 from ipadapter_jax.weights.lora import LoraSpec, apply_loras
 from ipadapter_jax.weights.torch_layout import ConversionError
@@ -173,7 +174,8 @@ def load_adapter(
     """An IP-Adapter file, checked against the base model (and the image encoder, when given).
 
     Args:
-      path: an official `.safetensors` / `.bin` (base, Plus or Full, detected from its keys) or our `.msgpack`.
+      path: an official `.safetensors` / `.bin` (base, Plus or Full, detected from its keys) or our `.msgpack` (of
+        any adapter design, `ipadapter_jax.models.designs`: the file records it).
       base: the `BaseModel` it is for (or its `IPUNet2DConditionModel`): fixes every cross-attention layer's
         id and shape.
       image_encoder: checks the projection's input width against the encoder's outputs.
@@ -187,12 +189,13 @@ def load_adapter(
     unet = base.unet if isinstance(base, BaseModel) else base
     if not hasattr(unet, "cross_attention_dim"):
         raise TypeError(f"load_adapter needs a BaseModel or an IPUNet2DConditionModel, got {type(base).__name__}")
-    shapes = abstract_ip_unet_params(unet)
+    design = "decoupled"
     if Path(path).suffix == FLAX_ADAPTER_SUFFIX:
-        _, image_proj, params = load_flax_adapter(path, shapes)
+        _, image_proj, params, design = load_design_adapter(path, unet)
         if image_encoder is not None:
             _check_encoder_width(path, image_proj, image_encoder)
     else:
+        shapes = abstract_ip_unet_params(unet)
         widths = {}
         if image_encoder is not None:
             widths = dict(
@@ -210,7 +213,7 @@ def load_adapter(
         raise ValueError(
             f"{path}: shortcut_scale (s_scale) is for FaceID Plus adapters, this one is {type(image_proj).__name__}"
         )
-    return Adapter(image_proj, params)
+    return Adapter(image_proj, params, design)
 
 
 def new_adapter(
@@ -223,9 +226,10 @@ def new_adapter(
     dtype: Any = jnp.float32,
     face_embed_dim: int = 512,
     shortcut_scale: float | None = None,
+    design: str = "decoupled",
 ) -> Adapter:
-    """A fresh adapter with the paper's init: each layer's K'/V' a copy of its frozen K/V, the projection random
-    (deterministic in `seed`).
+    """A fresh adapter of `design` (`ipadapter_jax.models.designs`) with its init, the paper's for "decoupled": each
+    layer's K'/V' a copy of its frozen K/V; the projection random (deterministic in `seed`).
 
     `kind`: "base" (`num_tokens` tokens from the projected image embedding), "plus" (a Resampler of `num_tokens`
     queries over the penultimate hidden states, the reference's depth 4 / head size 64) or "full" (one token per
@@ -238,9 +242,9 @@ def new_adapter(
     image_proj = build_image_proj(spec, jnp.dtype(dtype))
     params = {
         "image_proj": numpy_init(param_shapes(image_proj), seed=seed),
-        "ip_layers": ip_layers_from_unet(base.unet_params),
+        "ip_layers": get_design(design).new_layers(base.unet_params),
     }
-    return Adapter(image_proj, params)
+    return Adapter(image_proj, params, design)
 
 
 def _model_file(relative: str) -> bool:

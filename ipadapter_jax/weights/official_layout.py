@@ -23,12 +23,23 @@ import numpy as np
 from flax import traverse_util
 
 from ipadapter_jax.models.adapter import IP_KERNELS, ip_layer_paths
+from ipadapter_jax.models.designs import get_design
 from ipadapter_jax.weights import image_proj_keys
 from ipadapter_jax.weights.torch_layout import ConversionError, describe_problems
 
 SECTIONS = ("image_proj", "ip_adapter")
 _LORA_KEY = re.compile(r"(\d+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
 _LORA_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out_0"}  # official -> Flax module
+
+
+def check_official_layout(design: str, path: Any) -> None:
+    """ConversionError unless adapter design `design` (`ipadapter_jax.models.designs`) has the official file layout
+    (.safetensors/.bin); `path` is the file being written."""
+    if not get_design(design).official_layout:
+        raise ConversionError(
+            f"{path}: the {design!r} adapter design has no official IP-Adapter file layout (.safetensors/.bin); save "
+            "it as our .msgpack (save_flax_adapter, or a .msgpack path), which records the design"
+        )
 
 
 def adapter_to_official(adapter: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:

@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
     # tokens refined by a resampler over the CLIP hidden_states[-2]); FaceID adapters train no UNet LoRA
     c.model.face_embed_dim = 512  # FaceID kinds: the identity embedding's width D (ArcFace: 512); the data's must match
     c.model.faceid_shortcut_scale = 0.0  # "faceid-plus": 0 = v1; > 0 = v2's shortcut with this s_scale
+    # The adapter design (`ipadapter_jax.models.designs`): "decoupled" (the paper's decoupled cross-attention, the
+    # official files' layout) | "simple" (image tokens appended to the text tokens, projection trained only) |
+    # "gated" (the decoupled branch through a learned tanh gate, initialised at 0). Designs other than "decoupled"
+    # export ip-adapter.msgpack (no official layout).
+    c.model.design = "decoupled"
     c.model.init_adapter = ""  # optional official .bin/.safetensors (or our .msgpack) to start from (fine-tuning)
     c.model.prediction_type = "epsilon"  # "v_prediction" for SD2-768-style bases
     c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
