@@ -396,6 +396,6 @@ def test_simple_design_training_run_resumes_and_exports_msgpack(tmp_path):
     assert metadata["adapter_design"] == "simple" and params["ip_layers"] == {}
     exported = traverse_util.flatten_dict(params["image_proj"])
     assert exported and all(
-        np.array_equal(value, state[".adapter['image_proj']" + "".join(f"['{k}']" for k in path)])
+        np.array_equal(value, state["['adapter']['image_proj']" + "".join(f"['{k}']" for k in path)])
         for path, value in exported.items()
     )
