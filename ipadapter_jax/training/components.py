@@ -86,7 +86,14 @@ def load(config: TrainConfig, workdir: str) -> Components:
             )
     else:
         adapter = new_adapter(
-            model.adapter_kind, base, image_encoder, num_tokens=model.num_tokens, seed=config.seed, dtype=dtype
+            model.adapter_kind,
+            base,
+            image_encoder,
+            num_tokens=model.num_tokens,
+            seed=config.seed,
+            dtype=dtype,
+            resampler_width=model.resampler_width,
+            resampler_depth=model.resampler_depth,
         )
     return _components(model, base, image_encoder, adapter)
 
@@ -118,7 +125,12 @@ def abstract_components(config: TrainConfig) -> Components:
         image_encoder = known_models.abstract_image_encoder(model.image_encoder, model.architecture, dtype)
     unet_params, ip_layers = split_unet_params(abstract_ip_unet_params(base.unet))
     spec = known_models.image_proj_spec(
-        model.adapter_kind, base.unet.cross_attention_dim, image_encoder.config, model.num_tokens
+        model.adapter_kind,
+        base.unet.cross_attention_dim,
+        image_encoder.config,
+        model.num_tokens,
+        model.resampler_width,
+        model.resampler_depth,
     )
     image_proj = build_image_proj(spec, dtype)
     adapter = Adapter(image_proj, {"image_proj": param_shapes(image_proj), "ip_layers": ip_layers})

@@ -221,15 +221,20 @@ def new_adapter(
     num_tokens: int,
     seed: int = 0,
     dtype: Any = jnp.float32,
+    resampler_width: int = 0,
+    resampler_depth: int = known_models.RESAMPLER["depth"],
 ) -> Adapter:
     """A fresh adapter with the paper's init: each layer's K'/V' a copy of its frozen K/V, the projection random
     (deterministic in `seed`).
 
     `kind`: "base" (`num_tokens` tokens from the projected image embedding), "plus" (a Resampler of `num_tokens`
     queries over the penultimate hidden states, the reference's depth 4 / head size 64) or "full" (one token per
-    hidden state; `num_tokens` must equal the encoder's 1 + patches).
+    hidden state; `num_tokens` must equal the encoder's 1 + patches). `resampler_width` / `resampler_depth`: the
+    Plus Resampler's size (`known_models.image_proj_spec`; 0 / 4: the reference's).
     """
-    spec = known_models.image_proj_spec(kind, base.unet.cross_attention_dim, image_encoder.config, num_tokens)
+    spec = known_models.image_proj_spec(
+        kind, base.unet.cross_attention_dim, image_encoder.config, num_tokens, resampler_width, resampler_depth
+    )
     image_proj = build_image_proj(spec, jnp.dtype(dtype))
     params = {
         "image_proj": numpy_init(param_shapes(image_proj), seed=seed),
