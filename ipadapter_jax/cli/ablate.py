@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ipadapter_jax.cli.main import ArgumentParser, UsageError, exit_process, finite_float, positive_int, report_errors
 
@@ -44,12 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=positive_int, help="held-out image prompts (default 8)")
     parser.add_argument("--samples", type=positive_int, help="samples per prompt and scale (default 2)")
     parser.add_argument("--inference-steps", type=positive_int, help="DDIM steps (default 20)")
+    parser.add_argument(
+        "--compile-cache",
+        default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+        help="XLA compilation cache folder, shared by runs of the same shapes (default $JAX_COMPILATION_CACHE_DIR "
+        "or ~/.cache/ipadapter-jax/xla; 'none' leaves JAX's setting alone)",
+    )
     return parser
 
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    import jax
+
     import ipadapter_jax  # noqa: F401  (the log filter, before the models are imported)
+
+    if args.compile_cache != "none":
+        cache = args.compile_cache or str(Path.home() / ".cache" / "ipadapter-jax" / "xla")
+        jax.config.update("jax_compilation_cache_dir", cache)
     from ipadapter_jax.training import ablation
 
     variants = (

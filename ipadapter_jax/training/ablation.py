@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import tqdm
@@ -51,6 +50,7 @@ from ipadapter_jax.weights import load_base, load_image_encoder
 
 SETTINGS_FILE, RESULT_FILE, SCORES_FILE, CONFIG_FILE = "ablation.json", "result.json", "scores.json", "config.json"
 REPORT_FILES = ("report.md", "report.json", "clip_i_vs_scale.png", "loss_curves.png", "grid.png")
+HELD_OUT = 64  # held-out images: the loss curves score the first global batch of them
 ATTRIBUTES = ("colour", "shape")  # prompt i's text changes ATTRIBUTES[i % 2] of its caption
 
 
@@ -136,15 +136,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def run_config(settings: AblationSettings, variant: Variant, seed: int, data: Any) -> TrainConfig:
-    """The base preset with the run's steps, seeds and datasets, then the variant's overrides. `data(kind)` ->
-    (training cache, held-out cache) of the adapter kind's encodings."""
+    """The base preset with the run's steps, seeds and datasets, then the variant's overrides. `data(config)` ->
+    (training cache, held-out cache) with the encodings the ConfigDict's adapter kind reads."""
     config = apply_overrides(get_preset(settings.base_preset), variant.overrides)
     config.seed, config.data.seed, config.total_steps = seed, settings.data_seed, settings.steps
     config.checkpoint_every = config.export_every = settings.steps
     config.eval_every = config.log_every = max(1, settings.steps // 20)
     config.tensorboard = False
     TrainConfig.from_config_dict(config)  # the variant's fields checked before any data is built
-    config.data.path, config.data.eval_path = data(config.model.adapter_kind)
+    config.data.path, config.data.eval_path = data(config)
     return TrainConfig.from_config_dict(config)
 
 
@@ -163,18 +163,17 @@ class _World:
             write_json(marker, {"path": embedded_world.build_data(str(root), num_images, seed, log=self.log)})
         return json.loads(marker.read_text())["path"]
 
-    def caches(self, kind: str) -> tuple[str, str]:
-        """(training cache, held-out cache) with `kind`'s image encodings."""
+    def caches(self, config: ml_collections.ConfigDict) -> tuple[str, str]:
+        """(training cache, held-out cache) with the image encodings `config`'s adapter kind reads."""
+        kind = config.model.adapter_kind
         s, paths = self.settings, []
-        batch = get_preset(s.base_preset).data.batch_size_per_device * jax.device_count()
-        for name, count, seed in (("train", s.num_images, s.data_seed), ("held_out", batch, s.prompt_seed + 1)):
+        for name, count, seed in (("train", s.num_images, s.data_seed), ("held_out", HELD_OUT, s.prompt_seed + 1)):
             marker = self.out / "data" / f"{name}_cache_{kind}.json"
             if not marker.exists():
                 raw, cache = self.dataset(name, count, seed), self.out / "data" / f"{name}_cache_{kind}"
                 shutil.rmtree(cache, ignore_errors=True)
-                preset = get_preset(s.base_preset)
-                preset.model.adapter_kind = kind
-                build_cache(TrainConfig.from_config_dict(preset), raw, str(cache), str(self.out / "data"), 32)
+                typed = TrainConfig.from_config_dict(config)
+                build_cache(typed, raw, str(cache), str(self.out / "data"), batch_size=32)
                 write_json(marker, {"path": str(cache)})
             paths.append(json.loads(marker.read_text())["path"])
         return paths[0], paths[1]
@@ -268,7 +267,7 @@ def run_ablation(
                 + "); give another --out"
             )
     for variant in variants:  # every variant's config checked before anything runs
-        run_config(settings, variant, seeds[0], lambda kind: ("unused", "unused"))
+        run_config(settings, variant, seeds[0], lambda config: ("unused", "unused"))
     write_json(out / SETTINGS_FILE, recorded)
 
     def log(message: str) -> None:
