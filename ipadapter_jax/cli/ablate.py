@@ -2,7 +2,7 @@
 
     ipadapter-jax ablate --preset tokens --seeds 3 --out out/ablate_tokens
     ipadapter-jax ablate --variants base plus:model.adapter_kind=plus,model.num_tokens=16,model.resampler_width=64 \\
-        --seeds 2 --out out/ablate_mine [--steps 300] [--scales 0,0.5,1]
+        --seeds 2 --out out/ablate_mine [--steps 500] [--scales 0,0.5,1]
 
 Trains every variant x seed on the same data in the same order, scores each on held-out image prompts at the
 scales (CLIP-I, CLIP-T, text controllability) and writes report.md / report.json (means and paired differences
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per variant (default 3)")
     parser.add_argument("--out", required=True, help="report folder (a rerun skips its finished runs)")
-    parser.add_argument("--steps", type=positive_int, help="training steps per run (default 300)")
+    parser.add_argument("--steps", type=positive_int, help="training steps per run (default 500)")
     parser.add_argument("--scales", type=_scales, help="IP scales to evaluate (default 0,0.5,1)")
     parser.add_argument("--images", type=positive_int, help="procedural training images (default 512)")
     parser.add_argument("--prompts", type=positive_int, help="held-out image prompts (default 8)")
