@@ -103,7 +103,9 @@ def test_cli_rejects_a_bad_override_before_any_work(tmp_path, capsys):
     status = ablate_main(["--variants", "x:model.nope=1", "--out", str(tmp_path / "out")])
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "model.nope" in err[0], err
+    assert (
+        len(err) == 1 and err[0].startswith("error:") and "variant x: unknown config field(s) model.nope" in err[0]
+    ), err
     assert not (tmp_path / "out").exists()
 
 

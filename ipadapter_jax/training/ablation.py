@@ -267,7 +267,10 @@ def run_ablation(
                 + "); give another --out"
             )
     for variant in variants:  # every variant's config checked before anything runs
-        run_config(settings, variant, seeds[0], lambda config: ("unused", "unused"))
+        try:
+            run_config(settings, variant, seeds[0], lambda config: ("unused", "unused"))
+        except ConfigError as err:
+            raise ConfigError(f"variant {variant.name}: {err}") from None
     write_json(out / SETTINGS_FILE, recorded)
 
     def log(message: str) -> None:
