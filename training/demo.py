@@ -30,30 +30,23 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
-from PIL import Image
 
 import ipadapter_jax  # noqa: F401  (log filter before any Flax model import)
 
 # isort: split
-from ipadapter_jax.data import builder, synthetic
-from ipadapter_jax.evaluation.clip_score import CLIPScorer, cosine
-from ipadapter_jax.evaluation.plots import Samples, draw_grid, draw_loss_curve, read_losses
+from ipadapter_jax.evaluation.clip_score import CLIPScorer
+from ipadapter_jax.evaluation.plots import draw_grid, draw_loss_curve, read_losses
 from ipadapter_jax.evaluation.tiny_clip import tiny_eval_clip
-from ipadapter_jax.models.adapter import Adapter
-from ipadapter_jax.models.base_model import BaseModel
-from ipadapter_jax.models.image_encoder import ImageEncoder
-from ipadapter_jax.pipelines import IPAdapterPipeline
 from ipadapter_jax.presets import get_preset
 from ipadapter_jax.training.cache_encodings import build_cache
 from ipadapter_jax.training.config import TrainConfig
+from ipadapter_jax.training.embedded_world import build_data, clip_i, generate, held_out_prompts, make_pipeline
 from ipadapter_jax.training.loop import train
-from ipadapter_jax.weights import load_adapter, load_base, load_image_encoder, tiny_base
+from ipadapter_jax.weights import load_base, load_image_encoder, tiny_base
 from ipadapter_jax.weights.torch_layout import torch_key_to_flax_module_path
 
 ADAPTER_FILE = "ip-adapter.safetensors"
@@ -114,15 +107,6 @@ def training_config(settings: DemoSettings, data_path: str, eval_path: str) -> T
     return TrainConfig.from_config_dict(config)
 
 
-def build_data(root: str, num_images: int, seed: int) -> str:
-    """Procedural images + captions in `root` -> a built TFDS dataset; returns its directory."""
-    source = os.path.join(root, "source")
-    captions = synthetic.write_dataset(source, num_images, tiny_base.VAE["sample_size"], seed)
-    path, report = builder.build_dataset(captions, os.path.join(source, "images"), os.path.join(root, "built"))
-    print(f"{report['written']} examples ({report['skipped']} skipped) -> {path}")
-    return path
-
-
 def verify_in_diffusers(export: str, adapter: dict) -> dict:
     """Loads `export` with diffusers' PyTorch `load_ip_adapter` into a pipeline around a UNet of the tiny config
     and compares every tensor it loaded with `adapter`, the same file as our loader reads it (Flax layout).
@@ -181,53 +165,6 @@ def verify_in_diffusers(export: str, adapter: dict) -> dict:
     return {"status": "ok", "cross_attention_layers": layers, "max_abs_difference": worst}
 
 
-def make_pipeline(base: BaseModel, image_encoder: ImageEncoder, export: str) -> tuple[IPAdapterPipeline, Adapter]:
-    """Our pipeline on the tiny base (DDIM, SD1.5's settings) with the adapter read back from the exported file."""
-    adapter = load_adapter(export, base, image_encoder=image_encoder)
-    return IPAdapterPipeline(base, image_encoder, adapter), adapter
-
-
-def generate(pipe: IPAdapterPipeline, prompts: Sequence[Image.Image], settings: DemoSettings) -> Samples:
-    """Image-only generation (empty text) from every prompt at each scale: one batched call per scale, image
-    prompt i with seed `seed + i`, so every scale starts from the same noise."""
-    samples: Samples = {}
-    count = settings.samples_per_prompt
-    for scale in settings.scales:
-        out = pipe(
-            list(prompts),
-            per_prompt_images=True,
-            prompt=[""] * len(prompts),
-            scale=scale,
-            guidance_scale=settings.guidance_scale,
-            num_inference_steps=settings.inference_steps,
-            num_images_per_prompt=count,
-            seed=[settings.seed + i for i in range(len(prompts))],
-            progress=scale == settings.scales[0],
-        )
-        samples[scale] = [out.images[i * count : (i + 1) * count] for i in range(len(prompts))]
-        print(f"scale {scale:g}: {len(prompts)} image prompts x {count} samples", flush=True)
-    return samples
-
-
-def clip_i(scorer: CLIPScorer, prompts: Sequence[Image.Image], samples: Samples) -> dict:
-    """CLIP-I as the evaluation protocol computes it (`ipadapter_jax.evaluation.clip_score`, here with the tiny
-    evaluation CLIP): mean per scale and per prompt, and for reference the mean cosine between different image
-    prompts."""
-    prompt_embeds = scorer.image_embeddings(list(prompts))
-    result: dict[str, Any] = {"mean": {}, "per_prompt": {}}
-    for scale, per_prompt in samples.items():
-        scores = [
-            float(np.mean(cosine(scorer.image_embeddings(images), prompt_embeds[i : i + 1])))
-            for i, images in enumerate(per_prompt)
-        ]
-        result["mean"][str(scale)] = float(np.mean(scores))
-        result["per_prompt"][str(scale)] = scores
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(prompts)) if i != j]
-    unrelated = cosine(prompt_embeds[[i for i, _ in pairs]], prompt_embeds[[j for _, j in pairs]]) if pairs else []
-    result["unrelated_prompts_mean"] = float(np.mean(unrelated)) if pairs else None
-    return result
-
-
 def run(settings: DemoSettings, out: str) -> dict:
     """Runs every step; writes the report into `out` and returns the metrics."""
     progress = Progress(total=7)
@@ -276,16 +213,21 @@ def run(settings: DemoSettings, out: str) -> dict:
     if diffusers_check["status"] != "ok":
         print(diffusers_check["status"])
 
-    prompts = [
-        Image.fromarray(a)
-        for a in synthetic.sample(settings.num_prompts, tiny_base.VAE["sample_size"], seed=settings.seed + 1)[0]
-    ]
+    prompts, _ = held_out_prompts(settings.num_prompts, settings.seed + 1)
     progress.phase(
         "generate",
         f"{len(prompts)} held-out image prompts x scales {list(settings.scales)} x "
         f"{settings.samples_per_prompt} samples, {settings.inference_steps} DDIM steps",
     )
-    samples = generate(pipe, prompts, settings)
+    samples = generate(
+        pipe,
+        prompts,
+        settings.scales,
+        samples_per_prompt=settings.samples_per_prompt,
+        inference_steps=settings.inference_steps,
+        guidance_scale=settings.guidance_scale,
+        seed=settings.seed,
+    )
 
     progress.phase("report", f"report in {out}")
     scores = clip_i(CLIPScorer(tiny_eval_clip(base, image_encoder)), prompts, samples)

@@ -6,6 +6,7 @@
     ipadapter-jax train ...        train an adapter                                    (cli/train.py)
     ipadapter-jax generate ...     image-prompted generation (SD1.5/SDXL/ControlNet)   (cli/generate.py)
     ipadapter-jax eval ...         CLIP-I / CLIP-T evaluation, the paper's protocol    (cli/evaluate.py)
+    ipadapter-jax ablate ...       the paper's ablations on the embedded world         (cli/ablate.py)
 
 Each subcommand module exposes `main(argv) -> int` (its work wrapped in `report_errors`) and is imported only
 when used, so `ipadapter-jax data` does not pay for importing the models.
@@ -44,6 +45,7 @@ SUBCOMMANDS = {
     "plan": ("ipadapter_jax.cli.plan", "compile a config's train step for a TPU topology: memory, FLOPs, bounds"),
     "generate": ("ipadapter_jax.cli.generate", "generate images from image (+ text) prompts"),
     "eval": ("ipadapter_jax.cli.evaluate", "CLIP-I / CLIP-T evaluation (run, compare)"),
+    "ablate": ("ipadapter_jax.cli.ablate", "train + score variants x seeds on the embedded world, with intervals"),
 }
 
 

@@ -78,3 +78,26 @@ def write_dataset(root: str, num_images: int, size: int = 64, seed: int = 0) -> 
     with open(path, "w") as f:
         json.dump(entries, f, indent=0)
     return path
+
+
+def edit_caption(caption: str, attribute: str) -> str:
+    """`caption` (as `draw` writes it) with one attribute changed: "colour" (the shape's colour -> the next colour
+    of `COLOURS` that is neither it nor the background's) or "shape" (-> the next of `SHAPES`).
+
+    Raises:
+      ValueError: the caption is not of `draw`'s form, or an unknown attribute.
+    """
+    words = caption.split()
+    if len(words) < 6 or words[1] not in COLOURS or words[2] not in SHAPES or words[-2] not in COLOURS:
+        raise ValueError(f"not a caption of the procedural world: {caption!r}")
+    names = list(COLOURS)
+    if attribute == "colour":
+        start = names.index(words[1])
+        words[1] = next(
+            name for k in range(1, len(names)) if (name := names[(start + k) % len(names)]) not in (words[1], words[-2])
+        )
+    elif attribute == "shape":
+        words[2] = SHAPES[(SHAPES.index(words[2]) + 1) % len(SHAPES)]
+    else:
+        raise ValueError(f"attribute must be 'colour' or 'shape', got {attribute!r}")
+    return " ".join(words)

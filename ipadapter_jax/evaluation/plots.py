@@ -1,7 +1,8 @@
-"""Pictures for reports: a training run's loss curves and a grid of samples per image prompt and IP scale (PIL only).
+"""Pictures for reports: a training run's loss curves and a grid of samples per image prompt and IP scale (PIL only);
+for ablations, lines with interval bars (CLIP-I vs scale, loss curves per variant) and a grid of samples per variant.
 
-Used by the demo (`training/demo.py`); the inputs are the training script's metrics.jsonl and plain lists of
-PIL images.
+Used by the demo (`training/demo.py`) and `ipadapter-jax ablate`; the inputs are the training script's metrics.jsonl
+and plain lists of PIL images.
 """
 
 from __future__ import annotations
@@ -91,4 +92,75 @@ def draw_grid(prompts: Sequence[Image.Image], samples: Samples, scores: dict, pa
             x = cell + j * (gap + per_scale * cell) + gap
             for k, image in enumerate(samples[scale][i]):
                 grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x + k * cell, y))
+    grid.save(path)
+
+
+Series = dict[str, list[tuple[float, float, float, float]]]  # {label: [(x, y, low, high)]} (low = high = y: no bar)
+PALETTE = ((200, 40, 40), (40, 90, 200), (40, 150, 60), (220, 140, 20), (140, 50, 170), (20, 150, 160), (90, 90, 90))
+
+
+def draw_lines(series: Series, path: str, title: str, x_label: str, y_label: str) -> None:
+    """One line per label (points with vertical interval bars where low < high), a legend, axes with ticks."""
+    width, height, left, right, top, bottom = 760, 460, 70, 20, 40 + 18 * len(series), 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(13)
+    draw.text((left, 8), f"{title} ({y_label})", fill="black", font=font)
+    for k, label in enumerate(series):
+        y = 32 + 18 * k
+        draw.line([left, y, left + 24, y], fill=PALETTE[k % len(PALETTE)], width=3)
+        draw.text((left + 30, y - 7), label, fill="black", font=font)
+    points = [p for values in series.values() for p in values]
+    x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
+    y_low, y_high = min(p[2] for p in points), max(p[3] for p in points)
+    pad = 0.05 * (y_high - y_low or 1.0)
+    y_low, y_high = y_low - pad, y_high + pad
+    x_span = x_high - x_low or 1.0
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (width - left - right) * (x - x_low) / x_span,
+            top + (height - top - bottom) * (y_high - y) / (y_high - y_low),
+        )
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):
+        value, x_value = y_low + (y_high - y_low) * k / 4, x_low + x_span * k / 4
+        _, y = xy(x_low, value)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((8, y - 7), f"{value:.3f}", fill="black", font=font)
+        x, _ = xy(x_value, y_low)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+        draw.text((x - 10, height - bottom + 8), f"{x_value:g}", fill="black", font=font)
+    draw.text((width // 2 - 15, height - 20), x_label, fill="black", font=font)
+    for k, values in enumerate(series.values()):
+        colour = PALETTE[k % len(PALETTE)]
+        line = [xy(x, y) for x, y, _, _ in values]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, _, low, high in values:
+            if high > low:
+                (px, p_low), (_, p_high) = xy(x, low), xy(x, high)
+                draw.line([px, p_low, px, p_high], fill=colour, width=1)
+                draw.line([px - 4, p_low, px + 4, p_low], fill=colour)
+                draw.line([px - 4, p_high, px + 4, p_high], fill=colour)
+    image.save(path)
+
+
+def draw_variant_grid(prompts: Sequence[Image.Image], rows: dict[str, Samples], path: str, cell: int = 96) -> None:
+    """Top row: the image prompts. Then per variant and scale a row of samples (the first of each prompt)."""
+    label_width, header = 170, 20
+    labels = [(variant, scale) for variant, samples in rows.items() for scale in samples]
+    grid = Image.new("RGB", (label_width + len(prompts) * cell, header + (1 + len(labels)) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(13)
+    draw.text((8, 4), "samples: first seed, first sample per prompt", fill="black", font=font)
+    draw.text((8, header + cell // 2), "image prompt", fill="black", font=font)
+    for i, prompt in enumerate(prompts):
+        grid.paste(prompt.resize((cell, cell), Image.Resampling.NEAREST), (label_width + i * cell, header))
+    for row, (variant, scale) in enumerate(labels, start=1):
+        y = header + row * cell
+        draw.text((8, y + cell // 2 - 8), f"{variant}\nscale {scale:g}", fill="black", font=font)
+        for i, images in enumerate(rows[variant][scale]):
+            grid.paste(images[0].resize((cell, cell), Image.Resampling.NEAREST), (label_width + i * cell, y))
     grid.save(path)

@@ -67,10 +67,15 @@ def step_models(model: ModelConfig, unet: nn.Module, image_proj: nn.Module) -> S
     return StepModels(unet=unet, image_proj=image_proj, remat=model.remat)
 
 
-def faceid_options(model: ModelConfig) -> dict:
-    """The FaceID settings of a new projection (`known_models.image_proj_spec`): the identity embedding's width and
-    FaceID Plus v2's shortcut scale (None: v1)."""
-    return dict(face_embed_dim=model.face_embed_dim, shortcut_scale=model.faceid_shortcut_scale or None)
+def projection_options(model: ModelConfig) -> dict:
+    """The size settings of a new projection (`known_models.image_proj_spec`): the Plus Resampler's width and depth,
+    the FaceID identity embedding's width and FaceID Plus v2's shortcut scale (None: v1)."""
+    return dict(
+        resampler_width=model.resampler_width,
+        resampler_depth=model.resampler_depth,
+        face_embed_dim=model.face_embed_dim,
+        shortcut_scale=model.faceid_shortcut_scale or None,
+    )
 
 
 def load(config: TrainConfig, workdir: str) -> Components:
@@ -90,7 +95,7 @@ def load(config: TrainConfig, workdir: str) -> Components:
     )
     if model.init_adapter:
         adapter = load_adapter(model.init_adapter, base, image_encoder=image_encoder, dtype=dtype,
-                               shortcut_scale=faceid_options(model)["shortcut_scale"])  # fmt: skip
+                               shortcut_scale=projection_options(model)["shortcut_scale"])  # fmt: skip
         for field, ours, wanted in (
             ("adapter_kind", adapter.kind, model.adapter_kind),
             ("design", adapter.design, model.design),
@@ -107,7 +112,7 @@ def load(config: TrainConfig, workdir: str) -> Components:
             )
     else:
         adapter = new_adapter(model.adapter_kind, base, image_encoder, num_tokens=model.num_tokens, seed=config.seed,
-                              dtype=dtype, design=model.design, **faceid_options(model))  # fmt: skip
+                              dtype=dtype, design=model.design, **projection_options(model))  # fmt: skip
     return _components(model, base, image_encoder, adapter)
 
 
@@ -140,7 +145,7 @@ def abstract_components(config: TrainConfig) -> Components:
     ip_unet = base.unet.clone(adapter_design=model.design)
     unet_params, ip_layers = split_unet_params(abstract_ip_unet_params(ip_unet), design.layer_params)
     spec = known_models.image_proj_spec(model.adapter_kind, base.unet.cross_attention_dim, image_encoder.config,
-                                        model.num_tokens, **faceid_options(model))  # fmt: skip
+                                        model.num_tokens, **projection_options(model))  # fmt: skip
     image_proj = build_image_proj(spec, dtype)
     adapter = Adapter(image_proj, {"image_proj": param_shapes(image_proj), "ip_layers": ip_layers}, model.design)
     comps = _components(model, base.replace(unet_params=unet_params), image_encoder, adapter)

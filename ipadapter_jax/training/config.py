@@ -40,6 +40,8 @@ class ModelConfig:
     face_embed_dim: int = 512
     faceid_shortcut_scale: float = 0.0
     design: str = "decoupled"
+    resampler_width: int = 0
+    resampler_depth: int = 4
     init_adapter: str = ""
     prediction_type: str = "epsilon"
     dtype: str = "bfloat16"
@@ -62,6 +64,13 @@ class ModelConfig:
                 f"model.faceid_shortcut_scale is FaceID Plus v2's shortcut: it needs model.adapter_kind='faceid-plus', "
                 f"got {self.adapter_kind!r}"
             )
+        _at_least(self.resampler_width, 0, "model.resampler_width")
+        if self.resampler_width % 64:
+            raise ConfigError(
+                f"model.resampler_width must be 0 (the reference's) or a multiple of the head size 64, "
+                f"got {self.resampler_width}"
+            )
+        _at_least(self.resampler_depth, 1, "model.resampler_depth")
         _choice(self.prediction_type, PREDICTION_TYPES, "model.prediction_type")
         _choice(self.dtype, DTYPES, "model.dtype")
         _choice(self.attention_implementation, ATTENTION_IMPLEMENTATIONS, "model.attention_implementation")
@@ -97,6 +106,11 @@ class DataConfig:
     num_workers: int = 0
     drop_rates: tuple[float, float, float] = (0.05, 0.05, 0.05)
     crop: str = "center"
+    seed: int = -1
+
+    def shuffle_seed(self, run_seed: int) -> int:
+        """The data order's and condition drops' seed: `seed`, or the run's when it is -1."""
+        return run_seed if self.seed < 0 else self.seed
 
     def validate(self) -> None:
         if self.crop not in TARGET_CROPS:
@@ -106,6 +120,7 @@ class DataConfig:
             raise ConfigError(f"data.resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
         _at_least(self.batch_size_per_device, 1, "data.batch_size_per_device")
         _at_least(self.num_workers, 0, "data.num_workers")
+        _at_least(self.seed, -1, "data.seed")
         if len(self.drop_rates) != 3:
             raise ConfigError(f"data.drop_rates must be 3 rates (image only, text only, both), got {self.drop_rates}")
         for rate in self.drop_rates:

@@ -73,7 +73,7 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     batches = loader.DataIterator(
         data,
         global_batch_size=global_batch,
-        seed=config.seed,
+        seed=config.data.shuffle_seed(config.seed),
         drop_rates=config.data.drop_rates,
         sharding=sharding.batch_sharding(mesh),
         worker_count=config.data.num_workers,
@@ -183,7 +183,7 @@ def _held_out_loss(
     eval_batches = loader.DataIterator(
         eval_data,
         global_batch_size=global_batch,
-        seed=config.seed,
+        seed=config.data.shuffle_seed(config.seed),
         shuffle=False,
         drop_rates=(0.0, 0.0, 0.0),
         sharding=sharding.batch_sharding(mesh),

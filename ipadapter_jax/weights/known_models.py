@@ -208,6 +208,8 @@ def image_proj_spec(
     *,
     face_embed_dim: int = 512,
     shortcut_scale: float | None = None,
+    resampler_width: int = 0,
+    resampler_depth: int = RESAMPLER["depth"],
 ) -> ImageProjSpec:
     """The image projection of a new adapter of `kind` for a UNet of `cross_attention_dim` and a CLIP image encoder
     (`encoder_config`: its `CLIPVisionConfig`) as an `ImageProjSpec`: "base" (`num_tokens` tokens from the projected
@@ -218,21 +220,30 @@ def image_proj_spec(
     refined by a depth-4 perceiver of cross_attention_dim / 64 heads of 64 over the hidden states; `shortcut_scale`:
     v2's shortcut, None for v1). diffusers' loader builds FaceID Plus projections with 4 tokens.
 
+    The Plus Resampler is `resampler_width` wide (0: the reference's, 768 for a 768-wide cross-attention, else 1280;
+    a multiple of the head size 64, which the official file layout implies) and `resampler_depth` layers deep.
+
     Raises:
-      ValueError: an unknown kind, or a "full" adapter whose `num_tokens` is not the encoder's token count.
+      ValueError: an unknown kind, a "full" adapter whose `num_tokens` is not the encoder's token count, or a
+        Resampler width that is not a positive multiple of 64.
     """
     cross, encoder = cross_attention_dim, encoder_config
     if kind == "base":
         hparams = dict(cross_attention_dim=cross, clip_embeddings_dim=encoder.projection_dim, num_tokens=num_tokens)
     elif kind == "plus":
-        width = 768 if cross == 768 else 1280
+        width = resampler_width or (768 if cross == 768 else 1280)
+        if width % RESAMPLER["dim_head"] or resampler_depth < 1:
+            raise ValueError(
+                f"a Resampler needs a width that is a multiple of its head size {RESAMPLER['dim_head']} and a depth "
+                f">= 1, got width {width}, depth {resampler_depth}"
+            )
         hparams = dict(
             dim=width,
             heads=width // RESAMPLER["dim_head"],
             num_queries=num_tokens,
             embedding_dim=encoder.hidden_size,
             output_dim=cross,
-            **RESAMPLER,
+            **dict(RESAMPLER, depth=resampler_depth),
         )
     elif kind == "full":
         tokens = 1 + (encoder.image_size // encoder.patch_size) ** 2

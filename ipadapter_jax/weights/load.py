@@ -224,9 +224,11 @@ def new_adapter(
     num_tokens: int,
     seed: int = 0,
     dtype: Any = jnp.float32,
+    design: str = "decoupled",
     face_embed_dim: int = 512,
     shortcut_scale: float | None = None,
-    design: str = "decoupled",
+    resampler_width: int = 0,
+    resampler_depth: int = known_models.RESAMPLER["depth"],
 ) -> Adapter:
     """A fresh adapter of `design` (`ipadapter_jax.models.designs`) with its init, the paper's for "decoupled": each
     layer's K'/V' a copy of its frozen K/V; the projection random (deterministic in `seed`).
@@ -234,11 +236,13 @@ def new_adapter(
     `kind`: "base" (`num_tokens` tokens from the projected image embedding), "plus" (a Resampler of `num_tokens`
     queries over the penultimate hidden states, the reference's depth 4 / head size 64) or "full" (one token per
     hidden state; `num_tokens` must equal the encoder's 1 + patches), "faceid" / "faceid-plus" (from a
-    (face_embed_dim,) identity embedding; `shortcut_scale`: FaceID Plus v2's; `known_models.image_proj_spec`). A new
-    FaceID adapter has no UNet LoRA.
+    (face_embed_dim,) identity embedding; `shortcut_scale`: FaceID Plus v2's). A new FaceID adapter has no UNet LoRA.
+    `resampler_width` / `resampler_depth`: the Plus Resampler's size (0 / 4: the reference's). The sizes:
+    `known_models.image_proj_spec`.
     """
     spec = known_models.image_proj_spec(kind, base.unet.cross_attention_dim, image_encoder.config, num_tokens,
-                                        face_embed_dim=face_embed_dim, shortcut_scale=shortcut_scale)  # fmt: skip
+                                        face_embed_dim=face_embed_dim, shortcut_scale=shortcut_scale,
+                                        resampler_width=resampler_width, resampler_depth=resampler_depth)  # fmt: skip
     image_proj = build_image_proj(spec, jnp.dtype(dtype))
     params = {
         "image_proj": numpy_init(param_shapes(image_proj), seed=seed),

@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "gated" (the decoupled branch through a learned tanh gate, initialised at 0). Designs other than "decoupled"
     # export ip-adapter.msgpack (no official layout).
     c.model.design = "decoupled"
+    # The Plus Resampler's width (0: the reference's, 768 for SD1.5's cross-attention, else 1280; else a multiple of
+    # its head size 64) and depth (the reference's 4). The tiny ablations use a 64-wide, 1-deep one.
+    c.model.resampler_width = 0
+    c.model.resampler_depth = 4
     c.model.init_adapter = ""  # optional official .bin/.safetensors (or our .msgpack) to start from (fine-tuning)
     c.model.prediction_type = "epsilon"  # "v_prediction" for SD2-768-style bases
     c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
@@ -60,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     # tutorial_train.py), "center_floor" (tutorial_train_sdxl.py's default) or "random" (its random crop, a new one
     # every epoch; SDXL sees the offsets as time ids; raw datasets only, not embedding caches).
     c.data.crop = "center"
+    # The data order's and condition drops' seed; -1: `seed` (which also seeds the adapter's init and the step's
+    # noise). Runs that differ only in `seed` with data.seed fixed see the same batches (`ipadapter-jax ablate`).
+    c.data.seed = -1
     c.data.eval_path = ""  # optional held-out dataset: its first global batch is scored every eval_every steps
 
     c.optim = ml_collections.ConfigDict()
