@@ -140,19 +140,17 @@ def _leaves(tree: dict, prefix: str = ""):
 @pytest.mark.slow
 def test_two_variants_one_seed_report_then_a_rerun_trains_nothing(tmp_path):
     out = tmp_path / "ablate"
-    argv = ["--preset", "drops", "--seeds", "1", "--out", str(out), "--steps", "12", "--images", "32"]
+    argv = ["--preset", "designs", "--seeds", "1", "--out", str(out), "--steps", "12", "--images", "32"]
     argv += ["--prompts", "2", "--samples", "1", "--inference-steps", "4", "--scales", "0,1"]
     assert ablate_main(argv) == 0
     for name in ablation.REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
-    assert names == ["reference_drops", "no_drops"] and report["trained_this_invocation"] == 2
-    for name in names:
+    assert names == ["decoupled", "simple"] and report["trained_this_invocation"] == 2
+    for name, export in zip(names, ("ip-adapter.safetensors", "ip-adapter.msgpack")):  # simple: no official layout
         run = out / "runs" / name / "seed_0"
-        assert {"config.json", "metrics.jsonl", "scores.json", "result.json", "ip-adapter.safetensors"} <= set(
-            os.listdir(run)
-        )
+        assert {"config.json", "metrics.jsonl", "scores.json", "result.json", export} <= set(os.listdir(run))
         saved = json.loads((run / "config.json").read_text())
         assert saved["config"]["data"]["seed"] == 0 and saved["config"]["total_steps"] == 12
         scores = json.loads((run / "scores.json").read_text())
@@ -163,14 +161,12 @@ def test_two_variants_one_seed_report_then_a_rerun_trains_nothing(tmp_path):
                 assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
     (pair,) = report["differences"]
     assert (pair["baseline"], pair["other"]) == tuple(names)
-    # At scale 0 the adapter is off: both variants sample the base model from the same noise, identically.
-    assert pair["metrics"]["clip_i"]["0.0"] == {
-        "difference": 0.0,
-        "ci95": [0.0, 0.0],
-        "other_higher_fraction": 0.0,
-        "n": 2,
-    }
-    assert "| no_drops - reference_drops | clip_i |" in (out / "report.md").read_text()
+    # At scale 0 the adapter is off: both variants sample the base model from the same noise (the simple design's
+    # attention over text + zero-weighted image tokens is the text-only one up to float32 rounding: ~1e-6 measured).
+    at_zero = pair["metrics"]["clip_i"]["0.0"]
+    assert at_zero["n"] == 2 and at_zero["difference"] == pytest.approx(0.0, abs=1e-5)
+    assert at_zero["ci95"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert "| simple - decoupled | clip_i |" in (out / "report.md").read_text()
 
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_*/*.json")}
     assert ablate_main(argv) == 0

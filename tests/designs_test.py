@@ -11,6 +11,7 @@ record the design; the official formats refuse the designs they cannot hold.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -299,10 +300,7 @@ def test_abstract_components_have_the_shapes_of_a_new_adapter_of_the_design(tiny
     config = get_preset("tiny")
     config.model.design = "gated"
     comps = abstract_components(TrainConfig.from_config_dict(config))
-
-    def shapes(tree):
-        return jax.tree.map(lambda x: tuple(x.shape), tree)
-
+    shapes = functools.partial(jax.tree.map, lambda x: tuple(x.shape))
     assert shapes(comps.adapter) == shapes(adapter.params)
     assert comps.models.unet.adapter_design == "gated"
 

@@ -4,8 +4,9 @@ order, each scored on held-out image prompts at several IP scales, and one repor
     out/
       ablation.json            the settings the folder was made with (a rerun must match them)
       data/                    procedural training + held-out datasets and their embedding caches, built once
-      runs/VARIANT/seed_S/     config.json, metrics.jsonl, checkpoints/, ip-adapter.safetensors, samples/,
-                               scores.json and result.json (written last: the run is finished once it exists)
+      runs/VARIANT/seed_S/     config.json, metrics.jsonl, checkpoints/, ip-adapter.safetensors (or .msgpack for a
+                               design without the official layout), samples/, scores.json and result.json (written
+                               last: the run is finished once it exists)
       report.md report.json    per variant and scale: means and 95% bootstrap intervals over (seed, prompt);
                                paired differences between variants (`ipadapter_jax.evaluation.ablation_stats`)
       clip_i_vs_scale.png loss_curves.png grid.png
@@ -45,6 +46,7 @@ from ipadapter_jax.training import embedded_world
 from ipadapter_jax.training.ablation_presets import ABLATION_PRESETS
 from ipadapter_jax.training.cache_encodings import build_cache
 from ipadapter_jax.training.config import ConfigError, TrainConfig
+from ipadapter_jax.training.hooks import final_export
 from ipadapter_jax.training.loop import train
 from ipadapter_jax.weights import load_base, load_image_encoder
 
@@ -235,7 +237,7 @@ def _run_one(world: _World, variant: Variant, seed: int, folder: Path) -> dict:
     started = time.time()
     train(config, str(folder))
     trained = time.time()
-    scores = evaluate_run(world, str(folder / "ip-adapter.safetensors"), folder / "samples")
+    scores = evaluate_run(world, str(folder / final_export(config.model.design)), folder / "samples")
     write_json(folder / SCORES_FILE, scores)
     result = {"variant": variant.name, "seed": seed, "train_seconds": trained - started}
     result["eval_seconds"] = time.time() - trained
