@@ -2,10 +2,13 @@
 samples for fixed image prompts, written by the `TensorBoard` hook (process 0; the loop calls it after the other
 hooks of `ipadapter_jax.training.hooks`, so a step's held-out loss is in its flush).
 
-Event files are written by tensorboardX into a local folder: the workdir's `tensorboard/` or, for a bucket workdir
-(gs://), a local temporary folder whose event files are uploaded whole after every flush (an object upload is
-atomic and event files only grow, so each upload is a complete superset of the last; a bucket has no append).
-tensorboardX's own gs:// writer is not used: it re-uploads from `__del__` and can hang at exit. A resumed run
+Event files are written by tensorboardX's synchronous `EventsWriter` (its summary protos, written in the calling
+thread) into a local folder: the workdir's `tensorboard/` or, for a bucket workdir (gs://), a local temporary folder
+whose event files are uploaded whole after every flush (an object upload is atomic and event files only grow, so
+each upload is a complete superset of the last; a bucket has no append). tensorboardX's `SummaryWriter` is not
+used: its `flush()` does not wait for the events still queued for its writer thread (an upload right after it
+copied a file that was still growing), and its own gs:// writer re-uploads from `__del__` and can hang at exit. A
+resumed run
 starts a new event file with `purge_step` = its first step + 1, so TensorBoard drops the older files' points past
 the step it resumed from, as metrics.jsonl does.
 """
@@ -16,11 +19,15 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from tensorboardX import summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from ipadapter_jax import paths, staging
 
@@ -39,27 +46,27 @@ class EventWriter:
     """Scalars and images into the event files of `workdir/tensorboard` (local or in a bucket)."""
 
     def __init__(self, workdir: str, first_step: int):
-        from tensorboardX import SummaryWriter
-
         self.url = paths.join(workdir, EVENTS_DIR)
         self.local = tempfile.mkdtemp(prefix="ipadapter-jax-tb-") if paths.is_remote(self.url) else self.url
-        # A resumed run purges the older files' points after its first step (metrics.jsonl keeps records up to it);
-        # the pid in the file name: two runs of one host starting in the same second write separate files.
-        self.writer = SummaryWriter(
-            self.local, purge_step=first_step + 1 if first_step else None, flush_secs=3600,
-            filename_suffix=f".{os.getpid()}",
-        )  # fmt: skip
+        os.makedirs(self.local, exist_ok=True)
+        # The pid in the file name: two runs of one host starting in the same second write separate files.
+        self.writer = EventsWriter(os.path.join(self.local, "events"), f".{os.getpid()}")
+        if first_step:  # a resumed run purges the older files' points after its first step, as metrics.jsonl does
+            self.writer.write_event(Event(step=first_step + 1, session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, proto: Any, step: int) -> None:
+        self.writer.write_event(Event(summary=proto, step=step, wall_time=time.time()))
 
     def scalars(self, record: Mapping[str, Any]) -> None:
         """One metrics record ({"step": s, name: value, ...}) as scalars at step s."""
         step = int(record["step"])
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(scalar_tag(key), float(value), step)
+                self._write(summary.scalar(scalar_tag(key), float(value)), step)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """An (H, W, 3) uint8 image."""
-        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self._write(summary.image(tag, image, dataformats="HWC"), step)
 
     def flush(self) -> None:
         """Writes the events out; for a bucket, uploads each local event file whole."""
