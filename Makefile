@@ -22,7 +22,8 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 # Test files run in parallel, one file per worker (pytest-xdist; one worker per core, at most 4): compiling is
-# mostly single-threaded. The whole suite: 39 min on a 2-core CPU (two workers), from a clean clone (634 tests).
+# mostly single-threaded. The whole suite: 23 min on the 2-core CI machine, 34 min here from a clean clone while
+# another job shared the cores (673 tests, two workers).
 PYTEST := $(VENV)/bin/python -m pytest tests -q -n auto --maxprocesses 4 --dist loadfile
 
 # The whole suite: what CI runs (.ci/run).
