@@ -68,13 +68,23 @@ def test_variant_means_and_paired_differences_against_hand_computed_numbers():
 
 
 def test_caption_edits_change_one_attribute():
-    assert edit_caption("a red circle on a striped green background", "colour") == (
-        "a blue circle on a striped green background"  # green is the background: skipped
+    caption = "a small red circle at the left on a striped green background"
+    assert edit_caption(caption, "colour") == "a small blue circle at the left on a striped green background"  # not green
+    assert edit_caption(caption, "background") == "a small red circle at the left on a striped blue background"
+    assert edit_caption(caption, "shape") == "a small red square at the left on a striped green background"
+    assert edit_caption(caption, "texture") == "a small red circle at the left on a checked green background"
+    assert edit_caption(caption, "place") == "a small red circle in the middle on a striped green background"
+    assert edit_caption(caption, "size") == "a large red circle at the left on a striped green background"
+    assert edit_caption("a large black cross at the right on a checked red background", "colour") == (
+        "a large green cross at the right on a checked red background"  # black is the last colour: wraps, skips red
     )
-    assert edit_caption("a black triangle on a red background", "colour") == "a green triangle on a red background"
-    assert edit_caption("a black triangle on a red background", "shape") == "a black circle on a red background"
+    assert edit_caption("a large black cross at the right on a checked red background", "texture") == (
+        "a large black cross at the right on a red background"  # plain: no texture word
+    )
     with pytest.raises(ValueError, match="not a caption"):
         edit_caption("a photo of a cat", "shape")
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        edit_caption(caption, "mood")
 
 
 def _caches(config) -> tuple[str, str]:
