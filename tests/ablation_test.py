@@ -69,7 +69,8 @@ def test_variant_means_and_paired_differences_against_hand_computed_numbers():
 
 def test_caption_edits_change_one_attribute():
     caption = "a small red circle at the left on a striped green background"
-    assert edit_caption(caption, "colour") == "a small blue circle at the left on a striped green background"  # not green
+    # The next colour that is not the background's (green is skipped).
+    assert edit_caption(caption, "colour") == "a small blue circle at the left on a striped green background"
     assert edit_caption(caption, "background") == "a small red circle at the left on a striped blue background"
     assert edit_caption(caption, "shape") == "a small red square at the left on a striped green background"
     assert edit_caption(caption, "texture") == "a small red circle at the left on a checked green background"

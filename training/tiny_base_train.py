@@ -9,7 +9,9 @@ so the demo's embedded default is a small base model trained here, in Stable Dif
 1. encoders: the CLIP text and image encoders, contrastively (CLIP's symmetric InfoNCE over a batch of
    image-caption pairs). Captions repeat (3024 distinct), so every pair sharing a caption is a positive. A batch
    is whole groups of near neighbours (a scene and scenes with one attribute of it changed), so shape and place
-   must be learnt, not only the colours that tell most random pairs apart. The text side's projection is a training-only head: the UNet reads the text encoder's hidden states.
+   must be learnt, not only the colours that tell most random pairs apart. The text side's projection is a
+   training-only head: the UNet reads the text encoder's hidden states. The tokenizer has one token per caption
+   word (`tiny_base.write_tokenizer`), written with the weights.
 2. vae: the autoencoder (pixel MSE + a small KL term), then its latent scaling factor 1 / std(latents).
 3. unet: text-conditioned epsilon prediction on the scaled latents with SD1.5's DDPM schedule; 10% of the
    captions are dropped to "" so the empty prompt gives unconditional samples (image-only generation's start).
@@ -210,8 +212,11 @@ def train_encoders(
     # Per attribute: how often that caption names the image's own value (what the encoder sees beyond colour).
     scenes = [synthetic.Scene.parse(caption) for caption in held_out.captions[:-1]]
     per_attribute = {
-        name: float(np.mean([getattr(scenes[b], name) == getattr(scenes[t], name)
-                             for b, t in zip(best, held_out.caption_index)]))  # fmt: skip
+        name: float(
+            np.mean(
+                [getattr(scenes[b], name) == getattr(scenes[t], name) for b, t in zip(best, held_out.caption_index)]
+            )
+        )  # fmt: skip
         for name in synthetic.ATTRIBUTES
     }
     report = {

@@ -60,8 +60,8 @@ class Scene:
     @property
     def caption(self) -> str:
         texture = "" if self.texture == "plain" else f"{self.texture} "
-        where = "in the" if self.place == "middle" else "at the"
-        return f"a {self.size} {self.colour} {self.shape} {where} {self.place} on a {texture}{self.background} background"
+        where = f"{'in' if self.place == 'middle' else 'at'} the {self.place}"
+        return f"a {self.size} {self.colour} {self.shape} {where} on a {texture}{self.background} background"
 
     @classmethod
     def parse(cls, caption: str) -> Scene:
