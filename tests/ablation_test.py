@@ -173,10 +173,12 @@ def test_two_variants_one_seed_report_then_a_rerun_trains_nothing(tmp_path):
     (pair,) = report["differences"]
     assert (pair["baseline"], pair["other"]) == tuple(names)
     # At scale 0 the adapter is off: both variants sample the base model from the same noise (the simple design's
-    # attention over text + zero-weighted image tokens is the text-only one up to float32 rounding: ~1e-6 measured).
+    # attention over text + zero-weighted image tokens is the text-only one up to float32 rounding, which 20 sampling
+    # steps carry into the CLIP cosines: 1.2e-5 measured on the current tiny base, ~1e-6 on the earlier one; the
+    # designs differ by > 0.05 at scale 1).
     at_zero = pair["metrics"]["clip_i"]["0.0"]
-    assert at_zero["n"] == 2 and at_zero["difference"] == pytest.approx(0.0, abs=1e-5)
-    assert at_zero["ci95"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert at_zero["n"] == 2 and at_zero["difference"] == pytest.approx(0.0, abs=1e-4)
+    assert at_zero["ci95"] == pytest.approx([0.0, 0.0], abs=1e-4)
     assert "| simple - decoupled | clip_i |" in (out / "report.md").read_text()
 
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_*/*.json")}

@@ -211,14 +211,9 @@ def train_encoders(
     accuracy = float(np.mean(best == held_out.caption_index))
     # Per attribute: how often that caption names the image's own value (what the encoder sees beyond colour).
     scenes = [synthetic.Scene.parse(caption) for caption in held_out.captions[:-1]]
-    per_attribute = {
-        name: float(
-            np.mean(
-                [getattr(scenes[b], name) == getattr(scenes[t], name) for b, t in zip(best, held_out.caption_index)]
-            )
-        )  # fmt: skip
-        for name in synthetic.ATTRIBUTES
-    }
+    pairs = [(scenes[b], scenes[t]) for b, t in zip(best, held_out.caption_index)]
+    per_attribute = {name: float(np.mean([getattr(b, name) == getattr(t, name) for b, t in pairs]))
+                     for name in synthetic.ATTRIBUTES}  # fmt: skip
     report = {
         "loss_curve": curve,
         "held_out_caption_accuracy": accuracy,
@@ -338,24 +333,16 @@ def train(settings: Settings, out: str, steps_scale: float = 1.0) -> dict:
     unet = FlaxUNet2DConditionModel(**tiny_base.UNET)
     text_encoder = FlaxCLIPTextModule(tiny_base.text_config(tokenizer))
     image_encoder = CLIPImageEncoder(CLIPVisionConfig(**tiny_base.IMAGE))
-    init = tiny_base.random_base_params(
-        tiny_base.abstract_base_params(unet, tiny_base.vae_module(1.0), text_encoder, image_encoder),
-        settings.seed,
-    )
+    shapes = tiny_base.abstract_base_params(unet, tiny_base.vae_module(1.0), text_encoder, image_encoder)
+    init = tiny_base.random_base_params(shapes, settings.seed)
     pool, held_out = make_pools(settings)
     tokens = np.stack([tokenize(tokenizer, text) for text in pool.captions])
     stages, times = {}, {}
 
     t = time.time()
+    encoders = {"text_encoder": init["text_encoder"], "image_encoder": init["image_encoder"]}
     params, stages["encoders"] = train_encoders(
-        settings,
-        steps(settings.encoder_steps),
-        pool,
-        held_out,
-        tokens,
-        text_encoder,
-        image_encoder,
-        {"text_encoder": init["text_encoder"], "image_encoder": init["image_encoder"]},
+        settings, steps(settings.encoder_steps), pool, held_out, tokens, text_encoder, image_encoder, encoders
     )
     times["encoders_s"] = time.time() - t
 
@@ -367,17 +354,9 @@ def train(settings: Settings, out: str, steps_scale: float = 1.0) -> dict:
 
     t = time.time()
     params["unet"], stages["unet"] = train_unet(
-        settings,
-        steps(settings.unet_steps),
-        pool,
-        held_out,
-        tokens,
-        unet,
-        tiny_base.vae_module(scaling),
-        text_encoder,
-        params,
-        init["unet"],
-    )
+        settings, steps(settings.unet_steps), pool, held_out, tokens, unet, tiny_base.vae_module(scaling),
+        text_encoder, params, init["unet"]
+    )  # fmt: skip
     times["unet_s"] = time.time() - t
 
     sizes = tiny_base.save_base_params(params, out)
