@@ -68,7 +68,8 @@ setup(
     # checkout look for them) and are installed as the subpackage ipadapter_jax.presets.
     packages=find_packages(include=["ipadapter_jax", "ipadapter_jax.*"]) + ["ipadapter_jax.presets"],
     package_dir={"ipadapter_jax.presets": "training/configs"},
-    package_data={"ipadapter_jax.weights": ["assets/tiny_base/*"]},  # the trained tiny base of `tiny` / the demo
+    # The trained tiny base of `tiny` / the demo, with its tokenizer's files.
+    package_data={"ipadapter_jax.weights": ["assets/tiny_base/*", "assets/tiny_base/tokenizer/*"]},
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["ipadapter-jax = ipadapter_jax.cli.main:console"]},

@@ -68,13 +68,24 @@ def test_variant_means_and_paired_differences_against_hand_computed_numbers():
 
 
 def test_caption_edits_change_one_attribute():
-    assert edit_caption("a red circle on a striped green background", "colour") == (
-        "a blue circle on a striped green background"  # green is the background: skipped
+    caption = "a small red circle at the left on a striped green background"
+    # The next colour that is not the background's (green is skipped).
+    assert edit_caption(caption, "colour") == "a small blue circle at the left on a striped green background"
+    assert edit_caption(caption, "background") == "a small red circle at the left on a striped blue background"
+    assert edit_caption(caption, "shape") == "a small red square at the left on a striped green background"
+    assert edit_caption(caption, "texture") == "a small red circle at the left on a checked green background"
+    assert edit_caption(caption, "place") == "a small red circle in the middle on a striped green background"
+    assert edit_caption(caption, "size") == "a large red circle at the left on a striped green background"
+    assert edit_caption("a large black cross at the right on a checked red background", "colour") == (
+        "a large green cross at the right on a checked red background"  # black is the last colour: wraps, skips red
     )
-    assert edit_caption("a black triangle on a red background", "colour") == "a green triangle on a red background"
-    assert edit_caption("a black triangle on a red background", "shape") == "a black circle on a red background"
+    assert edit_caption("a large black cross at the right on a checked red background", "texture") == (
+        "a large black cross at the right on a red background"  # plain: no texture word
+    )
     with pytest.raises(ValueError, match="not a caption"):
         edit_caption("a photo of a cat", "shape")
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        edit_caption(caption, "mood")
 
 
 def _caches(config) -> tuple[str, str]:
@@ -162,10 +173,12 @@ def test_two_variants_one_seed_report_then_a_rerun_trains_nothing(tmp_path):
     (pair,) = report["differences"]
     assert (pair["baseline"], pair["other"]) == tuple(names)
     # At scale 0 the adapter is off: both variants sample the base model from the same noise (the simple design's
-    # attention over text + zero-weighted image tokens is the text-only one up to float32 rounding: ~1e-6 measured).
+    # attention over text + zero-weighted image tokens is the text-only one up to float32 rounding, which 20 sampling
+    # steps carry into the CLIP cosines: 1.2e-5 measured on the current tiny base, ~1e-6 on the earlier one; the
+    # designs differ by > 0.05 at scale 1).
     at_zero = pair["metrics"]["clip_i"]["0.0"]
-    assert at_zero["n"] == 2 and at_zero["difference"] == pytest.approx(0.0, abs=1e-5)
-    assert at_zero["ci95"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert at_zero["n"] == 2 and at_zero["difference"] == pytest.approx(0.0, abs=1e-4)
+    assert at_zero["ci95"] == pytest.approx([0.0, 0.0], abs=1e-4)
     assert "| simple - decoupled | clip_i |" in (out / "report.md").read_text()
 
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_*/*.json")}

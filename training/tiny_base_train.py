@@ -7,13 +7,16 @@ Random tiny components cannot show what an IP-Adapter does (a random VAE cannot 
 so the demo's embedded default is a small base model trained here, in Stable Diffusion's order:
 
 1. encoders: the CLIP text and image encoders, contrastively (CLIP's symmetric InfoNCE over a batch of
-   image-caption pairs). Captions repeat (252 distinct), so every pair sharing a caption is a positive. The
-   text side's projection is a training-only head: the UNet reads the text encoder's hidden states.
+   image-caption pairs). Captions repeat (3024 distinct), so every pair sharing a caption is a positive. A batch
+   is whole groups of near neighbours (a scene and scenes with one attribute of it changed), so shape and place
+   must be learnt, not only the colours that tell most random pairs apart. The text side's projection is a
+   training-only head: the UNet reads the text encoder's hidden states. The tokenizer has one token per caption
+   word (`tiny_base.write_tokenizer`), written with the weights.
 2. vae: the autoencoder (pixel MSE + a small KL term), then its latent scaling factor 1 / std(latents).
 3. unet: text-conditioned epsilon prediction on the scaled latents with SD1.5's DDPM schedule; 10% of the
    captions are dropped to "" so the empty prompt gives unconditional samples (image-only generation's start).
 
-Each stage trains on a fixed pool of procedural images (`synthetic.sample`), scored on held-out images of another
+Each stage trains on a fixed pool of procedural images (`synthetic.sample_groups`), scored on held-out images of another
 seed. Every random draw derives from `--seed`: a rerun gives the same weights (same software and CPU). Outputs in
 `--out`: {text_encoder,image_encoder,vae,unet}.msgpack (float16, read by `ipadapter_jax.weights.tiny_base`) and
 base.json (scaling factor, settings, loss curves, held-out metrics, times).
@@ -26,7 +29,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,8 +61,9 @@ class Settings:
 
     seed: int = 0
     pool_images: int = 8192  # training images, drawn once
+    group_size: int = 4  # the pool's groups of near neighbours (`synthetic.sample_groups`), whole in each batch
     held_out_images: int = 256  # scoring images (seed + 1)
-    encoder_steps: int = 600
+    encoder_steps: int = 1000
     encoder_batch: int = 128
     encoder_lr: float = 2e-3
     vae_steps: int = 1200
@@ -85,7 +88,8 @@ class Pool:
 def make_pools(settings: Settings) -> tuple[Pool, Pool]:
     """(training pool, held-out pool); the held-out images come from another seed."""
     size = tiny_base.VAE["sample_size"]
-    train_images, train_text = synthetic.sample(settings.pool_images, size, settings.seed)
+    groups = settings.pool_images // settings.group_size
+    train_images, train_text = synthetic.sample_groups(groups, settings.group_size, size, settings.seed)
     test_images, test_text = synthetic.sample(settings.held_out_images, size, settings.seed + 1)
     captions = sorted(set(train_text) | set(test_text)) + [""]
     index = {text: i for i, text in enumerate(captions)}
@@ -187,7 +191,10 @@ def train_encoders(
         return 0.5 * (image_to_text + text_to_image)
 
     def batch_fn(rng: np.random.Generator) -> dict:
-        pick = rng.integers(len(pool.images), size=settings.encoder_batch)
+        """Whole groups of the pool: each image meets negatives that differ from it in one attribute."""
+        group = settings.group_size
+        groups = rng.integers(len(pool.images) // group, size=settings.encoder_batch // group)
+        pick = (groups[:, None] * group + np.arange(group)).reshape(-1)
         caption = pool.caption_index[pick]
         return {"images": pool.images[pick], "ids": tokens[caption], "caption": caption}
 
@@ -200,10 +207,17 @@ def train_encoders(
     # Held-out zero-shot accuracy: each image's most similar caption among all distinct ones is its own.
     text = normalise(jax.jit(embed_text)(params, jnp.asarray(tokens[:-1])))
     image = normalise(in_chunks(jax.jit(lambda x: embed_images(params, x)), held_out.images))
-    accuracy = float(np.mean(np.argmax(np.asarray(image @ text.T), axis=1) == held_out.caption_index))
+    best = np.argmax(np.asarray(image @ text.T), axis=1)
+    accuracy = float(np.mean(best == held_out.caption_index))
+    # Per attribute: how often that caption names the image's own value (what the encoder sees beyond colour).
+    scenes = [synthetic.Scene.parse(caption) for caption in held_out.captions[:-1]]
+    pairs = [(scenes[b], scenes[t]) for b, t in zip(best, held_out.caption_index)]
+    per_attribute = {name: float(np.mean([getattr(b, name) == getattr(t, name) for b, t in pairs]))
+                     for name in synthetic.ATTRIBUTES}  # fmt: skip
     report = {
         "loss_curve": curve,
         "held_out_caption_accuracy": accuracy,
+        "held_out_attribute_accuracy": per_attribute,
         "logit_scale": float(np.exp(params["logit_scale"])),
     }
     return {"text_encoder": params["text_encoder"], "image_encoder": params["image_encoder"]}, report
@@ -315,29 +329,20 @@ def train(settings: Settings, out: str, steps_scale: float = 1.0) -> dict:
     def steps(n: int) -> int:
         return max(1, round(n * steps_scale))
 
-    with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its files once, when built
-        tokenizer = tiny_base.write_tokenizer(folder)
+    tokenizer = tiny_base.write_tokenizer(os.path.join(out, tiny_base.TOKENIZER), synthetic.WORDS)
     unet = FlaxUNet2DConditionModel(**tiny_base.UNET)
     text_encoder = FlaxCLIPTextModule(tiny_base.text_config(tokenizer))
     image_encoder = CLIPImageEncoder(CLIPVisionConfig(**tiny_base.IMAGE))
-    init = tiny_base.random_base_params(
-        tiny_base.abstract_base_params(unet, tiny_base.vae_module(1.0), text_encoder, image_encoder),
-        settings.seed,
-    )
+    shapes = tiny_base.abstract_base_params(unet, tiny_base.vae_module(1.0), text_encoder, image_encoder)
+    init = tiny_base.random_base_params(shapes, settings.seed)
     pool, held_out = make_pools(settings)
     tokens = np.stack([tokenize(tokenizer, text) for text in pool.captions])
     stages, times = {}, {}
 
     t = time.time()
+    encoders = {"text_encoder": init["text_encoder"], "image_encoder": init["image_encoder"]}
     params, stages["encoders"] = train_encoders(
-        settings,
-        steps(settings.encoder_steps),
-        pool,
-        held_out,
-        tokens,
-        text_encoder,
-        image_encoder,
-        {"text_encoder": init["text_encoder"], "image_encoder": init["image_encoder"]},
+        settings, steps(settings.encoder_steps), pool, held_out, tokens, text_encoder, image_encoder, encoders
     )
     times["encoders_s"] = time.time() - t
 
@@ -349,17 +354,9 @@ def train(settings: Settings, out: str, steps_scale: float = 1.0) -> dict:
 
     t = time.time()
     params["unet"], stages["unet"] = train_unet(
-        settings,
-        steps(settings.unet_steps),
-        pool,
-        held_out,
-        tokens,
-        unet,
-        tiny_base.vae_module(scaling),
-        text_encoder,
-        params,
-        init["unet"],
-    )
+        settings, steps(settings.unet_steps), pool, held_out, tokens, unet, tiny_base.vae_module(scaling),
+        text_encoder, params, init["unet"]
+    )  # fmt: skip
     times["unet_s"] = time.time() - t
 
     sizes = tiny_base.save_base_params(params, out)

@@ -53,7 +53,7 @@ from ipadapter_jax.weights import load_base, load_image_encoder
 SETTINGS_FILE, RESULT_FILE, SCORES_FILE, CONFIG_FILE = "ablation.json", "result.json", "scores.json", "config.json"
 REPORT_FILES = ("report.md", "report.json", "clip_i_vs_scale.png", "loss_curves.png", "grid.png")
 HELD_OUT = 64  # held-out images: the loss curves score the first global batch of them
-ATTRIBUTES = ("colour", "shape")  # prompt i's text changes ATTRIBUTES[i % 2] of its caption
+EDITED = ("colour", "shape", "place", "size")  # prompt i's text changes EDITED[i % 4] of its caption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +186,7 @@ class _World:
             base, image_encoder = load_base("tiny", progress=False), load_image_encoder("tiny")
             scorer = CLIPScorer(tiny_eval_clip(base, image_encoder))
             prompts, captions = embedded_world.held_out_prompts(self.settings.num_prompts, self.settings.prompt_seed)
-            edited = [synthetic.edit_caption(c, ATTRIBUTES[i % 2]) for i, c in enumerate(captions)]
+            edited = [synthetic.edit_caption(c, EDITED[i % len(EDITED)]) for i, c in enumerate(captions)]
             self._models = (base, image_encoder, scorer, prompts, captions, edited)
         return self._models
 

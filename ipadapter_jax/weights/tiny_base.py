@@ -3,16 +3,16 @@
 The shapes follow SD1.5 (4-channel latents at 1/8 resolution, 77 text tokens, a CLIP image encoder at 224 px
 with a projection), only narrower and shallower. The frozen components (text encoder, CLIP image encoder, VAE,
 UNet) are trained on the procedural dataset (`ipadapter_jax.data.synthetic`) by `training/tiny_base_train.py` and
-shipped as float16 msgpack files in `ipadapter_jax/weights/assets/tiny_base/` (~3 MB); `load_base` loads them, so
-the tiny base really generates images and an adapter trained on it has a measurable effect. Nothing is downloaded: the
-character-level CLIP tokenizer is written to a folder.
+shipped as float16 msgpack files in `ipadapter_jax/weights/assets/tiny_base/` (~3 MB) with the tokenizer's files
+(`tokenizer/`: CLIP BPE, characters plus one token per word of the procedural captions); `load_base` loads them, so
+the tiny base really generates images and an adapter trained on it has a measurable effect. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -88,9 +88,27 @@ FROZEN = ("text_encoder", "image_encoder", "vae", "unet")
 SUMMARY = "base.json"
 
 
-def write_tokenizer(directory: str) -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (byte alphabet, no merges, 77 tokens) saved in `directory`."""
+TOKENIZER = "tokenizer"  # the folder of the trained base's tokenizer files in `ASSETS`
+
+
+def _clip_tokenizer(directory: str, vocab: list[str], merges: list[tuple[str, str]]) -> CLIPTokenizer:
     os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return CLIPTokenizer(
+        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=TEXT_TOKENS
+    )
+
+
+def write_tokenizer(directory: str, words: Sequence[str] = ()) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer (77 tokens) saved in `directory`: character level (CLIP's byte alphabet), plus merges
+    that make each of `words` (lower case) one token, so a small text encoder reads words, not spellings.
+
+    The merges are found by tokenizing each word with the merges so far and appending a merge of its first two
+    pieces until it is one piece; an appended merge ranks last, so it never changes a word already merged.
+    """
     # CLIP's byte-to-unicode alphabet: printable bytes map to themselves, the rest to code points >= 256.
     printable = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -102,14 +120,15 @@ def write_tokenizer(directory: str) -> CLIPTokenizer:
         else:
             chars.append(chr(256 + extra))
             extra += 1
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump({token: i for i, token in enumerate(vocab)}, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(
-        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=TEXT_TOKENS
-    )
+    vocab = chars + [c + "</w>" for c in chars]
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        while len(pieces := _clip_tokenizer(directory, vocab + special, merges).bpe(word).split()) > 1:
+            merges.append((pieces[0], pieces[1]))
+            if pieces[0] + pieces[1] not in vocab:
+                vocab.append(pieces[0] + pieces[1])
+    return _clip_tokenizer(directory, vocab + special, merges)
 
 
 def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -201,10 +220,12 @@ def read_summary(directory: str = ASSETS) -> dict:
         return json.load(f)
 
 
-def tokenizer() -> CLIPTokenizer:
-    """The tiny base's tokenizer (`write_tokenizer`'s files are read once, from a temporary folder)."""
-    with tempfile.TemporaryDirectory() as directory:
-        return write_tokenizer(directory)
+def tokenizer(directory: str = ASSETS) -> CLIPTokenizer:
+    """The trained base's tokenizer: the files `tiny_base_train` wrote with `write_tokenizer` (`TOKENIZER`)."""
+    folder = os.path.join(directory, TOKENIZER)
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=TEXT_TOKENS
+    )
 
 
 def load_base(dtype: Any = jnp.float32, scheduler: str = "ddim") -> BaseModel:

@@ -1,4 +1,4 @@
-"""The embedded tiny base (trained on procedural shapes, shipped with the package): tests and CPU runs."""
+"""The embedded tiny base (trained on the procedural world, shipped with the package): tests and CPU runs."""
 
 from __future__ import annotations
 
