@@ -186,17 +186,11 @@ def edit_caption(caption: str, attribute: str) -> str:
     scene = Scene.parse(caption)
     if attribute not in ATTRIBUTES:
         raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-    field = attribute
     values = {
         "colour": list(COLOURS), "background": list(COLOURS), "shape": list(SHAPES), "texture": list(TEXTURES),
         "place": list(PLACES), "size": list(SIZES),
-    }[field]  # fmt: skip
-    current = getattr(scene, field)
-    taken = {scene.colour, scene.background}
-    start = values.index(current)
-    new = next(
-        value
-        for k in range(1, len(values))
-        if (value := values[(start + k) % len(values)]) not in taken or field not in ("colour", "background")
-    )
-    return dataclasses.replace(scene, **{field: new}).caption
+    }[attribute]  # fmt: skip
+    taken = {scene.colour, scene.background} if attribute in ("colour", "background") else set()
+    start = values.index(getattr(scene, attribute))
+    new = next(value for k in range(1, len(values)) if (value := values[(start + k) % len(values)]) not in taken)
+    return dataclasses.replace(scene, **{attribute: new}).caption
