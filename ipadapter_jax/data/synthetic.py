@@ -41,7 +41,7 @@ WORDS = ("a", "at", "in", "the", "on", "background", *SIZES, *COLOURS, *SHAPES, 
 
 _CAPTION = re.compile(
     rf"a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)}) "
-    rf"(?:at the|in the) (?P<place>{'|'.join(PLACES)}) on a (?:(?P<texture>striped|checked) )?"
+    rf"(?:at the|in the) (?P<place>{'|'.join(PLACES)}) on a (?:(?P<texture>{'|'.join(TEXTURES[1:])}) )?"
     rf"(?P<background>{'|'.join(COLOURS)}) background"
 )
 
@@ -86,14 +86,15 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     base = COLOURS[scene.background]
     image = Image.new("RGB", (size, size), base)
     canvas = ImageDraw.Draw(image)
+    pattern = _pattern_colour(base)
     period, width = max(2, size // 4), max(1, size // 8)  # a quarter of the image: two latent cells
     if scene.texture == "striped":  # vertical stripes
         for x in range(0, size, period):
-            canvas.rectangle([x, 0, x + width - 1, size], fill=_pattern_colour(base))
+            canvas.rectangle([x, 0, x + width - 1, size], fill=pattern)
     elif scene.texture == "checked":  # a checkerboard of latent-cell-sized squares
         for y in range(0, size, width):
             for x in range((y // width) % 2 * width, size, 2 * width):
-                canvas.rectangle([x, y, x + width - 1, y + width - 1], fill=_pattern_colour(base))
+                canvas.rectangle([x, y, x + width - 1, y + width - 1], fill=pattern)
     radius = size * rng.uniform(*SIZES[scene.size])
     cx = size * (PLACES[scene.place] + rng.uniform(-0.04, 0.04))
     cy = size * rng.uniform(0.4, 0.6)
@@ -141,7 +142,7 @@ def sample(num_images: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, 
 
 def sample_groups(num_groups: int, group_size: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Images in groups of near neighbours: a random scene, then `group_size - 1` scenes that each change another
-    attribute of it (`edit_caption`; the attributes drawn at random). Contrastive training on whole groups meets
+    attribute of it (`edit`; the attributes drawn at random). Contrastive training on whole groups meets
     negatives that differ in one attribute only, so it must learn every attribute, not the easiest ones.
 
     Returns:
@@ -155,7 +156,7 @@ def sample_groups(num_groups: int, group_size: int, size: int = 64, seed: int = 
     for _ in range(num_groups):
         scene = random_scene(rng)
         edits = rng.choice(len(ATTRIBUTES), group_size - 1, replace=False)
-        for member in [scene, *(Scene.parse(edit_caption(scene.caption, ATTRIBUTES[a])) for a in edits)]:
+        for member in [scene, *(edit(scene, ATTRIBUTES[a]) for a in edits)]:
             images.append(np.asarray(render(member, size, rng)))
             captions.append(member.caption)
     return np.stack(images), captions
@@ -176,14 +177,13 @@ def write_dataset(root: str, num_images: int, size: int = 64, seed: int = 0) -> 
     return path
 
 
-def edit_caption(caption: str, attribute: str) -> str:
-    """`caption` (as `draw` writes it) with one attribute (of `ATTRIBUTES`) changed to the next value of its list;
-    a colour skips the other colour of the scene (the shape and its background always differ).
+def edit(scene: Scene, attribute: str) -> Scene:
+    """`scene` with one attribute (of `ATTRIBUTES`) changed to the next value of its list; a colour skips the other
+    colour of the scene (the shape and its background always differ).
 
     Raises:
-      ValueError: the caption is not of `draw`'s form, or an unknown attribute.
+      ValueError: an unknown attribute.
     """
-    scene = Scene.parse(caption)
     if attribute not in ATTRIBUTES:
         raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
     values = {
@@ -193,4 +193,13 @@ def edit_caption(caption: str, attribute: str) -> str:
     taken = {scene.colour, scene.background} if attribute in ("colour", "background") else set()
     start = values.index(getattr(scene, attribute))
     new = next(value for k in range(1, len(values)) if (value := values[(start + k) % len(values)]) not in taken)
-    return dataclasses.replace(scene, **{attribute: new}).caption
+    return dataclasses.replace(scene, **{attribute: new})
+
+
+def edit_caption(caption: str, attribute: str) -> str:
+    """`caption` (as `draw` writes it) with one attribute changed (`edit`).
+
+    Raises:
+      ValueError: the caption is not of `draw`'s form, or an unknown attribute.
+    """
+    return edit(Scene.parse(caption), attribute).caption

@@ -97,6 +97,10 @@ def _clip_tokenizer(directory: str, vocab: list[str], merges: list[tuple[str, st
         json.dump({token: i for i, token in enumerate(vocab)}, f)
     with open(os.path.join(directory, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return _read_tokenizer(directory)
+
+
+def _read_tokenizer(directory: str) -> CLIPTokenizer:
     return CLIPTokenizer(
         os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=TEXT_TOKENS
     )
@@ -222,10 +226,7 @@ def read_summary(directory: str = ASSETS) -> dict:
 
 def tokenizer(directory: str = ASSETS) -> CLIPTokenizer:
     """The trained base's tokenizer: the files `tiny_base_train` wrote with `write_tokenizer` (`TOKENIZER`)."""
-    folder = os.path.join(directory, TOKENIZER)
-    return CLIPTokenizer(
-        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=TEXT_TOKENS
-    )
+    return _read_tokenizer(os.path.join(directory, TOKENIZER))
 
 
 def load_base(dtype: Any = jnp.float32, scheduler: str = "ddim") -> BaseModel:
