@@ -66,7 +66,7 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class AblationSettings:
-    """What every run shares. The defaults fit the `tokens` preset x 3 seeds in ~30 min on 2 CPU cores."""
+    """What every run shares. The defaults fit the `tokens` preset x 3 seeds in ~13 min on 2 CPU cores."""
 
     steps: int = 500  # training steps per run (batch 16): the demo preset's
     num_images: int = 512  # procedural training images
