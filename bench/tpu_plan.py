@@ -10,7 +10,8 @@ finished. Cases, in priority order (SD1.5 at 512 px and SDXL at 1024 px, bf16 co
 batches):
 
   a   SD1.5 base, batch 8/chip, splash, v5e 8 chips: does it fit with >= 25% headroom?
-  b   largest batch per chip, default (diffusers) vs splash attention, SD1.5 base on v5e 8 chips
+  b   largest batch per chip, default (diffusers) vs splash attention, SD1.5 base on v5e 8 chips (single batches;
+      `--batch-per-chip auto` bisects: several compiles each)
   c   SDXL base, batch 8/chip on v5p 8 chips with the frozen params FSDP-split (the sdxl preset's rules), and
       what it takes on v5e
   d   the rest: SD1.5 base and Plus, SDXL, both kernels, on v5e / v5p / v6e at 8 and 256 chips
@@ -46,6 +47,10 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "b2": (
         "SD1.5 base 512px b10 diffusers, v5e 8",
         ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "10"],
+    ),
+    "b3": (
+        "SD1.5 base 512px b18 diffusers, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "18"],
     ),
     "c1": (
         "SDXL base 1024px b8 splash fsdp8, v5p 8",

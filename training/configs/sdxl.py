@@ -2,6 +2,9 @@
 
 The frozen UNet (2.6G params) and text encoders are FSDP-split like the trained state once mesh.fsdp > 1
 (e.g. --config.mesh.fsdp=4): 16 GB chips cannot hold them replicated next to the activations.
+
+On TPUs (`ipadapter-jax plan`, bench/tpu_plan.json): --config.model.attention_implementation=splash and
+--config.mesh.fsdp=8. At 1024 px, batch 8/chip on v5p (8 chips, fsdp 8): 53.5 GiB of 95, no remat needed.
 """
 
 from __future__ import annotations
