@@ -1,4 +1,8 @@
-"""SD1.5 with an IP-Adapter Plus (a 16-query Resampler over CLIP ViT-H/14's penultimate hidden states)."""
+"""SD1.5 with an IP-Adapter Plus (a 16-query Resampler over CLIP ViT-H/14's penultimate hidden states).
+
+On TPUs (`ipadapter-jax plan`, bench/tpu_plan.json): --config.model.attention_implementation=splash; batch 8/chip
+on v5e: 9.5 GiB of 16.
+"""
 
 from __future__ import annotations
 
