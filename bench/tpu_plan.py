@@ -52,23 +52,52 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "SD1.5 base 512px b18 diffusers, v5e 8",
         ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "18"],
     ),
+    "b4": (
+        "SD1.5 base 512px b16 diffusers, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "16"],
+    ),
+    "b5": (
+        "SD1.5 base 512px b20 splash, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "20", *SPLASH],
+    ),
+    "b6": (
+        "SD1.5 base 512px b17 diffusers, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "17"],
+    ),
+    "b7": (
+        "SD1.5 base 512px b34 splash, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "34", *SPLASH],
+    ),
     "c1": (
         "SDXL base 1024px b8 splash fsdp8, v5p 8",
         ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *SPLASH, *FSDP8],
     ),
     "c2": (
-        "SDXL base 1024px max batch, splash fsdp8, v5e 8",
+        "SDXL base 1024px b3 splash fsdp8 remat, v5e 8",
         [
             "--config",
             "sdxl",
             "--topology",
             "v5e:2x4",
             "--batch-per-chip",
-            "auto",
-            "--max-batch-per-chip",
-            "8",
+            "3",
             *SPLASH,
             *FSDP8,
+            "--config.model.remat=True",
+        ],
+    ),
+    "c4": (
+        "SDXL base 1024px b2 splash fsdp8 remat, v5e 8",
+        [
+            "--config",
+            "sdxl",
+            "--topology",
+            "v5e:2x4",
+            "--batch-per-chip",
+            "2",
+            *SPLASH,
+            *FSDP8,
+            "--config.model.remat=True",
         ],
     ),
     "c3": (
@@ -152,6 +181,64 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def matrix(results: dict) -> str:
+    """Markdown table for the README: a row per model, kernel and remat, a column per topology; each cell the
+    preset's batch (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU, and the largest batch
+    per chip as far as the compiled batches bracket it."""
+    cells: dict[tuple, dict[tuple, dict[int, dict]]] = {}
+    for result in results.values():
+        report = result.get("report")
+        if not report:
+            continue
+        model, topology = report["model"], report["topology"]
+        row = (
+            model["architecture"],
+            model["adapter_kind"],
+            model["resolution"],
+            model["attention_implementation"],
+            model["remat"],
+            topology["mesh"]["fsdp"],
+        )
+        column = (topology["name"].split(":")[0], topology["chips"] * topology["num_slices"])
+        cells.setdefault(row, {}).setdefault(column, {})[report["batch"]["per_chip"]] = report
+    columns = sorted({column for row in cells.values() for column in row})
+    lines = [
+        "| model | attention | " + " | ".join(f"{chip}, {chips} chips" for chip, chips in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for row in sorted(cells):
+        architecture, kind, resolution, attention, remat, fsdp = row
+        name = f"{'SDXL' if architecture == 'sdxl' else 'SD1.5'} {resolution} px, {kind}"
+        name += (f", fsdp {fsdp}" if fsdp > 1 else "") + (", remat" if remat else "")
+        texts = [_cell(cells[row].get(column, {})) for column in columns]
+        lines.append(f"| {name} | `{attention}` | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+def _cell(by_batch: dict[int, dict]) -> str:
+    """One topology's compiles of one row: the batch-8 report (else the smallest batch's) and the max-batch bracket."""
+    if not by_batch:
+        return "not compiled"
+    batch = 8 if 8 in by_batch else min(by_batch)
+    memory, roof = by_batch[batch]["memory_per_chip"], by_batch[batch]["roofline"]
+    if memory["fits"]:
+        text = f"b{batch}: {memory['footprint'] / GiB:.1f} GiB ({memory['headroom_pct']:.0f}% free), MFU <= "
+        text += f"{100 * roof['mfu_upper_bound']:.0f}%"
+    else:
+        text = f"b{batch}: no ({memory['required'] / GiB:.1f} GiB needed)"
+    fitting = [b for b, r in by_batch.items() if r["memory_per_chip"]["fits"]]
+    if fitting:
+        low = max(fitting)
+        failing = [b for b, r in by_batch.items() if not r["memory_per_chip"]["fits"] and b > low]
+        if not failing:
+            text += f"; max batch >= {low}"
+        elif min(failing) == low + 1:
+            text += f"; max batch {low}"
+        else:
+            text += f"; max batch {low}-{min(failing) - 1}"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case ids (default: all)")
@@ -176,6 +263,8 @@ def main() -> None:
             tmp.write_text(json.dumps({"host": os.uname().nodename, "cases": results}, indent=1) + "\n")
             os.replace(tmp, OUT)
     print(table(results))
+    print()
+    print(matrix(results))
 
 
 if __name__ == "__main__":
