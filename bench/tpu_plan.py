@@ -68,6 +68,10 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "SD1.5 base 512px b34 splash, v5e 8",
         ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "34", *SPLASH],
     ),
+    "b8": (
+        "SD1.5 base 512px b33 splash, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "33", *SPLASH],
+    ),
     "c1": (
         "SDXL base 1024px b8 splash fsdp8, v5p 8",
         ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *SPLASH, *FSDP8],

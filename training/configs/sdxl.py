@@ -5,7 +5,8 @@ The frozen UNet (2.6G params) and text encoders are FSDP-split like the trained 
 
 On TPUs (`ipadapter-jax plan`, bench/tpu_plan.json): --config.model.attention_implementation=splash and
 --config.mesh.fsdp=8. At 1024 px, batch 8/chip on v5p (8 chips, fsdp 8): 53.5 GiB of 95, no remat needed; on v5e
-(16 GiB) batch 8 does not fit even with remat (XLA: 34.8 GiB required).
+(16 GiB) batch 8 does not fit even with remat (XLA: 34.8 GiB required); batch 3 with remat is undecided (its
+compile outgrew a 24 GB host).
 """
 
 from __future__ import annotations
