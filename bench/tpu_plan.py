@@ -37,41 +37,24 @@ GiB = 2**30
 SPLASH = ["--config.model.attention_implementation=splash"]
 FSDP8 = ["--config.mesh.fsdp=8"]
 SDXL8 = ["--batch-per-chip", "8"]
+
+
+def _sd15_v5e(batch: int, *attention: str) -> list[str]:
+    """SD1.5 on v5e:2x4 at `batch` per chip: the largest-batch search's compiles."""
+    return ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", str(batch), *attention]
+
+
 # id -> (description, plan arguments)
 CASES: dict[str, tuple[str, list[str]]] = {
     "a1": ("SD1.5 base 512px b8 splash, v5e 8 chips", ["--config", "sd15", "--topology", "v5e:2x4", *SPLASH]),
-    "b1": (
-        "SD1.5 base 512px b18 splash, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "18", *SPLASH],
-    ),
-    "b2": (
-        "SD1.5 base 512px b10 diffusers, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "10"],
-    ),
-    "b3": (
-        "SD1.5 base 512px b18 diffusers, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "18"],
-    ),
-    "b4": (
-        "SD1.5 base 512px b16 diffusers, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "16"],
-    ),
-    "b5": (
-        "SD1.5 base 512px b20 splash, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "20", *SPLASH],
-    ),
-    "b6": (
-        "SD1.5 base 512px b17 diffusers, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "17"],
-    ),
-    "b7": (
-        "SD1.5 base 512px b34 splash, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "34", *SPLASH],
-    ),
-    "b8": (
-        "SD1.5 base 512px b33 splash, v5e 8",
-        ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", "33", *SPLASH],
-    ),
+    "b1": ("SD1.5 base 512px b18 splash, v5e 8", _sd15_v5e(18, *SPLASH)),
+    "b2": ("SD1.5 base 512px b10 diffusers, v5e 8", _sd15_v5e(10)),
+    "b3": ("SD1.5 base 512px b18 diffusers, v5e 8", _sd15_v5e(18)),
+    "b4": ("SD1.5 base 512px b16 diffusers, v5e 8", _sd15_v5e(16)),
+    "b5": ("SD1.5 base 512px b20 splash, v5e 8", _sd15_v5e(20, *SPLASH)),
+    "b6": ("SD1.5 base 512px b17 diffusers, v5e 8", _sd15_v5e(17)),
+    "b7": ("SD1.5 base 512px b34 splash, v5e 8", _sd15_v5e(34, *SPLASH)),
+    "b8": ("SD1.5 base 512px b33 splash, v5e 8", _sd15_v5e(33, *SPLASH)),
     "c1": (
         "SDXL base 1024px b8 splash fsdp8, v5p 8",
         ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *SPLASH, *FSDP8],
