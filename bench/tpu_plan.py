@@ -37,11 +37,17 @@ GiB = 2**30
 SPLASH = ["--config.model.attention_implementation=splash"]
 FSDP8 = ["--config.mesh.fsdp=8"]
 SDXL8 = ["--batch-per-chip", "8"]
+REMAT = ["--config.model.remat=True"]
 
 
 def _sd15_v5e(batch: int, *attention: str) -> list[str]:
     """SD1.5 on v5e:2x4 at `batch` per chip: the largest-batch search's compiles."""
     return ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", str(batch), *attention]
+
+
+def _sdxl_v5e_remat(batch: int) -> list[str]:
+    """SDXL on v5e:2x4 at `batch` per chip, splash, fsdp 8 and remat: what SDXL takes on 16 GiB chips."""
+    return ["--config", "sdxl", "--topology", "v5e:2x4", "--batch-per-chip", str(batch), *SPLASH, *FSDP8, *REMAT]
 
 
 # id -> (description, plan arguments)
@@ -59,38 +65,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "SDXL base 1024px b8 splash fsdp8, v5p 8",
         ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *SPLASH, *FSDP8],
     ),
-    "c2": (
-        "SDXL base 1024px b3 splash fsdp8 remat, v5e 8",
-        [
-            "--config",
-            "sdxl",
-            "--topology",
-            "v5e:2x4",
-            "--batch-per-chip",
-            "3",
-            *SPLASH,
-            *FSDP8,
-            "--config.model.remat=True",
-        ],
-    ),
-    "c4": (
-        "SDXL base 1024px b2 splash fsdp8 remat, v5e 8",
-        [
-            "--config",
-            "sdxl",
-            "--topology",
-            "v5e:2x4",
-            "--batch-per-chip",
-            "2",
-            *SPLASH,
-            *FSDP8,
-            "--config.model.remat=True",
-        ],
-    ),
-    "c3": (
-        "SDXL base 1024px b8 splash fsdp8 remat, v5e 8",
-        ["--config", "sdxl", "--topology", "v5e:2x4", *SDXL8, *SPLASH, *FSDP8, "--config.model.remat=True"],
-    ),
+    "c2": ("SDXL base 1024px b3 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(3)),
+    "c4": ("SDXL base 1024px b2 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(2)),
+    "c3": ("SDXL base 1024px b8 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(8)),
     "d1": ("SD1.5 base 512px b8 diffusers, v5e 8", ["--config", "sd15", "--topology", "v5e:2x4"]),
     "d2": ("SD1.5 Plus 512px b8 splash, v5e 8", ["--config", "sd15_plus", "--topology", "v5e:2x4", *SPLASH]),
     "d3": ("SD1.5 base 512px b8 splash, v5e 256", ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH]),
