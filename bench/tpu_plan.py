@@ -2,12 +2,14 @@
 
     python bench/tpu_plan.py                    # every case not yet in bench/tpu_plan.json, in priority order
     python bench/tpu_plan.py --cases a1,b1      # some cases (ids below); --redo recompiles cases already there
-    python bench/tpu_plan.py --table            # only print the table of bench/tpu_plan.json
+    python bench/tpu_plan.py --table            # only print the tables of bench/tpu_plan.json
 
 Each case is one `ipadapter-jax plan` subprocess (the user's command, with its JSON report), run one at a time with
 a time limit; results are merged into bench/tpu_plan.json after every case, so an interrupted run keeps what it
-finished. Cases, in priority order (SD1.5 at 512 px and SDXL at 1024 px, bf16 compute, fp32 params, embedding-cache
-batches):
+finished, and prints three tables: one row per case, then the README's two (a matrix of model x kernel by topology,
+and one row per compile). Each case records how busy the host was while it compiled (`host_load`): a compile that
+shared the 2 cores with other work is marked `*`. Cases, in priority order (SD1.5 at 512 px and SDXL at 1024 px,
+bf16 compute, fp32 params, embedding-cache batches):
 
   a   SD1.5 base, batch 8/chip, splash, v5e 8 chips: does it fit with >= 25% headroom?
   b   largest batch per chip, default (diffusers) vs splash attention, SD1.5 base on v5e 8 chips (single batches;
@@ -24,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,14 +92,20 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "SDXL base 1024px b8 splash fsdp8, v5p 256",
         ["--config", "sdxl", "--topology", "v5p:4x8x8", *SDXL8, *SPLASH, *FSDP8],
     ),
+    "d12": ("SD1.5 base 512px b8 diffusers, v5p 8", ["--config", "sd15", "--topology", "v5p:2x2x2"]),
+    "d13": ("SD1.5 base 512px b8 diffusers, v6e 8", ["--config", "sd15", "--topology", "v6e:2x4"]),
+    "d14": ("SD1.5 base 512px b8 diffusers, v5e 256", ["--config", "sd15", "--topology", "v5e:16x16"]),
+    "d15": ("SD1.5 Plus 512px b8 splash, v5p 8", ["--config", "sd15_plus", "--topology", "v5p:2x2x2", *SPLASH]),
+    "d16": ("SD1.5 Plus 512px b8 splash, v6e 8", ["--config", "sd15_plus", "--topology", "v6e:2x4", *SPLASH]),
 }
 
 
 def run_case(case: str, timeout: float) -> dict:
-    """One `ipadapter-jax plan` subprocess; its JSON report plus the command, wall time and exit status."""
+    """One `ipadapter-jax plan` subprocess; its JSON report plus the command, wall time, exit status and how busy
+    the host was (`host_load`, see `_HostLoad`)."""
     _, args = CASES[case]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _HostLoad() as load:
         out = Path(tmp) / "plan.json"
         command = [sys.executable, "-m", "ipadapter_jax.cli.main", "plan", *args, "--json", str(out)]
         start = time.time()
@@ -110,7 +120,50 @@ def run_case(case: str, timeout: float) -> dict:
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         if errors:
             result["error"] = errors[-1]
+    result["host_load"] = load.summary(result["wall_s"])
     return result
+
+
+class _HostLoad:
+    """How much of the host other work took while a case compiled: the 1-minute load average sampled every 15 s,
+    less the compile's own CPU seconds per wall second. `other` >= 0.5 (half a core busy elsewhere) marks the
+    compile time as shared (`*` in the tables)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self.stop.wait(15):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> _HostLoad:
+        self.cpu_start = _children_cpu_s()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.cpu_s = _children_cpu_s() - self.cpu_start
+
+    def summary(self, wall_s: float) -> dict:
+        """{"load_mean", "own_cores", "other", "shared"}: mean load, the compile's cores, the rest, other >= 0.5."""
+        mean = sum(self.samples) / len(self.samples) if self.samples else os.getloadavg()[0]
+        own = self.cpu_s / max(wall_s, 1e-9)
+        other = max(0.0, mean - own)
+        return {
+            "load_mean": round(mean, 2),
+            "own_cores": round(own, 2),
+            "other": round(other, 2),
+            "shared": other >= 0.5,
+        }
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def table(results: dict) -> str:
@@ -145,6 +198,40 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def compiles(results: dict) -> str:
+    """Markdown table for the README, one row per compiled case: model, topology, attention, batch, HBM per chip
+    (arguments + temporaries), fits, the roofline bound and the compile time (`*`: the host was shared)."""
+    rows = [
+        "| model | topology | attention | batch/chip | HBM per chip (args + temps) | fits | "
+        "roofline bound (not a measurement) | compile |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    reports = [(result["report"], result.get("host_load", {})) for result in results.values() if "report" in result]
+    for report, load in sorted(reports, key=lambda item: _compile_order(item[0])):
+        topology, memory, roof = report["topology"], report["memory_per_chip"], report["roofline"]
+        chips, hosts = topology["chips"] * topology["num_slices"], topology["hosts"] * topology["num_slices"]
+        where = f"{topology['name']} ({chips} chips" + (f", {hosts} hosts)" if hosts > 1 else ")")
+        if memory["fits"]:
+            size = (
+                f"{memory['footprint'] / GiB:.1f} GiB ({memory['arguments'] / GiB:.1f} + "
+                f"{memory['temporaries'] / GiB:.1f}) of {memory['capacity'] / GiB:.0f}"
+            )
+            fits = f"yes, {memory['headroom_pct']:.0f}% headroom"
+            bound = "memory-bound" if roof["bound"] == "memory bandwidth" else "compute-bound"
+            roofline = (
+                f"{bound}: >= {1000 * roof['step_s_lower_bound']:.0f} ms/step, <= "
+                f"{roof['images_per_s_upper_bound']:.0f} img/s, MFU <= {100 * roof['mfu_upper_bound']:.0f}%"
+            )
+        else:
+            size, fits, roofline = f"XLA: {memory['required'] / GiB:.2f} GiB required", "no", ""
+        minutes = f"{report['compile_s'] / 60:.1f} min" + ("*" if load.get("shared") else "")
+        rows.append(
+            f"| {_setting(report)} | {where} | `{report['model']['attention_implementation']}` | "
+            f"{report['batch']['per_chip']} | {size} | {fits} | {roofline} | {minutes} |"
+        )
+    return "\n".join(rows)
+
+
 def matrix(results: dict) -> str:
     """Markdown table for the README: a row per model, kernel and remat, a column per topology; each cell the
     preset's batch (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU, and the largest batch
@@ -171,12 +258,24 @@ def matrix(results: dict) -> str:
         "|---|---|" + "---|" * len(columns),
     ]
     for row in sorted(cells):
-        architecture, kind, resolution, attention, remat, fsdp = row
-        name = f"{'SDXL' if architecture == 'sdxl' else 'SD1.5'} {resolution} px, {kind}"
-        name += (f", fsdp {fsdp}" if fsdp > 1 else "") + (", remat" if remat else "")
+        some_report = next(iter(next(iter(cells[row].values())).values()))
         texts = [_cell(cells[row].get(column, {})) for column in columns]
-        lines.append(f"| {name} | `{attention}` | " + " | ".join(texts) + " |")
+        lines.append(f"| {_setting(some_report)} | `{row[3]}` | " + " | ".join(texts) + " |")
     return "\n".join(lines)
+
+
+def _compile_order(report: dict) -> tuple:
+    """Model and setting, chip, number of chips, attention, batch."""
+    topology = report["topology"]
+    where = (topology["name"].split(":")[0], topology["chips"] * topology["num_slices"])
+    return _setting(report), where, report["model"]["attention_implementation"], report["batch"]["per_chip"]
+
+
+def _setting(report: dict) -> str:
+    """ "SD1.5 512 px, base" or "SDXL 1024 px, base, fsdp 8, remat": the model and what was done to fit it."""
+    model, fsdp = report["model"], report["topology"]["mesh"]["fsdp"]
+    name = f"{'SDXL' if model['architecture'] == 'sdxl' else 'SD1.5'} {model['resolution']} px, {model['adapter_kind']}"
+    return name + (f", fsdp {fsdp}" if fsdp > 1 else "") + (", remat" if model["remat"] else "")
 
 
 def _cell(by_batch: dict[int, dict]) -> str:
@@ -229,6 +328,8 @@ def main() -> None:
     print(table(results))
     print()
     print(matrix(results))
+    print()
+    print(compiles(results))
 
 
 if __name__ == "__main__":
