@@ -97,6 +97,24 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "d14": ("SD1.5 base 512px b8 diffusers, v5e 256", ["--config", "sd15", "--topology", "v5e:16x16"]),
     "d15": ("SD1.5 Plus 512px b8 splash, v5p 8", ["--config", "sd15_plus", "--topology", "v5p:2x2x2", *SPLASH]),
     "d16": ("SD1.5 Plus 512px b8 splash, v6e 8", ["--config", "sd15_plus", "--topology", "v6e:2x4", *SPLASH]),
+    "d17": (
+        "SDXL base 1024px b7 splash fsdp8, v6e 8",
+        ["--config", "sdxl", "--topology", "v6e:2x4", "--batch-per-chip", "7", *SPLASH, *FSDP8],
+    ),
+    "d18": (
+        "SDXL base 1024px b8 diffusers fsdp8, v6e 8",
+        ["--config", "sdxl", "--topology", "v6e:2x4", *SDXL8, *FSDP8],
+    ),
+    "d19": (
+        "SDXL base 1024px b8 diffusers fsdp8, v5e 8",
+        ["--config", "sdxl", "--topology", "v5e:2x4", *SDXL8, *FSDP8],
+    ),
+    "d20": (
+        "SDXL base 1024px b8 splash fsdp8, v5e 8",
+        ["--config", "sdxl", "--topology", "v5e:2x4", *SDXL8, *SPLASH, *FSDP8],
+    ),
+    "d21": ("SD1.5 Plus 512px b8 splash, v5e 256", ["--config", "sd15_plus", "--topology", "v5e:16x16", *SPLASH]),
+    "d22": ("SD1.5 Plus 512px b8 diffusers, v5e 256", ["--config", "sd15_plus", "--topology", "v5e:16x16"]),
 }
 
 

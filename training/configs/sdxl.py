@@ -4,9 +4,10 @@ The frozen UNet (2.6G params) and text encoders are FSDP-split like the trained 
 (e.g. --config.mesh.fsdp=4): 16 GB chips cannot hold them replicated next to the activations.
 
 On TPUs (`ipadapter-jax plan`, bench/tpu_plan.json): --config.model.attention_implementation=splash and
---config.mesh.fsdp=8. At 1024 px, batch 8/chip on v5p (8 chips, fsdp 8): 53.5 GiB of 95, no remat needed; on v5e
-(16 GiB) batch 8 does not fit even with remat (XLA: 34.8 GiB required); batch 3 with remat is undecided (its
-compile outgrew a 24 GB host).
+--config.mesh.fsdp=8, no remat. At 1024 px on 8 chips: v5p takes batch 8/chip (53.5 GiB of 95; the default attention
+82.4 GiB, a 60% longer roofline step); v6e (32 GiB) batch 7 (29.9 GiB; batch 8 needs 32.1); on v5e (16 GiB) batch 8
+does not fit even with remat (XLA: 34.8 GiB required) and batch 3 with remat is undecided (its compile outgrew a
+24 GB host).
 """
 
 from __future__ import annotations
