@@ -224,7 +224,7 @@ def compiles(results: dict) -> str:
         "roofline bound (not a measurement) | compile |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    reports = [(result["report"], result.get("host_load", {})) for result in results.values() if "report" in result]
+    reports = [(result["report"], result["host_load"]) for result in results.values() if "report" in result]
     for report, load in sorted(reports, key=lambda item: _compile_order(item[0])):
         topology, memory, roof = report["topology"], report["memory_per_chip"], report["roofline"]
         chips, hosts = topology["chips"] * topology["num_slices"], topology["hosts"] * topology["num_slices"]
@@ -242,7 +242,7 @@ def compiles(results: dict) -> str:
             )
         else:
             size, fits, roofline = f"XLA: {memory['required'] / GiB:.2f} GiB required", "no", ""
-        minutes = f"{report['compile_s'] / 60:.1f} min" + ("*" if load.get("shared") else "")
+        minutes = f"{report['compile_s'] / 60:.1f} min" + ("*" if load["shared"] else "")
         rows.append(
             f"| {_setting(report)} | {where} | `{report['model']['attention_implementation']}` | "
             f"{report['batch']['per_chip']} | {size} | {fits} | {roofline} | {minutes} |"
@@ -254,39 +254,33 @@ def matrix(results: dict) -> str:
     """Markdown table for the README: a row per model, kernel and remat, a column per topology; each cell the
     preset's batch (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU, and the largest batch
     per chip as far as the compiled batches bracket it."""
-    cells: dict[tuple, dict[tuple, dict[int, dict]]] = {}
+    cells: dict[tuple[str, str], dict[tuple[str, int], dict[int, dict]]] = {}
     for result in results.values():
         report = result.get("report")
         if not report:
             continue
-        model, topology = report["model"], report["topology"]
-        row = (
-            model["architecture"],
-            model["adapter_kind"],
-            model["resolution"],
-            model["attention_implementation"],
-            model["remat"],
-            topology["mesh"]["fsdp"],
-        )
-        column = (topology["name"].split(":")[0], topology["chips"] * topology["num_slices"])
-        cells.setdefault(row, {}).setdefault(column, {})[report["batch"]["per_chip"]] = report
+        row = (_setting(report), report["model"]["attention_implementation"])
+        cells.setdefault(row, {}).setdefault(_chip(report), {})[report["batch"]["per_chip"]] = report
     columns = sorted({column for row in cells.values() for column in row})
     lines = [
         "| model | attention | " + " | ".join(f"{chip}, {chips} chips" for chip, chips in columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    for row in sorted(cells):
-        some_report = next(iter(next(iter(cells[row].values())).values()))
-        texts = [_cell(cells[row].get(column, {})) for column in columns]
-        lines.append(f"| {_setting(some_report)} | `{row[3]}` | " + " | ".join(texts) + " |")
+    for setting, attention in sorted(cells):
+        texts = [_cell(cells[setting, attention].get(column, {})) for column in columns]
+        lines.append(f"| {setting} | `{attention}` | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 
 def _compile_order(report: dict) -> tuple:
     """Model and setting, chip, number of chips, attention, batch."""
+    return _setting(report), _chip(report), report["model"]["attention_implementation"], report["batch"]["per_chip"]
+
+
+def _chip(report: dict) -> tuple[str, int]:
+    """("v5e", 256): the chip generation and the number of chips over all slices."""
     topology = report["topology"]
-    where = (topology["name"].split(":")[0], topology["chips"] * topology["num_slices"])
-    return _setting(report), where, report["model"]["attention_implementation"], report["batch"]["per_chip"]
+    return topology["name"].split(":")[0], topology["chips"] * topology["num_slices"]
 
 
 def _setting(report: dict) -> str:
