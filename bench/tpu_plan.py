@@ -54,6 +54,9 @@ def _sdxl_v5e_remat(batch: int) -> list[str]:
     return ["--config", "sdxl", "--topology", "v5e:2x4", "--batch-per-chip", str(batch), *SPLASH, *FSDP8, *REMAT]
 
 
+# the README matrix's columns: (chip, number of chips)
+COLUMNS = [("v5e", 8), ("v5e", 256), ("v5p", 8), ("v5p", 256), ("v6e", 8), ("v6e", 256)]
+
 # id -> (description, plan arguments)
 CASES: dict[str, tuple[str, list[str]]] = {
     "a1": ("SD1.5 base 512px b8 splash, v5e 8 chips", ["--config", "sd15", "--topology", "v5e:2x4", *SPLASH]),
@@ -70,7 +73,6 @@ CASES: dict[str, tuple[str, list[str]]] = {
         ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *SPLASH, *FSDP8],
     ),
     "c2": ("SDXL base 1024px b3 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(3)),
-    "c4": ("SDXL base 1024px b2 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(2)),
     "c3": ("SDXL base 1024px b8 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(8)),
     "d1": ("SD1.5 base 512px b8 diffusers, v5e 8", ["--config", "sd15", "--topology", "v5e:2x4"]),
     "d2": ("SD1.5 Plus 512px b8 splash, v5e 8", ["--config", "sd15_plus", "--topology", "v5e:2x4", *SPLASH]),
@@ -115,6 +117,28 @@ CASES: dict[str, tuple[str, list[str]]] = {
     ),
     "d21": ("SD1.5 Plus 512px b8 splash, v5e 256", ["--config", "sd15_plus", "--topology", "v5e:16x16", *SPLASH]),
     "d22": ("SD1.5 Plus 512px b8 diffusers, v5e 256", ["--config", "sd15_plus", "--topology", "v5e:16x16"]),
+    "d23": ("SD1.5 Plus 512px b8 diffusers, v5p 8", ["--config", "sd15_plus", "--topology", "v5p:2x2x2"]),
+    "d24": ("SD1.5 Plus 512px b8 diffusers, v6e 8", ["--config", "sd15_plus", "--topology", "v6e:2x4"]),
+    "d25": (
+        "SDXL base 1024px b2 splash fsdp8, v5e 8",
+        ["--config", "sdxl", "--topology", "v5e:2x4", "--batch-per-chip", "2", *SPLASH, *FSDP8],
+    ),
+    "d26": (
+        "SD1.5 base 512px b64 splash, v5p 8",
+        ["--config", "sd15", "--topology", "v5p:2x2x2", "--batch-per-chip", "64", *SPLASH],
+    ),
+    "d27": (
+        "SD1.5 base 512px b32 splash, v6e 8",
+        ["--config", "sd15", "--topology", "v6e:2x4", "--batch-per-chip", "32", *SPLASH],
+    ),
+    "d28": (
+        "SDXL base 1024px b2 splash fsdp8, v5e 256",
+        ["--config", "sdxl", "--topology", "v5e:16x16", "--batch-per-chip", "2", *SPLASH, *FSDP8],
+    ),
+    "d29": (
+        "SDXL base 1024px b7 splash fsdp8, v6e 256",
+        ["--config", "sdxl", "--topology", "v6e:16x16", "--batch-per-chip", "7", *SPLASH, *FSDP8],
+    ),
 }
 
 
@@ -251,9 +275,11 @@ def compiles(results: dict) -> str:
 
 
 def matrix(results: dict) -> str:
-    """Markdown table for the README: a row per model, kernel and remat, a column per topology; each cell the
-    preset's batch (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU, and the largest batch
-    per chip as far as the compiled batches bracket it."""
+    """Markdown table for the README: a row per model, kernel and remat, a column per chip at 8 and 256 chips
+    (`COLUMNS`); each cell the preset's batch (8/chip): fits or not, HBM per chip and headroom, the roofline-bound
+    MFU, and the largest batch per chip as far as the compiled batches bracket it. A data-parallel row's 256-chip
+    cell not compiled whose 8-chip cell is reads "as 8 chips†": data parallelism gives each chip the 8-chip program
+    (the README's footnote, from the compiled pairs). FSDP rows do not: their 256-chip program differs."""
     cells: dict[tuple[str, str], dict[tuple[str, int], dict[int, dict]]] = {}
     for result in results.values():
         report = result.get("report")
@@ -261,13 +287,18 @@ def matrix(results: dict) -> str:
             continue
         row = (_setting(report), report["model"]["attention_implementation"])
         cells.setdefault(row, {}).setdefault(_chip(report), {})[report["batch"]["per_chip"]] = report
-    columns = sorted({column for row in cells.values() for column in row})
     lines = [
-        "| model | attention | " + " | ".join(f"{chip}, {chips} chips" for chip, chips in columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        "| model | attention | " + " | ".join(f"{chip}, {chips} chips" for chip, chips in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
     ]
     for setting, attention in sorted(cells):
-        texts = [_cell(cells[setting, attention].get(column, {})) for column in columns]
+        row = cells[setting, attention]
+        texts = []
+        for chip, chips in COLUMNS:
+            if (chip, chips) not in row and chips == 256 and (chip, 8) in row and "fsdp" not in setting:
+                texts.append("as 8 chips†")
+            else:
+                texts.append(_cell(row.get((chip, chips), {})))
         lines.append(f"| {setting} | `{attention}` | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 

@@ -7,7 +7,9 @@ logic and the usage errors are checked everywhere.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +210,16 @@ def test_abstract_components_of_a_folder_have_the_loaded_shapes(sdxl, tmp_path):
     assert shapes(abstract.adapter) == shapes(loaded.adapter)
     assert abstract.models.image_proj == loaded.models.image_proj and abstract.models.unet == loaded.models.unet
     assert [t.model_max_length for t in abstract.tokenizers] == [t.model_max_length for t in loaded.tokenizers]
+
+
+def test_the_readmes_tpu_tables_are_the_benchmarks():
+    """README's "Plan a TPU run" tables are what `python bench/tpu_plan.py --table` prints from bench/tpu_plan.json,
+    not numbers typed by hand (regenerate them when a case is added)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("tpu_plan", root / "bench" / "tpu_plan.py")
+    tpu_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tpu_plan)
+    results = json.loads((root / "bench" / "tpu_plan.json").read_text())["cases"]
+    readme = (root / "README.md").read_text()
+    for name, table in [("matrix", tpu_plan.matrix(results)), ("compiles", tpu_plan.compiles(results))]:
+        assert table in readme, f"README.md's {name} table differs from bench/tpu_plan.py's; paste `--table`'s"
