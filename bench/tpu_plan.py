@@ -281,12 +281,14 @@ def matrix(results: dict) -> str:
     cell not compiled whose 8-chip cell is reads "as 8 chips†": data parallelism gives each chip the 8-chip program
     (the README's footnote, from the compiled pairs). FSDP rows do not: their 256-chip program differs."""
     cells: dict[tuple[str, str], dict[tuple[str, int], dict[int, dict]]] = {}
+    fsdp: dict[tuple[str, str], int] = {}
     for result in results.values():
         report = result.get("report")
         if not report:
             continue
         row = (_setting(report), report["model"]["attention_implementation"])
         cells.setdefault(row, {}).setdefault(_chip(report), {})[report["batch"]["per_chip"]] = report
+        fsdp[row] = report["topology"]["mesh"]["fsdp"]
     lines = [
         "| model | attention | " + " | ".join(f"{chip}, {chips} chips" for chip, chips in COLUMNS) + " |",
         "|---|---|" + "---|" * len(COLUMNS),
@@ -295,7 +297,7 @@ def matrix(results: dict) -> str:
         row = cells[setting, attention]
         texts = []
         for chip, chips in COLUMNS:
-            if (chip, chips) not in row and chips == 256 and (chip, 8) in row and "fsdp" not in setting:
+            if (chip, chips) not in row and chips == 256 and (chip, 8) in row and fsdp[setting, attention] == 1:
                 texts.append("as 8 chips†")
             else:
                 texts.append(_cell(row.get((chip, chips), {})))
