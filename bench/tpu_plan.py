@@ -139,6 +139,26 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "SDXL base 1024px b7 splash fsdp8, v6e 256",
         ["--config", "sdxl", "--topology", "v6e:16x16", "--batch-per-chip", "7", *SPLASH, *FSDP8],
     ),
+    "d30": (
+        "SDXL base 1024px b8 diffusers fsdp8, v5e 256",
+        ["--config", "sdxl", "--topology", "v5e:16x16", *SDXL8, *FSDP8],
+    ),
+    "d31": (
+        "SDXL base 1024px b8 diffusers fsdp8, v5p 256",
+        ["--config", "sdxl", "--topology", "v5p:4x8x8", *SDXL8, *FSDP8],
+    ),
+    "d32": (
+        "SDXL base 1024px b8 diffusers fsdp8, v6e 256",
+        ["--config", "sdxl", "--topology", "v6e:16x16", *SDXL8, *FSDP8],
+    ),
+    "d33": (
+        "SDXL base 1024px b6 splash fsdp8, v6e 256",
+        ["--config", "sdxl", "--topology", "v6e:16x16", "--batch-per-chip", "6", *SPLASH, *FSDP8],
+    ),
+    "d34": (
+        "SDXL base 1024px b5 splash fsdp8, v6e 256",
+        ["--config", "sdxl", "--topology", "v6e:16x16", "--batch-per-chip", "5", *SPLASH, *FSDP8],
+    ),
 }
 
 
@@ -275,16 +295,17 @@ def compiles(results: dict) -> str:
 
 
 def matrix(results: dict) -> str:
-    """Markdown table for the README: a row per model, kernel and remat, a column per chip at 8 and 256 chips
-    (`COLUMNS`); each cell the preset's batch (8/chip): fits or not, HBM per chip and headroom, the roofline-bound
-    MFU, and the largest batch per chip as far as the compiled batches bracket it. A data-parallel row's 256-chip
-    cell not compiled whose 8-chip cell is reads "as 8 chips†": data parallelism gives each chip the 8-chip program
-    (the README's footnote, from the compiled pairs). FSDP rows do not: their 256-chip program differs."""
+    """Markdown table for the README: a row per model and kernel as the presets run them (remat off; remat's
+    compiles are in `compiles`), a column per chip at 8 and 256 chips (`COLUMNS`); each cell the preset's batch
+    (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU, and the largest batch per chip as far
+    as the compiled batches bracket it. A data-parallel row's 256-chip cell not compiled whose 8-chip cell is reads
+    "as 8 chips†": data parallelism gives each chip the 8-chip program (the README's footnote, from the compiled
+    pairs). FSDP rows do not: their 256-chip program differs."""
     cells: dict[tuple[str, str], dict[tuple[str, int], dict[int, dict]]] = {}
     fsdp: dict[tuple[str, str], int] = {}
     for result in results.values():
         report = result.get("report")
-        if not report:
+        if not report or report["model"]["remat"]:
             continue
         row = (_setting(report), report["model"]["attention_implementation"])
         cells.setdefault(row, {}).setdefault(_chip(report), {})[report["batch"]["per_chip"]] = report

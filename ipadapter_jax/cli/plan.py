@@ -124,6 +124,11 @@ def format_report(report: dict) -> str:
             f"peaks), so images/s <= {roof['images_per_s_upper_bound']:.0f} and MFU <= "
             f"{100 * roof['mfu_upper_bound']:.0f}% (bounds, not measurements)",
         ]
+        if cost.get("while_loops"):
+            lines.append(
+                f"note      the program runs {cost['while_loops']} while loops (under FSDP: XLA's collective-matmul "
+                "windows) and XLA's cost analysis counts each body once: FLOPs, bytes and the bounds above undercount"
+            )
     if "auto" in report:
         tried = ", ".join(f"{t['batch_per_chip']}{'' if t['fits'] else ' (no)'}" for t in report["auto"]["tried"])
         lines.append(

@@ -15,7 +15,10 @@ XLA's buffer assignment sizes them; `xla_peak` is XLA's own peak (lower for SD-s
 whose many small arrays fill whole TPU tiles); footprint = the larger of the two. The step fits when the compile
 succeeds and footprint <= the chip's HBM; headroom is what the footprint leaves of it. Roofline: a
 lower bound on step time, max(FLOPs / peak, bytes accessed / HBM bandwidth) per chip with datasheet figures, and
-the upper bounds on images/s and MFU it implies: bounds, not measurements.
+the upper bounds on images/s and MFU it implies: bounds, not measurements. XLA's cost analysis counts a while loop's
+body once, whatever its trip count; under FSDP XLA turns all-gathered matmuls and convolutions into such loops
+(collective-matmul windows, one trip per chunk), so the report counts the program's loops (`while_loops`) and, when
+there are any, FLOPs, bytes and the roofline undercount the step.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class StepPlan:
     memory: dict
     flops: float | None = None
     bytes_accessed: float | None = None
+    while_loops: int | None = None
     error: str | None = None
 
 
@@ -114,7 +118,13 @@ class Planner:
         cost = compiled.cost_analysis()
         cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
         fits = memory["footprint"] <= self.topology.chip.hbm_bytes
-        return StepPlan(batch_per_chip, seconds, fits, memory, cost.get("flops"), cost.get("bytes accessed"))
+        loops = while_loops(compiled.as_text())
+        return StepPlan(batch_per_chip, seconds, fits, memory, cost.get("flops"), cost.get("bytes accessed"), loops)
+
+
+def while_loops(hlo_text: str) -> int:
+    """The while loops of an optimized HLO module's text: XLA's cost analysis counts each body once."""
+    return len(re.findall(r"\swhile\(", hlo_text))
 
 
 def max_batch_per_chip(
@@ -232,7 +242,7 @@ REPORT_FIELDS = {
     "memory_per_chip": (
         "arguments temporaries outputs aliased code xla_peak total footprint capacity fits headroom_pct"
     ).split(),
-    "cost_per_chip": "flops bytes_accessed".split(),
+    "cost_per_chip": "flops bytes_accessed while_loops".split(),
     "roofline": (
         "peak_flops_per_chip hbm_bandwidth_per_chip compute_s memory_s step_s_lower_bound images_per_s_upper_bound "
         "mfu_upper_bound bound"
@@ -276,7 +286,11 @@ def _report(config: TrainConfig, topology: Topology, planner: Planner, result: S
         },
         "batch": {"per_chip": result.batch_per_chip, "global": size, "per_host": _host_rows(mesh, size)},
         "memory_per_chip": memory,
-        "cost_per_chip": {"flops": result.flops, "bytes_accessed": result.bytes_accessed},
+        "cost_per_chip": {
+            "flops": result.flops,
+            "bytes_accessed": result.bytes_accessed,
+            "while_loops": result.while_loops,
+        },
         "roofline": _roofline(chip, result, size),
         "compile_s": round(result.compile_s, 1),
     }
