@@ -40,7 +40,6 @@ GiB = 2**30
 
 SPLASH = ["--config.model.attention_implementation=splash"]
 FSDP8 = ["--config.mesh.fsdp=8"]
-SDXL8 = ["--batch-per-chip", "8"]
 REMAT = ["--config.model.remat=True"]
 
 
@@ -49,9 +48,9 @@ def _sd15_v5e(batch: int, *attention: str) -> list[str]:
     return ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", str(batch), *attention]
 
 
-def _sdxl_v5e_remat(batch: int) -> list[str]:
-    """SDXL on v5e:2x4 at `batch` per chip, splash, fsdp 8 and remat: what SDXL takes on 16 GiB chips."""
-    return ["--config", "sdxl", "--topology", "v5e:2x4", "--batch-per-chip", str(batch), *SPLASH, *FSDP8, *REMAT]
+def _sdxl(topology: str, batch: int, *options: str) -> list[str]:
+    """SDXL with fsdp 8 on `topology` at `batch` per chip (default attention unless `options` say otherwise)."""
+    return ["--config", "sdxl", "--topology", topology, "--batch-per-chip", str(batch), *FSDP8, *options]
 
 
 # the README matrix's columns: (chip, number of chips)
@@ -68,61 +67,34 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "b6": ("SD1.5 base 512px b17 diffusers, v5e 8", _sd15_v5e(17)),
     "b7": ("SD1.5 base 512px b34 splash, v5e 8", _sd15_v5e(34, *SPLASH)),
     "b8": ("SD1.5 base 512px b33 splash, v5e 8", _sd15_v5e(33, *SPLASH)),
-    "c1": (
-        "SDXL base 1024px b8 splash fsdp8, v5p 8",
-        ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *SPLASH, *FSDP8],
-    ),
-    "c2": ("SDXL base 1024px b3 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(3)),
-    "c3": ("SDXL base 1024px b8 splash fsdp8 remat, v5e 8", _sdxl_v5e_remat(8)),
+    "c1": ("SDXL base 1024px b8 splash fsdp8, v5p 8", _sdxl("v5p:2x2x2", 8, *SPLASH)),
+    "c2": ("SDXL base 1024px b3 splash fsdp8 remat, v5e 8", _sdxl("v5e:2x4", 3, *SPLASH, *REMAT)),
+    "c3": ("SDXL base 1024px b8 splash fsdp8 remat, v5e 8", _sdxl("v5e:2x4", 8, *SPLASH, *REMAT)),
     "d1": ("SD1.5 base 512px b8 diffusers, v5e 8", ["--config", "sd15", "--topology", "v5e:2x4"]),
     "d2": ("SD1.5 Plus 512px b8 splash, v5e 8", ["--config", "sd15_plus", "--topology", "v5e:2x4", *SPLASH]),
     "d3": ("SD1.5 base 512px b8 splash, v5e 256", ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH]),
     "d4": ("SD1.5 base 512px b8 splash, v6e 8", ["--config", "sd15", "--topology", "v6e:2x4", *SPLASH]),
     "d5": ("SD1.5 base 512px b8 splash, v5p 8", ["--config", "sd15", "--topology", "v5p:2x2x2", *SPLASH]),
     "d6": ("SD1.5 Plus 512px b8 diffusers, v5e 8", ["--config", "sd15_plus", "--topology", "v5e:2x4"]),
-    "d7": (
-        "SDXL base 1024px b8 diffusers fsdp8, v5p 8",
-        ["--config", "sdxl", "--topology", "v5p:2x2x2", *SDXL8, *FSDP8],
-    ),
+    "d7": ("SDXL base 1024px b8 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 8)),
     "d8": ("SD1.5 base 512px b8 splash, v6e 256", ["--config", "sd15", "--topology", "v6e:16x16", *SPLASH]),
     "d9": ("SD1.5 base 512px b8 splash, v5p 256", ["--config", "sd15", "--topology", "v5p:4x8x8", *SPLASH]),
-    "d10": (
-        "SDXL base 1024px b8 splash fsdp8, v6e 8",
-        ["--config", "sdxl", "--topology", "v6e:2x4", *SDXL8, *SPLASH, *FSDP8],
-    ),
-    "d11": (
-        "SDXL base 1024px b8 splash fsdp8, v5p 256",
-        ["--config", "sdxl", "--topology", "v5p:4x8x8", *SDXL8, *SPLASH, *FSDP8],
-    ),
+    "d10": ("SDXL base 1024px b8 splash fsdp8, v6e 8", _sdxl("v6e:2x4", 8, *SPLASH)),
+    "d11": ("SDXL base 1024px b8 splash fsdp8, v5p 256", _sdxl("v5p:4x8x8", 8, *SPLASH)),
     "d12": ("SD1.5 base 512px b8 diffusers, v5p 8", ["--config", "sd15", "--topology", "v5p:2x2x2"]),
     "d13": ("SD1.5 base 512px b8 diffusers, v6e 8", ["--config", "sd15", "--topology", "v6e:2x4"]),
     "d14": ("SD1.5 base 512px b8 diffusers, v5e 256", ["--config", "sd15", "--topology", "v5e:16x16"]),
     "d15": ("SD1.5 Plus 512px b8 splash, v5p 8", ["--config", "sd15_plus", "--topology", "v5p:2x2x2", *SPLASH]),
     "d16": ("SD1.5 Plus 512px b8 splash, v6e 8", ["--config", "sd15_plus", "--topology", "v6e:2x4", *SPLASH]),
-    "d17": (
-        "SDXL base 1024px b7 splash fsdp8, v6e 8",
-        ["--config", "sdxl", "--topology", "v6e:2x4", "--batch-per-chip", "7", *SPLASH, *FSDP8],
-    ),
-    "d18": (
-        "SDXL base 1024px b8 diffusers fsdp8, v6e 8",
-        ["--config", "sdxl", "--topology", "v6e:2x4", *SDXL8, *FSDP8],
-    ),
-    "d19": (
-        "SDXL base 1024px b8 diffusers fsdp8, v5e 8",
-        ["--config", "sdxl", "--topology", "v5e:2x4", *SDXL8, *FSDP8],
-    ),
-    "d20": (
-        "SDXL base 1024px b8 splash fsdp8, v5e 8",
-        ["--config", "sdxl", "--topology", "v5e:2x4", *SDXL8, *SPLASH, *FSDP8],
-    ),
+    "d17": ("SDXL base 1024px b7 splash fsdp8, v6e 8", _sdxl("v6e:2x4", 7, *SPLASH)),
+    "d18": ("SDXL base 1024px b8 diffusers fsdp8, v6e 8", _sdxl("v6e:2x4", 8)),
+    "d19": ("SDXL base 1024px b8 diffusers fsdp8, v5e 8", _sdxl("v5e:2x4", 8)),
+    "d20": ("SDXL base 1024px b8 splash fsdp8, v5e 8", _sdxl("v5e:2x4", 8, *SPLASH)),
     "d21": ("SD1.5 Plus 512px b8 splash, v5e 256", ["--config", "sd15_plus", "--topology", "v5e:16x16", *SPLASH]),
     "d22": ("SD1.5 Plus 512px b8 diffusers, v5e 256", ["--config", "sd15_plus", "--topology", "v5e:16x16"]),
     "d23": ("SD1.5 Plus 512px b8 diffusers, v5p 8", ["--config", "sd15_plus", "--topology", "v5p:2x2x2"]),
     "d24": ("SD1.5 Plus 512px b8 diffusers, v6e 8", ["--config", "sd15_plus", "--topology", "v6e:2x4"]),
-    "d25": (
-        "SDXL base 1024px b2 splash fsdp8, v5e 8",
-        ["--config", "sdxl", "--topology", "v5e:2x4", "--batch-per-chip", "2", *SPLASH, *FSDP8],
-    ),
+    "d25": ("SDXL base 1024px b2 splash fsdp8, v5e 8", _sdxl("v5e:2x4", 2, *SPLASH)),
     "d26": (
         "SD1.5 base 512px b64 splash, v5p 8",
         ["--config", "sd15", "--topology", "v5p:2x2x2", "--batch-per-chip", "64", *SPLASH],
@@ -131,34 +103,13 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "SD1.5 base 512px b32 splash, v6e 8",
         ["--config", "sd15", "--topology", "v6e:2x4", "--batch-per-chip", "32", *SPLASH],
     ),
-    "d28": (
-        "SDXL base 1024px b2 splash fsdp8, v5e 256",
-        ["--config", "sdxl", "--topology", "v5e:16x16", "--batch-per-chip", "2", *SPLASH, *FSDP8],
-    ),
-    "d29": (
-        "SDXL base 1024px b7 splash fsdp8, v6e 256",
-        ["--config", "sdxl", "--topology", "v6e:16x16", "--batch-per-chip", "7", *SPLASH, *FSDP8],
-    ),
-    "d30": (
-        "SDXL base 1024px b8 diffusers fsdp8, v5e 256",
-        ["--config", "sdxl", "--topology", "v5e:16x16", *SDXL8, *FSDP8],
-    ),
-    "d31": (
-        "SDXL base 1024px b8 diffusers fsdp8, v5p 256",
-        ["--config", "sdxl", "--topology", "v5p:4x8x8", *SDXL8, *FSDP8],
-    ),
-    "d32": (
-        "SDXL base 1024px b8 diffusers fsdp8, v6e 256",
-        ["--config", "sdxl", "--topology", "v6e:16x16", *SDXL8, *FSDP8],
-    ),
-    "d33": (
-        "SDXL base 1024px b6 splash fsdp8, v6e 256",
-        ["--config", "sdxl", "--topology", "v6e:16x16", "--batch-per-chip", "6", *SPLASH, *FSDP8],
-    ),
-    "d34": (
-        "SDXL base 1024px b5 splash fsdp8, v6e 256",
-        ["--config", "sdxl", "--topology", "v6e:16x16", "--batch-per-chip", "5", *SPLASH, *FSDP8],
-    ),
+    "d28": ("SDXL base 1024px b2 splash fsdp8, v5e 256", _sdxl("v5e:16x16", 2, *SPLASH)),
+    "d29": ("SDXL base 1024px b7 splash fsdp8, v6e 256", _sdxl("v6e:16x16", 7, *SPLASH)),
+    "d30": ("SDXL base 1024px b8 diffusers fsdp8, v5e 256", _sdxl("v5e:16x16", 8)),
+    "d31": ("SDXL base 1024px b8 diffusers fsdp8, v5p 256", _sdxl("v5p:4x8x8", 8)),
+    "d32": ("SDXL base 1024px b8 diffusers fsdp8, v6e 256", _sdxl("v6e:16x16", 8)),
+    "d33": ("SDXL base 1024px b6 splash fsdp8, v6e 256", _sdxl("v6e:16x16", 6, *SPLASH)),
+    "d34": ("SDXL base 1024px b5 splash fsdp8, v6e 256", _sdxl("v6e:16x16", 5, *SPLASH)),
 }
 
 
@@ -283,6 +234,7 @@ def compiles(results: dict) -> str:
             roofline = (
                 f"{bound}: >= {1000 * roof['step_s_lower_bound']:.0f} ms/step, <= "
                 f"{roof['images_per_s_upper_bound']:.0f} img/s, MFU <= {100 * roof['mfu_upper_bound']:.0f}%"
+                + _undercount_mark(report)
             )
         else:
             size, fits, roofline = f"XLA: {memory['required'] / GiB:.2f} GiB required", "no", ""
@@ -344,6 +296,13 @@ def _setting(report: dict) -> str:
     return name + (f", fsdp {fsdp}" if fsdp > 1 else "") + (", remat" if model["remat"] else "")
 
 
+def _undercount_mark(report: dict) -> str:
+    """ "‡" where XLA's FLOPs and bytes may leave out loop trips: the program runs while loops (`while_loops`), or,
+    in reports from before that count, it is an FSDP program (where XLA may make collective-matmul loops)."""
+    loops = report["cost_per_chip"].get("while_loops")
+    return "‡" if (loops if loops is not None else report["topology"]["mesh"]["fsdp"] > 1) else ""
+
+
 def _cell(by_batch: dict[int, dict]) -> str:
     """One topology's compiles of one row: the batch-8 report (else the smallest batch's) and the max-batch bracket."""
     if not by_batch:
@@ -352,7 +311,7 @@ def _cell(by_batch: dict[int, dict]) -> str:
     memory, roof = by_batch[batch]["memory_per_chip"], by_batch[batch]["roofline"]
     if memory["fits"]:
         text = f"b{batch}: {memory['footprint'] / GiB:.1f} GiB ({memory['headroom_pct']:.0f}% free), MFU <= "
-        text += f"{100 * roof['mfu_upper_bound']:.0f}%"
+        text += f"{100 * roof['mfu_upper_bound']:.0f}%{_undercount_mark(by_batch[batch])}"
     else:
         text = f"b{batch}: no ({memory['required'] / GiB:.1f} GiB needed)"
     fitting = [b for b, r in by_batch.items() if r["memory_per_chip"]["fits"]]

@@ -53,6 +53,18 @@ class Accelerator:
     hbm_bytes: int
     hbm_bandwidth: float
 
+    def roofline(self, flops: float | None, bytes_accessed: float | None, global_batch: int) -> dict:
+        """A lower bound on the step time from its per-chip FLOPs and bytes at this chip's datasheet peaks, and the
+        upper bounds on images/s (of `global_batch` images per step) and MFU it implies; None where a count is."""
+        out = {"peak_flops_per_chip": self.peak_bf16_flops, "hbm_bandwidth_per_chip": self.hbm_bandwidth}
+        names = ("compute_s", "memory_s", "step_s_lower_bound", "images_per_s_upper_bound", "mfu_upper_bound", "bound")
+        if not flops or not bytes_accessed:
+            return dict(out, **dict.fromkeys(names))
+        compute, memory = flops / self.peak_bf16_flops, bytes_accessed / self.hbm_bandwidth
+        step = max(compute, memory)
+        bound = "compute" if compute >= memory else "memory bandwidth"
+        return dict(out, **dict(zip(names, (compute, memory, step, global_batch / step, compute / step, bound))))
+
 
 TPU_V4 = Accelerator("TPU v4", 275e12, 32 * GiB, 1.2e12)
 TPU_V5E = Accelerator("TPU v5e", 197e12, 16 * GiB, 0.819e12)

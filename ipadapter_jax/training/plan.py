@@ -37,7 +37,7 @@ import numpy as np
 from ipadapter_jax import sharding
 from ipadapter_jax.data import embedding_cache, loader
 from ipadapter_jax.training import components
-from ipadapter_jax.training.accelerators import Accelerator, Topology
+from ipadapter_jax.training.accelerators import Topology
 from ipadapter_jax.training.config import ConfigError, TrainConfig
 from ipadapter_jax.training.encode import encode_batch
 from ipadapter_jax.training.program import StepProgram, step_program
@@ -291,38 +291,12 @@ def _report(config: TrainConfig, topology: Topology, planner: Planner, result: S
             "bytes_accessed": result.bytes_accessed,
             "while_loops": result.while_loops,
         },
-        "roofline": _roofline(chip, result, size),
+        "roofline": chip.roofline(result.flops, result.bytes_accessed, size),
         "compile_s": round(result.compile_s, 1),
     }
     if result.error:
         report["error"] = result.error
     return report
-
-
-def _roofline(chip: Accelerator, result: StepPlan, global_batch: int) -> dict:
-    """Lower bound on the step time from the per-chip FLOPs and bytes at datasheet peaks, and what it implies."""
-    out = {"peak_flops_per_chip": chip.peak_bf16_flops, "hbm_bandwidth_per_chip": chip.hbm_bandwidth}
-    if not result.flops or not result.bytes_accessed:
-        return dict(
-            out,
-            compute_s=None,
-            memory_s=None,
-            step_s_lower_bound=None,
-            images_per_s_upper_bound=None,
-            mfu_upper_bound=None,
-            bound=None,
-        )
-    compute, memory = result.flops / chip.peak_bf16_flops, result.bytes_accessed / chip.hbm_bandwidth
-    step = max(compute, memory)
-    return dict(
-        out,
-        compute_s=compute,
-        memory_s=memory,
-        step_s_lower_bound=step,
-        images_per_s_upper_bound=global_batch / step,
-        mfu_upper_bound=compute / step,
-        bound="compute" if compute >= memory else "memory bandwidth",
-    )
 
 
 def _host_rows(mesh: Any, size: int) -> int:

@@ -9,8 +9,8 @@ On TPUs (`ipadapter-jax plan`, bench/tpu_plan.json): --config.model.attention_im
 fits batch 8 in 29.5 GiB, but its roofline step is 45% longer per image); v5e (16 GiB) batch 2 (14.1 GiB, 12%
 headroom); batch 8 does not fit there with either kernel, even with remat; batches 3-7 are undecided (batch 3 with
 remat outgrew a 24 GB compile host). At 256 chips (data 32 x fsdp 8) XLA compiles a different program that needs
-more per chip: v5p:4x8x8 batch 8 57.9 GiB (4.4 more), v5e:16x16 batch 2 15.2 GiB (1.1 more), v6e:16x16 batch 7 and
-6 do not fit (36.6 and 31.7 GiB needed of 31.25): plan the pod's own topology before renting it.
+more per chip: v5p:4x8x8 batch 8 57.9 GiB (4.4 more), v5e:16x16 batch 2 15.2 GiB (1.1 more), v6e:16x16 batch 5
+30.1 GiB (6% headroom; batches 6 and 7 do not fit): plan the pod's own topology before renting it.
 """
 
 from __future__ import annotations
