@@ -55,7 +55,8 @@ class Accelerator:
 
     def roofline(self, flops: float | None, bytes_accessed: float | None, global_batch: int) -> dict:
         """A lower bound on the step time from its per-chip FLOPs and bytes at this chip's datasheet peaks, and the
-        upper bounds on images/s (of `global_batch` images per step) and MFU it implies; None where a count is."""
+        upper bounds on images/s (of `global_batch` images per step) and MFU it implies; all None when either count
+        is missing (the compile ran out of HBM)."""
         out = {"peak_flops_per_chip": self.peak_bf16_flops, "hbm_bandwidth_per_chip": self.hbm_bandwidth}
         names = ("compute_s", "memory_s", "step_s_lower_bound", "images_per_s_upper_bound", "mfu_upper_bound", "bound")
         if not flops or not bytes_accessed:
