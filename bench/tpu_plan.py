@@ -249,10 +249,10 @@ def compiles(results: dict) -> str:
 def matrix(results: dict) -> str:
     """Markdown table for the README: a row per model and kernel as the presets run them (remat off; remat's
     compiles are in `compiles`), a column per chip at 8 and 256 chips (`COLUMNS`); each cell the preset's batch
-    (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU, and the largest batch per chip as far
-    as the compiled batches bracket it. A data-parallel row's 256-chip cell not compiled whose 8-chip cell is reads
-    "as 8 chips†": data parallelism gives each chip the 8-chip program (the README's footnote, from the compiled
-    pairs). FSDP rows do not: their 256-chip program differs."""
+    (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU (‡: XLA's count, `_undercount_mark`),
+    and the largest batch per chip as far as the compiled batches bracket it. A data-parallel row's 256-chip cell
+    not compiled whose 8-chip cell is reads "as 8 chips†": data parallelism gives each chip the 8-chip program (the
+    README's footnote, from the compiled pairs). FSDP rows do not: their 256-chip program differs."""
     cells: dict[tuple[str, str], dict[tuple[str, int], dict[int, dict]]] = {}
     fsdp: dict[tuple[str, str], int] = {}
     for result in results.values():
