@@ -17,6 +17,8 @@ bf16 compute, fp32 params, embedding-cache batches):
   c   SDXL base, batch 8/chip on v5p 8 chips with the frozen params FSDP-split (the sdxl preset's rules), and
       what it takes on v5e
   d   the rest: SD1.5 base and Plus, SDXL, both kernels, on v5e / v5p / v6e at 8 and 256 chips
+  e   SD1.5 with every param FSDP-split over 8 chips, on 8 and 256 chips: the same step's FLOPs with and without
+      XLA's collective-matmul loops
 
 Needs libtpu (`pip install "jax[tpu]==0.10.2"`). Compiles take minutes each on 2 cores (REFERENCE.md s.7).
 """
@@ -41,6 +43,7 @@ GiB = 2**30
 SPLASH = ["--config.model.attention_implementation=splash"]
 FSDP8 = ["--config.mesh.fsdp=8"]
 REMAT = ["--config.model.remat=True"]
+SPLIT_ALL = ['--config.sharding_rules=((".*", "fsdp"),)']  # frozen params FSDP-split too (sd15 replicates them)
 
 
 def _sd15_v5e(batch: int, *attention: str) -> list[str]:
@@ -110,6 +113,14 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "d32": ("SDXL base 1024px b8 diffusers fsdp8, v6e 256", _sdxl("v6e:16x16", 8)),
     "d33": ("SDXL base 1024px b6 splash fsdp8, v6e 256", _sdxl("v6e:16x16", 6, *SPLASH)),
     "d34": ("SDXL base 1024px b5 splash fsdp8, v6e 256", _sdxl("v6e:16x16", 5, *SPLASH)),
+    "e1": (
+        "SD1.5 base 512px b8 splash fsdp8, v5e 8",
+        ["--config", "sd15", "--topology", "v5e:2x4", *SPLASH, *FSDP8, *SPLIT_ALL],
+    ),
+    "e2": (
+        "SD1.5 base 512px b8 splash fsdp8, v5e 256",
+        ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
+    ),
 }
 
 
@@ -297,9 +308,13 @@ def _setting(report: dict) -> str:
 
 
 def _undercount_mark(report: dict) -> str:
-    """ "‡" where XLA's FLOPs and bytes may leave out loop trips: the program runs while loops (`while_loops`), or,
-    in reports from before that count, it is an FSDP program (where XLA may make collective-matmul loops)."""
-    loops = report["cost_per_chip"].get("while_loops")
+    """ "‡" where FLOPs and bytes may leave out loop trips: loops whose trip count the HLO did not state
+    (`unknown_trip_counts`), or a report from before loops were counted per trip (`loop_trips`) whose program runs
+    loops or, older still, is an FSDP program (where XLA makes collective-matmul loops)."""
+    cost = report["cost_per_chip"]
+    if "loop_trips" in cost:
+        return "‡" if cost["unknown_trip_counts"] else ""
+    loops = cost.get("while_loops")
     return "‡" if (loops if loops is not None else report["topology"]["mesh"]["fsdp"] > 1) else ""
 
 

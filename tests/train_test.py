@@ -37,14 +37,20 @@ def dataset(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def single_device_run(dataset, tmp_path_factory) -> dict:
+def single_device_workdir(dataset, tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("one_device"))
     train(runs.config(dataset, STEPS, GLOBAL_BATCH), workdir)
-    return runs.final_state(workdir)
+    return workdir
 
 
-def test_sharding_is_invisible(dataset, single_device_run, tmp_path):
-    """(data=8), (data=4, fsdp=2), (data=2, fsdp=4) on 8 devices == 1 device, same global batch."""
+@pytest.fixture(scope="module")
+def single_device_run(single_device_workdir) -> dict:
+    return runs.final_state(single_device_workdir)
+
+
+def test_sharding_is_invisible(dataset, single_device_run, single_device_workdir, tmp_path):
+    """(data=8), (data=4, fsdp=2), (data=2, fsdp=4) on 8 devices == 1 device, same global batch; and the FLOPs per
+    step in metrics.jsonl (TFLOP/s and MFU) are the whole step's, not one device's share."""
     procs = {}
     for data, fsdp in ((8, 1), (4, 2), (2, 4)):
         args = runs.overrides(dataset, STEPS, GLOBAL_BATCH // 8, **{"mesh.data": data, "mesh.fsdp": fsdp})
@@ -53,8 +59,10 @@ def test_sharding_is_invisible(dataset, single_device_run, tmp_path):
         # One at a time: two CPU cores cannot run three compiles in parallel any faster.
         out, _ = procs[workdir].communicate(timeout=600)
         assert procs[workdir].returncode == 0, out
+    flops = runs.step_flops(single_device_workdir)
     for workdir in procs:
         runs.assert_states_close(runs.final_state(workdir), single_device_run)
+        assert runs.step_flops(workdir) == pytest.approx(flops, rel=0.05), workdir
 
 
 def test_training_on_the_embedding_cache_equals_raw(dataset, single_device_run, tmp_path):

@@ -119,15 +119,15 @@ def format_report(report: dict) -> str:
     if roof["step_s_lower_bound"]:
         lines += [
             f"cost      {cost['flops'] / 1e12:.2f} TFLOP and {cost['bytes_accessed'] / GiB:.1f} GiB accessed per chip "
-            "per step (XLA cost analysis)",
+            f"per step (XLA's cost analysis{_loops(cost)})",
             f"bounds    step >= {roof['step_s_lower_bound'] * 1e3:.1f} ms ({roof['bound']}-bound at datasheet "
             f"peaks), so images/s <= {roof['images_per_s_upper_bound']:.0f} and MFU <= "
             f"{100 * roof['mfu_upper_bound']:.0f}% (bounds, not measurements)",
         ]
-        if cost.get("while_loops"):
+        if cost.get("unknown_trip_counts"):
             lines.append(
-                f"note      the program runs {cost['while_loops']} while loops (under FSDP: XLA's collective-matmul "
-                "windows) and XLA's cost analysis counts each body once: FLOPs, bytes and the bounds above undercount"
+                f"note      {cost['unknown_trip_counts']} while loops state no trip count: counted once, so FLOPs, "
+                "bytes and the bounds above undercount"
             )
     if "auto" in report:
         tried = ", ".join(f"{t['batch_per_chip']}{'' if t['fits'] else ' (no)'}" for t in report["auto"]["tried"])
@@ -137,6 +137,16 @@ def format_report(report: dict) -> str:
         )
     lines.append(f"compile   {report['compile_s']:.0f}s for the reported batch; {report['total_s']:.0f}s in all")
     return "\n".join(lines)
+
+
+def _loops(cost: dict) -> str:
+    """How the while loops were counted (XLA counts a loop's body once; `loop_costs` once per trip)."""
+    if not cost.get("while_loops"):
+        return ""
+    return (
+        f"; its {cost['while_loops']} while loops' bodies counted once per trip, {cost['loop_trips']} trips: "
+        f"XLA alone counts {cost['xla_flops'] / 1e12:.2f} TFLOP"
+    )
 
 
 def _gib(size: int | None) -> str:

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from ipadapter_jax import paths
 from ipadapter_jax.data import builder, synthetic
 from ipadapter_jax.presets import get_preset
+from ipadapter_jax.training.hooks import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,6 +115,13 @@ def final_state(workdir: str) -> dict:
     state = ocp.StandardCheckpointer().restore(path, target)
     leaves, _ = jax.tree_util.tree_flatten_with_path(state)  # ema=None (no EMA) has no leaves
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def step_flops(workdir: str) -> float:
+    """The FLOPs of one whole (global) step that `workdir`'s metrics.jsonl reports (TFLOP/s over steps/s)."""
+    records = [json.loads(line) for line in paths.read_text(paths.join(workdir, METRICS_FILE)).splitlines()]
+    last = next(r for r in reversed(records) if "tflops_per_s" in r)
+    return last["tflops_per_s"] * 1e12 / last["steps_per_s"]
 
 
 def assert_states_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:

@@ -15,10 +15,10 @@ XLA's buffer assignment sizes them; `xla_peak` is XLA's own peak (lower for SD-s
 whose many small arrays fill whole TPU tiles); footprint = the larger of the two. The step fits when the compile
 succeeds and footprint <= the chip's HBM; headroom is what the footprint leaves of it. Roofline: a
 lower bound on step time, max(FLOPs / peak, bytes accessed / HBM bandwidth) per chip with datasheet figures, and
-the upper bounds on images/s and MFU it implies: bounds, not measurements. XLA's cost analysis counts a while loop's
-body once, whatever its trip count; under FSDP XLA turns all-gathered matmuls and convolutions into such loops
-(collective-matmul windows, one trip per chunk), so the report counts the program's loops (`while_loops`) and, when
-there are any, FLOPs, bytes and the roofline undercount the step.
+the upper bounds on images/s and MFU it implies: bounds, not measurements. FLOPs and bytes are XLA's cost analysis
+with every while loop's body counted once per trip (`loop_costs`: XLA counts it once, and under FSDP the TPU compiler
+turns all-gathered matmuls and convolutions into such loops); XLA's own counts are kept as `xla_flops` and
+`xla_bytes_accessed`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ipadapter_jax.training import components
 from ipadapter_jax.training.accelerators import Topology
 from ipadapter_jax.training.config import ConfigError, TrainConfig
 from ipadapter_jax.training.encode import encode_batch
+from ipadapter_jax.training.loop_costs import program_costs
 from ipadapter_jax.training.program import StepProgram, step_program
 
 GiB = 2**30
@@ -59,9 +60,7 @@ class StepPlan:
     compile_s: float
     fits: bool
     memory: dict
-    flops: float | None = None
-    bytes_accessed: float | None = None
-    while_loops: int | None = None
+    costs: dict | None = None  # the report's cost_per_chip
     error: str | None = None
 
 
@@ -115,16 +114,12 @@ class Planner:
         }
         memory["total"] = memory["arguments"] + memory["temporaries"] + memory["outputs"] - memory["aliased"]
         memory["footprint"] = max(memory["total"], memory["xla_peak"] or 0)
-        cost = compiled.cost_analysis()
-        cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+        xla = compiled.cost_analysis()
+        xla = (xla[0] if xla else {}) if isinstance(xla, (list, tuple)) else (xla or {})
+        costs = dataclasses.asdict(program_costs(compiled))
+        costs.update(xla_flops=xla.get("flops"), xla_bytes_accessed=xla.get("bytes accessed"))
         fits = memory["footprint"] <= self.topology.chip.hbm_bytes
-        loops = while_loops(compiled.as_text())
-        return StepPlan(batch_per_chip, seconds, fits, memory, cost.get("flops"), cost.get("bytes accessed"), loops)
-
-
-def while_loops(hlo_text: str) -> int:
-    """The while loops of an optimized HLO module's text: XLA's cost analysis counts each body once."""
-    return len(re.findall(r"\swhile\(", hlo_text))
+        return StepPlan(batch_per_chip, seconds, fits, memory, costs)
 
 
 def max_batch_per_chip(
@@ -242,7 +237,9 @@ REPORT_FIELDS = {
     "memory_per_chip": (
         "arguments temporaries outputs aliased code xla_peak total footprint capacity fits headroom_pct"
     ).split(),
-    "cost_per_chip": "flops bytes_accessed while_loops".split(),
+    "cost_per_chip": (
+        "flops bytes_accessed xla_flops xla_bytes_accessed while_loops loop_trips unknown_trip_counts"
+    ).split(),
     "roofline": (
         "peak_flops_per_chip hbm_bandwidth_per_chip compute_s memory_s step_s_lower_bound images_per_s_upper_bound "
         "mfu_upper_bound bound"
@@ -286,12 +283,8 @@ def _report(config: TrainConfig, topology: Topology, planner: Planner, result: S
         },
         "batch": {"per_chip": result.batch_per_chip, "global": size, "per_host": _host_rows(mesh, size)},
         "memory_per_chip": memory,
-        "cost_per_chip": {
-            "flops": result.flops,
-            "bytes_accessed": result.bytes_accessed,
-            "while_loops": result.while_loops,
-        },
-        "roofline": chip.roofline(result.flops, result.bytes_accessed, size),
+        "cost_per_chip": {key: (result.costs or {}).get(key) for key in REPORT_FIELDS["cost_per_chip"]},
+        "roofline": chip.roofline(*((result.costs or {}).get(key) for key in ("flops", "bytes_accessed")), size),
         "compile_s": round(result.compile_s, 1),
     }
     if result.error:

@@ -23,6 +23,7 @@ from ipadapter_jax.data import loader
 from ipadapter_jax.training import checkpoint, components
 from ipadapter_jax.training.config import ConfigError, TrainConfig
 from ipadapter_jax.training.encode import IMAGE_FEATURES, encode_batch, encode_if_raw, null_image_input
+from ipadapter_jax.training.loop_costs import program_costs
 from ipadapter_jax.training.program import step_program
 from ipadapter_jax.training.step import diffusion_loss
 
@@ -39,7 +40,7 @@ class Run:
     frozen: dict  # placed on the mesh; what the step reads but never trains
     state: Any  # TrainState, placed on the mesh
     step: Callable[[Any, dict, dict], tuple[Any, dict]]  # compiled: (state, frozen, batch) -> (state, metrics)
-    step_flops: float  # of the whole (global) step, from XLA's cost analysis (0 if unknown)
+    step_flops: float  # of the whole (global) step: XLA's per-device count (loops once per trip) x devices; 0: unknown
     checkpoints: ocp.CheckpointManager
     held_out_loss: Callable[[Any], float] | None  # adapter -> loss of the held-out batch, fixed noise
 
@@ -100,7 +101,7 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
 
     start = time.time()
     compiled = program.compile(state, frozen, batches.peek())
-    step_flops = _flops(compiled)
+    step_flops = program_costs(compiled).flops * mesh.size  # one device's share times the devices
     log(f"compiled the train step in {time.time() - start:.1f}s; {step_flops / 1e9:.1f} GFLOP/step")
     return Run(config, workdir, mesh, comps, batches, frozen, state, compiled, step_flops, ckpt, held_out)
 
@@ -202,11 +203,3 @@ def _held_out_loss(
             return float(loss(adapter, frozen, batch))
 
     return held_out_loss
-
-
-def _flops(compiled: Any) -> float:
-    """FLOPs of one step of the whole (global) computation from XLA's cost analysis (0 if unavailable)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
