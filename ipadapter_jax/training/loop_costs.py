@@ -41,10 +41,13 @@ class LoopCosts:
 
     `while_loops`: loops in the program (nested ones included); `loop_trips`: their trips, each loop's own (a loop
     inside a 4-trip loop that runs 2 trips counts 2); `unknown_trip_counts`: loops counted once, their trip count
-    not read from the HLO (then `flops` and `bytes_accessed` are still lower than the program's)."""
+    not read from the HLO (then `flops` and `bytes_accessed` are still lower than the program's); `xla_flops`,
+    `xla_bytes_accessed`: XLA's own counts, each loop body once."""
 
     flops: float
     bytes_accessed: float
+    xla_flops: float
+    xla_bytes_accessed: float
     while_loops: int
     loop_trips: int
     unknown_trip_counts: int
@@ -89,7 +92,9 @@ def loop_weighted_costs(hlo_text: str, flops: float, bytes_accessed: float) -> L
         body = _body_costs(preamble, computations, _callee(loop, "body"))
         extra_flops += outer * (trips - 1) * body.get("flops", 0.0)
         extra_bytes += outer * (trips - 1) * body.get("bytes accessed", 0.0)
-    return LoopCosts(flops + extra_flops, bytes_accessed + extra_bytes, len(loops), trips_total, unknown)
+    return LoopCosts(
+        flops + extra_flops, bytes_accessed + extra_bytes, flops, bytes_accessed, len(loops), trips_total, unknown
+    )
 
 
 def _split(hlo_text: str) -> tuple[str, dict[str, list[str]], str]:

@@ -114,12 +114,8 @@ class Planner:
         }
         memory["total"] = memory["arguments"] + memory["temporaries"] + memory["outputs"] - memory["aliased"]
         memory["footprint"] = max(memory["total"], memory["xla_peak"] or 0)
-        xla = compiled.cost_analysis()
-        xla = (xla[0] if xla else {}) if isinstance(xla, (list, tuple)) else (xla or {})
-        costs = dataclasses.asdict(program_costs(compiled))
-        costs.update(xla_flops=xla.get("flops"), xla_bytes_accessed=xla.get("bytes accessed"))
         fits = memory["footprint"] <= self.topology.chip.hbm_bytes
-        return StepPlan(batch_per_chip, seconds, fits, memory, costs)
+        return StepPlan(batch_per_chip, seconds, fits, memory, dataclasses.asdict(program_costs(compiled)))
 
 
 def max_batch_per_chip(
