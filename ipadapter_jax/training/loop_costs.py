@@ -151,11 +151,17 @@ def _loops(computations: dict[str, list[str]], entry: str) -> list[tuple[_Instru
     """(while instruction, its trip count or None, the product of the trip counts of the loops around it) for every
     loop reached from computation `entry`."""
     found: dict[str, list] = {}  # computation -> its loops, the multiplier relative to it
+    parsed: dict[str, dict[str, _Instruction]] = {}
+
+    def instructions_of(name: str) -> dict[str, _Instruction]:
+        if name not in parsed:
+            parsed[name] = _instructions(computations[name])
+        return parsed[name]
 
     def visit(name: str) -> list:
         if name not in found:
             found[name] = []  # (a call graph has no cycles; this only stops a malformed one)
-            instructions = _instructions(computations[name])
+            instructions = instructions_of(name)
             whiles = [i for i in instructions.values() if i.opcode == "while"]
             bodies = {_callee(loop, "body"): loop for loop in whiles}
             conditions = {_callee(loop, "condition") for loop in whiles}
@@ -168,7 +174,8 @@ def _loops(computations: dict[str, list[str]], entry: str) -> list[tuple[_Instru
                 if loop is None:
                     loops.extend(inner)
                     continue
-                trips = _trip_count(loop, instructions, computations)
+                condition = instructions_of(_callee(loop, "condition"))
+                trips = _trip_count(loop, instructions, condition, instructions_of(callee))
                 loops.append((loop, trips, 1))
                 loops.extend((i, t, outer * (1 if trips is None else trips)) for i, t, outer in inner)
             found[name] = loops
@@ -177,15 +184,19 @@ def _loops(computations: dict[str, list[str]], entry: str) -> list[tuple[_Instru
     return visit(entry)
 
 
-def _trip_count(loop: _Instruction, parent: dict[str, _Instruction], computations: dict) -> int | None:
-    """The trips of `loop`: XLA's `known_trip_count`, or the run of an induction variable `i` (tuple element k)
-    that starts at a constant, is compared with a constant in the condition's root, and grows by a constant in the
-    body's root. None when the HLO does not say it that way."""
+def _trip_count(
+    loop: _Instruction,
+    parent: dict[str, _Instruction],
+    condition: dict[str, _Instruction],
+    body: dict[str, _Instruction],
+) -> int | None:
+    """The trips of `loop` (an instruction of `parent`, with those computations' instructions): XLA's
+    `known_trip_count`, or the run of an induction variable `i` (tuple element k) that starts at a constant, is
+    compared with a constant in the condition's root, and grows by a constant in the body's root. None when the HLO
+    does not say it that way."""
     stated = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.text)
     if stated:
         return int(stated[1])
-    condition = _instructions(computations[_callee(loop, "condition")])
-    body = _instructions(computations[_callee(loop, "body")])
     compare = condition.get("ROOT")
     if compare is None or compare.opcode != "compare" or len(compare.operands) != 2:
         return None
