@@ -6,9 +6,11 @@
 
 Each case is one `ipadapter-jax plan` subprocess (the user's command, with its JSON report), run one at a time with
 a time limit; results are merged into bench/tpu_plan.json after every case, so an interrupted run keeps what it
-finished, and prints three tables: one row per case, then the README's two (a matrix of model x kernel by topology,
-and one row per compile). Each case records how busy the host was while it compiled (`host_load`): a compile that
-shared the 2 cores with other work is marked `*`. Cases, in priority order (SD1.5 at 512 px and SDXL at 1024 px,
+finished, and two queues run side by side (a compile takes one core) keep each other's: a compile takes up to 10 GB
+of host memory for SD1.5 and 15 GB for SDXL, so on a 24 GB host an SDXL compile runs alone. It prints three tables:
+one row per case, then the README's two (a matrix of model x kernel by topology, and one row per compile). Each
+case records how busy the host was while it compiled (`host_load`): a compile that shared the 2 cores with other
+work is marked `*`. Cases, in priority order (SD1.5 at 512 px and SDXL at 1024 px,
 bf16 compute, fp32 params, embedding-cache batches):
 
   a   SD1.5 base, batch 8/chip, splash, v5e 8 chips: does it fit with >= 25% headroom?
@@ -19,6 +21,9 @@ bf16 compute, fp32 params, embedding-cache batches):
   d   the rest: SD1.5 base and Plus, SDXL, both kernels, on v5e / v5p / v6e at 8 and 256 chips
   e   SD1.5 with every param FSDP-split over 8 chips, on 8 and 256 chips: the same step's FLOPs with and without
       XLA's collective-matmul loops
+  f   largest batches per chip where the d cases only bound them: from a batch past the line through the sizes
+      down to the first that fits (a failing compile takes 1-3 min, one that fits 5-40)
+  g   e2 with the TPU compiler's flags (`LIBTPU_FLAGS`) that may keep collective-matmul loops at 256 chips
 
 Needs libtpu (`pip install "jax[tpu]==0.10.2"`). Compiles take minutes each on 2 cores (REFERENCE.md s.7).
 """
@@ -26,6 +31,7 @@ Needs libtpu (`pip install "jax[tpu]==0.10.2"`). Compiles take minutes each on 2
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import resource
@@ -36,9 +42,10 @@ import threading
 import time
 from pathlib import Path
 
+from tpu_plan_tables import compiles, matrix, table
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "tpu_plan.json"
-GiB = 2**30
 
 SPLASH = ["--config.model.attention_implementation=splash"]
 FSDP8 = ["--config.mesh.fsdp=8"]
@@ -46,9 +53,9 @@ REMAT = ["--config.model.remat=True"]
 SPLIT_ALL = ['--config.sharding_rules=((".*", "fsdp"),)']  # frozen params FSDP-split too (sd15 replicates them)
 
 
-def _sd15_v5e(batch: int, *attention: str) -> list[str]:
-    """SD1.5 on v5e:2x4 at `batch` per chip: the largest-batch search's compiles."""
-    return ["--config", "sd15", "--topology", "v5e:2x4", "--batch-per-chip", str(batch), *attention]
+def _plan(preset: str, topology: str, batch: int, *options: str) -> list[str]:
+    """`preset` on `topology` at `batch` per chip."""
+    return ["--config", preset, "--topology", topology, "--batch-per-chip", str(batch), *options]
 
 
 def _sdxl(topology: str, batch: int, *options: str) -> list[str]:
@@ -56,20 +63,17 @@ def _sdxl(topology: str, batch: int, *options: str) -> list[str]:
     return ["--config", "sdxl", "--topology", topology, "--batch-per-chip", str(batch), *FSDP8, *options]
 
 
-# the README matrix's columns: (chip, number of chips)
-COLUMNS = [("v5e", 8), ("v5e", 256), ("v5p", 8), ("v5p", 256), ("v6e", 8), ("v6e", 256)]
-
 # id -> (description, plan arguments)
 CASES: dict[str, tuple[str, list[str]]] = {
     "a1": ("SD1.5 base 512px b8 splash, v5e 8 chips", ["--config", "sd15", "--topology", "v5e:2x4", *SPLASH]),
-    "b1": ("SD1.5 base 512px b18 splash, v5e 8", _sd15_v5e(18, *SPLASH)),
-    "b2": ("SD1.5 base 512px b10 diffusers, v5e 8", _sd15_v5e(10)),
-    "b3": ("SD1.5 base 512px b18 diffusers, v5e 8", _sd15_v5e(18)),
-    "b4": ("SD1.5 base 512px b16 diffusers, v5e 8", _sd15_v5e(16)),
-    "b5": ("SD1.5 base 512px b20 splash, v5e 8", _sd15_v5e(20, *SPLASH)),
-    "b6": ("SD1.5 base 512px b17 diffusers, v5e 8", _sd15_v5e(17)),
-    "b7": ("SD1.5 base 512px b34 splash, v5e 8", _sd15_v5e(34, *SPLASH)),
-    "b8": ("SD1.5 base 512px b33 splash, v5e 8", _sd15_v5e(33, *SPLASH)),
+    "b1": ("SD1.5 base 512px b18 splash, v5e 8", _plan("sd15", "v5e:2x4", 18, *SPLASH)),
+    "b2": ("SD1.5 base 512px b10 diffusers, v5e 8", _plan("sd15", "v5e:2x4", 10)),
+    "b3": ("SD1.5 base 512px b18 diffusers, v5e 8", _plan("sd15", "v5e:2x4", 18)),
+    "b4": ("SD1.5 base 512px b16 diffusers, v5e 8", _plan("sd15", "v5e:2x4", 16)),
+    "b5": ("SD1.5 base 512px b20 splash, v5e 8", _plan("sd15", "v5e:2x4", 20, *SPLASH)),
+    "b6": ("SD1.5 base 512px b17 diffusers, v5e 8", _plan("sd15", "v5e:2x4", 17)),
+    "b7": ("SD1.5 base 512px b34 splash, v5e 8", _plan("sd15", "v5e:2x4", 34, *SPLASH)),
+    "b8": ("SD1.5 base 512px b33 splash, v5e 8", _plan("sd15", "v5e:2x4", 33, *SPLASH)),
     "c1": ("SDXL base 1024px b8 splash fsdp8, v5p 8", _sdxl("v5p:2x2x2", 8, *SPLASH)),
     "c2": ("SDXL base 1024px b3 splash fsdp8 remat, v5e 8", _sdxl("v5e:2x4", 3, *SPLASH, *REMAT)),
     "c3": ("SDXL base 1024px b8 splash fsdp8 remat, v5e 8", _sdxl("v5e:2x4", 8, *SPLASH, *REMAT)),
@@ -98,14 +102,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "d23": ("SD1.5 Plus 512px b8 diffusers, v5p 8", ["--config", "sd15_plus", "--topology", "v5p:2x2x2"]),
     "d24": ("SD1.5 Plus 512px b8 diffusers, v6e 8", ["--config", "sd15_plus", "--topology", "v6e:2x4"]),
     "d25": ("SDXL base 1024px b2 splash fsdp8, v5e 8", _sdxl("v5e:2x4", 2, *SPLASH)),
-    "d26": (
-        "SD1.5 base 512px b64 splash, v5p 8",
-        ["--config", "sd15", "--topology", "v5p:2x2x2", "--batch-per-chip", "64", *SPLASH],
-    ),
-    "d27": (
-        "SD1.5 base 512px b32 splash, v6e 8",
-        ["--config", "sd15", "--topology", "v6e:2x4", "--batch-per-chip", "32", *SPLASH],
-    ),
+    "d26": ("SD1.5 base 512px b64 splash, v5p 8", _plan("sd15", "v5p:2x2x2", 64, *SPLASH)),
+    "d27": ("SD1.5 base 512px b32 splash, v6e 8", _plan("sd15", "v6e:2x4", 32, *SPLASH)),
     "d28": ("SDXL base 1024px b2 splash fsdp8, v5e 256", _sdxl("v5e:16x16", 2, *SPLASH)),
     "d29": ("SDXL base 1024px b7 splash fsdp8, v6e 256", _sdxl("v6e:16x16", 7, *SPLASH)),
     "d30": ("SDXL base 1024px b8 diffusers fsdp8, v5e 256", _sdxl("v5e:16x16", 8)),
@@ -121,14 +119,31 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "SD1.5 base 512px b8 splash fsdp8, v5e 256",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
     ),
+    "f1": ("SDXL base 1024px b3 splash fsdp8, v5e 8", _sdxl("v5e:2x4", 3, *SPLASH)),
+    "f2": ("SDXL base 1024px b9 diffusers fsdp8, v6e 8", _sdxl("v6e:2x4", 9)),
+    "f3": ("SDXL base 1024px b10 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 10)),
+    "f4": ("SDXL base 1024px b15 splash fsdp8, v5p 8", _sdxl("v5p:2x2x2", 15, *SPLASH)),
+    "f5": ("SD1.5 base 512px b38 splash, v6e 8", _plan("sd15", "v6e:2x4", 38, *SPLASH)),
+    "f6": ("SD1.5 Plus 512px b33 splash, v5e 8", _plan("sd15_plus", "v5e:2x4", 33, *SPLASH)),
+    "f7": ("SD1.5 Plus 512px b17 diffusers, v5e 8", _plan("sd15_plus", "v5e:2x4", 17)),
+    "f8": ("SD1.5 Plus 512px b32 splash, v5e 8", _plan("sd15_plus", "v5e:2x4", 32, *SPLASH)),
+    "f9": ("SD1.5 Plus 512px b16 diffusers, v5e 8", _plan("sd15_plus", "v5e:2x4", 16)),
+    "f10": ("SD1.5 Plus 512px b31 splash, v5e 8", _plan("sd15_plus", "v5e:2x4", 31, *SPLASH)),
+    "g1": (
+        "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
+        ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
+    ),
 }
+
+# LIBTPU_INIT_ARGS of the cases that set the TPU compiler's flags (the rest: libtpu's defaults)
+LIBTPU_FLAGS = {"g1": "--xla_tpu_all_gather_collective_matmul_mode=post_spmd"}
 
 
 def run_case(case: str, timeout: float) -> dict:
     """One `ipadapter-jax plan` subprocess; its JSON report plus the command, wall time, exit status and how busy
     the host was (`host_load`, see `_HostLoad`)."""
     _, args = CASES[case]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", LIBTPU_INIT_ARGS=LIBTPU_FLAGS.get(case, ""))
     with tempfile.TemporaryDirectory() as tmp, _HostLoad() as load:
         out = Path(tmp) / "plan.json"
         command = [sys.executable, "-m", "ipadapter_jax.cli.main", "plan", *args, "--json", str(out)]
@@ -190,156 +205,17 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def table(results: dict) -> str:
-    """Markdown table of the results, in case order."""
-    rows = [
-        "| case | what | fits | GiB/chip (headroom) | batch/chip | max batch/chip | MFU bound | compile s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for case, (what, _) in CASES.items():
-        if case not in results:
-            rows.append(f"| {case} | {what} | not run | | | | | |")
-            continue
-        result = results[case]
-        report = result.get("report")
-        if not report:
-            rows.append(
-                f"| {case} | {what} | {result.get('error', result['exit_status'])} | | | | | "
-                f"{result['wall_s']:.0f} (wall) |"
-            )
-            continue
-        memory, roof = report["memory_per_chip"], report["roofline"]
-        used = memory.get("footprint", memory["total"])
-        size = "-" if used is None else f"{used / GiB:.2f} ({memory['headroom_pct']:.0f}%)"
-        auto = report.get("auto", {}).get("max_batch_per_chip", "")
-        mfu = "-" if roof["mfu_upper_bound"] is None else f"{100 * roof['mfu_upper_bound']:.0f}%"
-        compiles = report.get("auto", {}).get("tried") or [{"compile_s": report["compile_s"]}]
-        seconds = "+".join(f"{t['compile_s']:.0f}" for t in compiles)
-        rows.append(
-            f"| {case} | {what} | {'yes' if memory['fits'] else 'no'} | {size} | "
-            f"{report['batch']['per_chip']} | {auto} | {mfu} | {seconds} |"
-        )
-    return "\n".join(rows)
-
-
-def compiles(results: dict) -> str:
-    """Markdown table for the README, one row per compiled case: model, topology, attention, batch, HBM per chip
-    (arguments + temporaries), fits, the roofline bound and the compile time (`*`: the host was shared)."""
-    rows = [
-        "| model | topology | attention | batch/chip | HBM per chip (args + temps) | fits | "
-        "roofline bound (not a measurement) | compile |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    reports = [(result["report"], result["host_load"]) for result in results.values() if "report" in result]
-    for report, load in sorted(reports, key=lambda item: _compile_order(item[0])):
-        topology, memory, roof = report["topology"], report["memory_per_chip"], report["roofline"]
-        chips, hosts = topology["chips"] * topology["num_slices"], topology["hosts"] * topology["num_slices"]
-        where = f"{topology['name']} ({chips} chips" + (f", {hosts} hosts)" if hosts > 1 else ")")
-        if memory["fits"]:
-            size = (
-                f"{memory['footprint'] / GiB:.1f} GiB ({memory['arguments'] / GiB:.1f} + "
-                f"{memory['temporaries'] / GiB:.1f}) of {memory['capacity'] / GiB:.0f}"
-            )
-            fits = f"yes, {memory['headroom_pct']:.0f}% headroom"
-            bound = "memory-bound" if roof["bound"] == "memory bandwidth" else "compute-bound"
-            roofline = (
-                f"{bound}: >= {1000 * roof['step_s_lower_bound']:.0f} ms/step, <= "
-                f"{roof['images_per_s_upper_bound']:.0f} img/s, MFU <= {100 * roof['mfu_upper_bound']:.0f}%"
-                + _undercount_mark(report)
-            )
-        else:
-            size, fits, roofline = f"XLA: {memory['required'] / GiB:.2f} GiB required", "no", ""
-        minutes = f"{report['compile_s'] / 60:.1f} min" + ("*" if load["shared"] else "")
-        rows.append(
-            f"| {_setting(report)} | {where} | `{report['model']['attention_implementation']}` | "
-            f"{report['batch']['per_chip']} | {size} | {fits} | {roofline} | {minutes} |"
-        )
-    return "\n".join(rows)
-
-
-def matrix(results: dict) -> str:
-    """Markdown table for the README: a row per model and kernel as the presets run them (remat off; remat's
-    compiles are in `compiles`), a column per chip at 8 and 256 chips (`COLUMNS`); each cell the preset's batch
-    (8/chip): fits or not, HBM per chip and headroom, the roofline-bound MFU (‡: XLA's count, `_undercount_mark`),
-    and the largest batch per chip as far as the compiled batches bracket it. A data-parallel row's 256-chip cell
-    not compiled whose 8-chip cell is reads "as 8 chips†": data parallelism gives each chip the 8-chip program (the
-    README's footnote, from the compiled pairs). FSDP rows do not: their 256-chip program differs."""
-    cells: dict[tuple[str, str], dict[tuple[str, int], dict[int, dict]]] = {}
-    fsdp: dict[tuple[str, str], int] = {}
-    for result in results.values():
-        report = result.get("report")
-        if not report or report["model"]["remat"]:
-            continue
-        row = (_setting(report), report["model"]["attention_implementation"])
-        cells.setdefault(row, {}).setdefault(_chip(report), {})[report["batch"]["per_chip"]] = report
-        fsdp[row] = report["topology"]["mesh"]["fsdp"]
-    lines = [
-        "| model | attention | " + " | ".join(f"{chip}, {chips} chips" for chip, chips in COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
-    ]
-    for setting, attention in sorted(cells):
-        row = cells[setting, attention]
-        texts = []
-        for chip, chips in COLUMNS:
-            if (chip, chips) not in row and chips == 256 and (chip, 8) in row and fsdp[setting, attention] == 1:
-                texts.append("as 8 chips†")
-            else:
-                texts.append(_cell(row.get((chip, chips), {})))
-        lines.append(f"| {setting} | `{attention}` | " + " | ".join(texts) + " |")
-    return "\n".join(lines)
-
-
-def _compile_order(report: dict) -> tuple:
-    """Model and setting, chip, number of chips, attention, batch."""
-    return _setting(report), _chip(report), report["model"]["attention_implementation"], report["batch"]["per_chip"]
-
-
-def _chip(report: dict) -> tuple[str, int]:
-    """("v5e", 256): the chip generation and the number of chips over all slices."""
-    topology = report["topology"]
-    return topology["name"].split(":")[0], topology["chips"] * topology["num_slices"]
-
-
-def _setting(report: dict) -> str:
-    """ "SD1.5 512 px, base" or "SDXL 1024 px, base, fsdp 8, remat": the model and what was done to fit it."""
-    model, fsdp = report["model"], report["topology"]["mesh"]["fsdp"]
-    name = f"{'SDXL' if model['architecture'] == 'sdxl' else 'SD1.5'} {model['resolution']} px, {model['adapter_kind']}"
-    return name + (f", fsdp {fsdp}" if fsdp > 1 else "") + (", remat" if model["remat"] else "")
-
-
-def _undercount_mark(report: dict) -> str:
-    """ "‡" where FLOPs and bytes may leave out loop trips: loops whose trip count the HLO did not state
-    (`unknown_trip_counts`), or a report from before loops were counted per trip (`loop_trips`) whose program runs
-    loops or, older still, is an FSDP program (where XLA makes collective-matmul loops)."""
-    cost = report["cost_per_chip"]
-    if "loop_trips" in cost:
-        return "‡" if cost["unknown_trip_counts"] else ""
-    loops = cost.get("while_loops")
-    return "‡" if (loops if loops is not None else report["topology"]["mesh"]["fsdp"] > 1) else ""
-
-
-def _cell(by_batch: dict[int, dict]) -> str:
-    """One topology's compiles of one row: the batch-8 report (else the smallest batch's) and the max-batch bracket."""
-    if not by_batch:
-        return "not compiled"
-    batch = 8 if 8 in by_batch else min(by_batch)
-    memory, roof = by_batch[batch]["memory_per_chip"], by_batch[batch]["roofline"]
-    if memory["fits"]:
-        text = f"b{batch}: {memory['footprint'] / GiB:.1f} GiB ({memory['headroom_pct']:.0f}% free), MFU <= "
-        text += f"{100 * roof['mfu_upper_bound']:.0f}%{_undercount_mark(by_batch[batch])}"
-    else:
-        text = f"b{batch}: no ({memory['required'] / GiB:.1f} GiB needed)"
-    fitting = [b for b, r in by_batch.items() if r["memory_per_chip"]["fits"]]
-    if fitting:
-        low = max(fitting)
-        failing = [b for b, r in by_batch.items() if not r["memory_per_chip"]["fits"] and b > low]
-        if not failing:
-            text += f"; max batch >= {low}"
-        elif min(failing) == low + 1:
-            text += f"; max batch {low}"
-        else:
-            text += f"; max batch {low}-{min(failing) - 1}"
-    return text
+def _merge(case: str, result: dict) -> dict:
+    """Writes one case's result into bench/tpu_plan.json as the file is now (another queue may have added cases
+    since this one started), under a lock, atomically; returns the merged cases."""
+    with open(OUT.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(OUT.read_text())["cases"] if OUT.is_file() else {}
+        results[case] = result
+        tmp = OUT.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"host": os.uname().nodename, "cases": results}, indent=1) + "\n")
+        os.replace(tmp, OUT)
+    return results
 
 
 def main() -> None:
@@ -362,10 +238,8 @@ def main() -> None:
                 f"fits {report.get('memory_per_chip', {}).get('fits')}",
                 flush=True,
             )
-            tmp = OUT.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"host": os.uname().nodename, "cases": results}, indent=1) + "\n")
-            os.replace(tmp, OUT)
-    print(table(results))
+            results = _merge(case, results[case])
+    print(table(CASES, results))
     print()
     print(matrix(results))
     print()

@@ -7,6 +7,10 @@ skip with the reason where libtpu cannot be imported.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -98,3 +102,29 @@ def test_fsdp_collective_matmul_loops_are_counted_whole():
     assert costs.while_loops >= 1 and costs.unknown_trip_counts == 0
     assert _xla_flops(split) < 0.6 * share  # XLA's count leaves out trips
     assert costs.flops == pytest.approx(_xla_flops(replicated), rel=0.01)
+
+
+_FSDP_MATMUL_LOOPS = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ipadapter_jax import sharding
+from ipadapter_jax.training import accelerators
+from ipadapter_jax.training.loop_costs import program_costs
+mesh = sharding.make_mesh(32, 8, accelerators.tpu_topology("v5e:16x16").devices)
+x = jax.ShapeDtypeStruct((256 * 2048, 4096), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+w = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+layer = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w).astype(jnp.float32)), out_shardings=NamedSharding(mesh, P()))
+print(program_costs(layer.lower(x, w).compile()).while_loops)
+"""
+
+
+@pytest.mark.parametrize("flags, loops", [("", 0), ("--xla_tpu_all_gather_collective_matmul_mode=post_spmd", 1)])
+def test_at_256_chips_the_fsdp_matmul_loops_only_with_post_spmd_collective_matmul(flags, loops):
+    """The README's "Loops in FSDP programs": on `v5e:16x16` (data 32 x fsdp 8) XLA all-gathers a split weight whole,
+    no loop; libtpu's post-SPMD all-gather collective matmul (LIBTPU_INIT_ARGS, read when libtpu starts: a process
+    each) streams it in a loop as on 8 chips."""
+    pytest.importorskip("libtpu", reason='compiling for TPU topologies needs libtpu (pip install "jax[tpu]")')
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", LIBTPU_INIT_ARGS=flags)
+    done = subprocess.run([sys.executable, "-c", _FSDP_MATMUL_LOOPS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == loops

@@ -9,6 +9,8 @@ shapes alone: the config's folders' config.json files, or `model.architecture`'s
 `model.base` / `model.image_encoder` are empty. Needs libtpu (`pip install "jax[tpu]==0.10.2"`); runs on the CPU
 (JAX_PLATFORMS=cpu unless set), so it never touches a TPU a training job is using. Sizes are per chip; a batch that
 does not fit is reported (exit status 0); with `--batch-per-chip auto`, batch 1 not fitting is an error (1).
+The TPU compiler's flags in LIBTPU_INIT_ARGS (as a TPU VM's training job would have them) apply to the compile and
+are in the report.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def format_report(report: dict) -> str:
     mesh = " x ".join(f"{axis} {size}" for axis, size in topo["mesh"].items())
     lines = [
         f"topology  {topo['name']} x{topo['num_slices']} slice(s): {topo['chips']} chips ({topo['device_kind']}), "
-        f"{topo['hosts']} hosts of {topo['chips_per_host']}; mesh {mesh}",
+        f"{topo['hosts']} hosts of {topo['chips_per_host']}; mesh {mesh}"
+        + (f"; LIBTPU_INIT_ARGS {topo['libtpu_init_args']}" if topo.get("libtpu_init_args") else ""),
         f"model     {model['base'] or model['architecture']} {model['adapter_kind']} adapter, "
         f"{model['resolution']} px, "
         f"{model['dtype']}, attention {model['attention_implementation']}"

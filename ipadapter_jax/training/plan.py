@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -146,15 +147,18 @@ def max_batch_per_chip(
 
 
 def _predict(tried: dict[int, StepPlan], low: int, high: int, capacity: int) -> int | None:
-    """The batch at which the line through the bracket's measured footprints (or, with one measurement, its
-    batch-independent arguments and the rest per example) reaches `capacity`."""
-    totals = {batch: r.memory["footprint"] for batch, r in tried.items() if r.memory.get("footprint")}
+    """The batch at which the line through the bracket's measured sizes reaches `capacity` (with one measurement:
+    its batch-independent arguments, none if it did not fit, and the rest per example). A size is the footprint of a
+    compile that fit, or what XLA said a failing one required: failing compiles are the fast ones (XLA stops at the
+    first allocation that does not fit), so a search from above costs little."""
+    totals = {b: r.memory.get("footprint") or r.memory.get("required") for b, r in tried.items()}
+    totals = {batch: total for batch, total in totals.items() if total}
     bracket = [(b, totals[b]) for b in (low, high) if b in totals]
     points = bracket if len(bracket) == 2 else sorted(totals.items())[-2:]
     if not points:
         return None
     if len(points) == 1:
-        (batch, total), fixed = points[0], tried[points[0][0]].memory["arguments"]
+        (batch, total), fixed = points[0], tried[points[0][0]].memory.get("arguments", 0)
         slope = max(total - fixed, 1) / batch
     else:
         (b0, t0), (b1, t1) = points
@@ -224,7 +228,7 @@ def plan(
 
 # The report's fields (`plan`); "auto" only with an automatic batch. Sizes in bytes per chip.
 REPORT_FIELDS = {
-    "topology": "name num_slices device_kind chips hosts chips_per_host mesh".split(),
+    "topology": "name num_slices device_kind chips hosts chips_per_host mesh libtpu_init_args".split(),
     "model": (
         "architecture base image_encoder adapter_kind resolution dtype attention_implementation "
         "memory_efficient_attention remat sharding_rules data"
@@ -261,6 +265,8 @@ def _report(config: TrainConfig, topology: Topology, planner: Planner, result: S
             "hosts": topology.hosts,
             "chips_per_host": len(topology.devices) // topology.hosts,
             "mesh": dict(mesh.shape),
+            # the TPU compiler's flags (a TPU VM takes the same variable): they change the program, so the plan
+            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
         },
         "model": {
             "architecture": model.architecture,
