@@ -23,7 +23,7 @@ bf16 compute, fp32 params, embedding-cache batches):
       XLA's collective-matmul loops
   f   largest batches per chip where the d cases only bound them: from a batch past the line through the sizes
       down to the first that fits (a failing compile takes 1-3 min, one that fits 5-40)
-  g   e2 with the TPU compiler's flags (`LIBTPU_FLAGS`) that may keep collective-matmul loops at 256 chips
+  g   e2 with the TPU compiler's flags (`LIBTPU_FLAGS`) that keep collective-matmul loops at 256 chips
 
 Needs libtpu (`pip install "jax[tpu]==0.10.2"`). Compiles take minutes each on 2 cores (REFERENCE.md s.7).
 """
