@@ -154,9 +154,9 @@ def _cell(by_batch: dict[int, dict], slice_batches: dict[int, dict]) -> str:
         text += f"{100 * roof['mfu_upper_bound']:.0f}%{_undercount_mark(by_batch[batch])}"
     else:
         text = f"b{batch}: no ({memory['required'] / GiB:.1f} GiB needed)"
-    bracket = _max_batch(by_batch)
-    if bracket and slice_batches and _max_batch({**slice_batches, **by_batch}) != bracket:
-        bracket = _max_batch({**slice_batches, **by_batch}) + "†"
+    bracket, with_slice = _max_batch(by_batch), _max_batch({**slice_batches, **by_batch})
+    if bracket and with_slice != bracket:
+        bracket = with_slice + "†"
     return text + (f"; max batch {bracket}" if bracket else "")
 
 
