@@ -149,8 +149,8 @@ def max_batch_per_chip(
 def _predict(tried: dict[int, StepPlan], low: int, high: int, capacity: int) -> int | None:
     """The batch at which the line through the bracket's measured sizes reaches `capacity` (with one measurement:
     its batch-independent arguments, none if it did not fit, and the rest per example). A size is the footprint of a
-    compile that fit, or what XLA said a failing one required: failing compiles are the fast ones (XLA stops at the
-    first allocation that does not fit), so a search from above costs little."""
+    compile that fit, or what XLA said a failing one required: a failing compile is usually the fast one (XLA gives
+    up in minutes unless the batch is within a few percent of fitting), so a search from above costs little."""
     totals = {b: r.memory.get("footprint") or r.memory.get("required") for b, r in tried.items()}
     totals = {batch: total for batch, total in totals.items() if total}
     bracket = [(b, totals[b]) for b in (low, high) if b in totals]
@@ -265,7 +265,7 @@ def _report(config: TrainConfig, topology: Topology, planner: Planner, result: S
             "hosts": topology.hosts,
             "chips_per_host": len(topology.devices) // topology.hosts,
             "mesh": dict(mesh.shape),
-            # the TPU compiler's flags (a TPU VM takes the same variable): they change the program, so the plan
+            # the TPU compiler's flags (a TPU VM's job reads the same variable): they change the program
             "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
         },
         "model": {
