@@ -60,7 +60,7 @@ def _plan(preset: str, topology: str, batch: int, *options: str) -> list[str]:
 
 def _sdxl(topology: str, batch: int, *options: str) -> list[str]:
     """SDXL with fsdp 8 on `topology` at `batch` per chip (default attention unless `options` say otherwise)."""
-    return ["--config", "sdxl", "--topology", topology, "--batch-per-chip", str(batch), *FSDP8, *options]
+    return _plan("sdxl", topology, batch, *FSDP8, *options)
 
 
 # id -> (description, plan arguments)
@@ -205,12 +205,17 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _saved_cases() -> dict:
+    """The cases bench/tpu_plan.json holds now (none before the first run)."""
+    return json.loads(OUT.read_text())["cases"] if OUT.is_file() else {}
+
+
 def _merge(case: str, result: dict) -> dict:
     """Writes one case's result into bench/tpu_plan.json as the file is now (another queue may have added cases
     since this one started), under a lock, atomically; returns the merged cases."""
     with open(OUT.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(OUT.read_text())["cases"] if OUT.is_file() else {}
+        results = _saved_cases()
         results[case] = result
         tmp = OUT.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"host": os.uname().nodename, "cases": results}, indent=1) + "\n")
@@ -225,7 +230,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
     parser.add_argument("--table", action="store_true", help="only print the table of the JSON")
     args = parser.parse_args()
-    results = json.loads(OUT.read_text())["cases"] if OUT.is_file() else {}
+    results = _saved_cases()
     if not args.table:
         for case in args.cases.split(","):
             if case in results and not args.redo:
