@@ -66,6 +66,8 @@ def compiles(results: dict) -> str:
                 f"{roof['images_per_s_upper_bound']:.0f} img/s, MFU <= {100 * roof['mfu_upper_bound']:.0f}%"
                 + _undercount_mark(report)
             )
+        elif memory.get("memory_space"):
+            size, fits, roofline = f"XLA: out of {memory['memory_space']} memory (not HBM)", "no", ""
         else:
             size, fits, roofline = f"XLA: {memory['required'] / GiB:.2f} GiB required", "no", ""
         minutes = f"{report['compile_s'] / 60:.1f} min" + ("*" if load["shared"] else "")
@@ -152,6 +154,8 @@ def _cell(by_batch: dict[int, dict], slice_batches: dict[int, dict]) -> str:
     if memory["fits"]:
         text = f"b{batch}: {memory['footprint'] / GiB:.1f} GiB ({memory['headroom_pct']:.0f}% free), MFU <= "
         text += f"{100 * roof['mfu_upper_bound']:.0f}%{_undercount_mark(by_batch[batch])}"
+    elif memory.get("memory_space"):
+        text = f"b{batch}: no (out of {memory['memory_space']} memory)"
     else:
         text = f"b{batch}: no ({memory['required'] / GiB:.1f} GiB needed)"
     bracket, with_slice = _max_batch(by_batch), _max_batch({**slice_batches, **by_batch})

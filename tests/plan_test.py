@@ -21,7 +21,7 @@ from ipadapter_jax.data import loader
 from ipadapter_jax.presets import get_preset
 from ipadapter_jax.training import accelerators
 from ipadapter_jax.training.config import ConfigError, TrainConfig
-from ipadapter_jax.training.plan import REPORT_FIELDS, DoesNotFit, StepPlan, max_batch_per_chip
+from ipadapter_jax.training.plan import REPORT_FIELDS, DoesNotFit, StepPlan, _oom_sizes, max_batch_per_chip
 
 GiB = 2**30
 
@@ -94,6 +94,24 @@ def test_batch_search_finds_the_largest_fitting_batch(total_gib, limit, start, e
 def test_batch_search_says_when_not_even_one_example_fits():
     with pytest.raises(DoesNotFit, match=r"at batch 1 per chip \(needs 18.00 GiB of 16 GiB\); try .*splash"):
         max_batch_per_chip(_fake_compiles(lambda b: 17 + b, []), 64, 16 * GiB, start=8)
+
+
+def test_out_of_memory_errors_say_which_memory_ran_out():
+    # XLA:TPU's messages as libtpu 0.0.42.1 wrote them (bench/tpu_plan.json, cases f2 and f1)
+    hbm = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (32.22G) "
+        "exceeds available HBM (31.25G)."
+    )
+    assert _oom_sizes(hbm) == {"required": int(32.22 * GiB), "available": int(31.25 * GiB)}
+    sflag = (
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space sflag. Used 2.4K of "
+        "2.0K sflag. Exceeded sflag capacity by 436B."
+    )
+    assert _oom_sizes(sflag) == {"memory_space": "sflag", "space_required": 2457, "space_available": 2048}
+    assert _oom_sizes("RESOURCE_EXHAUSTED: something else") == {}
+    bench = Path(__file__).resolve().parents[1] / "bench" / "tpu_plan.json"
+    report = json.loads(bench.read_text())["cases"]["f1"]["report"]
+    assert "ran out of the chip's sflag memory (2457 of 2048 bytes), not of HBM" in plan_cli.format_report(report)
 
 
 @pytest.mark.parametrize("topology", ["v9z:2x2", "v5e", "v5e:two"])

@@ -108,9 +108,15 @@ def format_report(report: dict) -> str:
         f"batch     {batch['per_chip']} per chip, {batch['global']} global, {batch['per_host']} per host",
     ]
     if memory["footprint"] is None:
-        needed = memory.get("required")
-        amount = f": XLA needed {needed / GiB:.2f} GiB of {memory['available'] / GiB:.2f}" if needed else ""
-        lines.append(f"memory    does not fit{amount} (compile ran out of HBM)")
+        needed, space = memory.get("required"), memory.get("memory_space")
+        if space:  # not HBM: the compile fails all the same, so the step cannot run at this batch
+            lines.append(
+                f"memory    does not compile: XLA ran out of the chip's {space} memory ({memory['space_required']} "
+                f"of {memory['space_available']} bytes), not of HBM"
+            )
+        else:
+            amount = f": XLA needed {needed / GiB:.2f} GiB of {memory['available'] / GiB:.2f}" if needed else ""
+            lines.append(f"memory    does not fit{amount} (compile ran out of HBM)")
     else:
         lines.append(
             f"memory    {_gib(memory['footprint'])} of {_gib(memory['capacity'])} GiB per chip "

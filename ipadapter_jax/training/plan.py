@@ -362,15 +362,20 @@ def _with(tree: Any, shardings: Any) -> Any:
 
 
 def _oom_sizes(message: str) -> dict:
-    """What XLA's out-of-memory compile error says it needed and had, in bytes (empty when it does not say)."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    """What XLA's out-of-memory compile error says it needed and had, in bytes: `required` and `available` when HBM ran
+    out; when another of the TPU's memory spaces did (e.g. `sflag`, its synchronisation flags), that space's name as
+    `memory_space` and its `space_required` / `space_available`, and no HBM figure; empty when the error says none."""
+    units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     match = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", message) or re.search(
-        r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message
+        r"Used ([\d.]+)([KMGTB]?) of ([\d.]+)([KMGTB]?) (\w+)", message
     )
     if not match:
         return {}
-    need, have = (float(match[i]) * units[match[i + 1]] for i in (1, 3))
-    return {"required": int(need), "available": int(have)}
+    need, have = (int(float(match[i]) * units[match[i + 1]]) for i in (1, 3))
+    space = "hbm" if match.re.groups == 4 else match[5].lower()
+    if space == "hbm":
+        return {"required": need, "available": have}
+    return {"memory_space": space, "space_required": need, "space_available": have}
 
 
 def _does_not_fit(result: StepPlan, capacity: int) -> str:
