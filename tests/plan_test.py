@@ -24,6 +24,7 @@ from ipadapter_jax.training.config import ConfigError, TrainConfig
 from ipadapter_jax.training.plan import REPORT_FIELDS, DoesNotFit, StepPlan, _oom_sizes, max_batch_per_chip
 
 GiB = 2**30
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -109,8 +110,9 @@ def test_out_of_memory_errors_say_which_memory_ran_out():
     )
     assert _oom_sizes(sflag) == {"memory_space": "sflag", "space_required": 2457, "space_available": 2048}
     assert _oom_sizes("RESOURCE_EXHAUSTED: something else") == {}
-    bench = Path(__file__).resolve().parents[1] / "bench" / "tpu_plan.json"
-    report = json.loads(bench.read_text())["cases"]["f1"]["report"]
+    with pytest.raises(DoesNotFit, match=r"at batch 1 per chip \(XLA ran out of the chip's sflag memory\)"):
+        max_batch_per_chip(lambda batch: StepPlan(batch, 0.0, False, _oom_sizes(sflag)), 64, 16 * GiB)
+    report = json.loads((ROOT / "bench" / "tpu_plan.json").read_text())["cases"]["f1"]["report"]
     assert "ran out of the chip's sflag memory (2457 of 2048 bytes), not of HBM" in plan_cli.format_report(report)
 
 
@@ -240,11 +242,10 @@ def test_abstract_components_of_a_folder_have_the_loaded_shapes(sdxl, tmp_path):
 def test_the_readmes_tpu_tables_are_the_benchmarks():
     """README's "Plan a TPU run" tables are what `python bench/tpu_plan.py --table` prints from bench/tpu_plan.json,
     not numbers typed by hand (regenerate them when a case is added)."""
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("tpu_plan_tables", root / "bench" / "tpu_plan_tables.py")
+    spec = importlib.util.spec_from_file_location("tpu_plan_tables", ROOT / "bench" / "tpu_plan_tables.py")
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
-    results = json.loads((root / "bench" / "tpu_plan.json").read_text())["cases"]
-    readme = (root / "README.md").read_text()
+    results = json.loads((ROOT / "bench" / "tpu_plan.json").read_text())["cases"]
+    readme = (ROOT / "README.md").read_text()
     for name, table in [("matrix", tables.matrix(results)), ("compiles", tables.compiles(results))]:
         assert table in readme, f"README.md's {name} table differs from bench/tpu_plan.py's; paste `--table`'s"

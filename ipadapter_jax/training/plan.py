@@ -54,8 +54,8 @@ class DoesNotFit(RuntimeError):
 @dataclasses.dataclass
 class StepPlan:
     """One compile of the step at `batch_per_chip`. `memory`: bytes per chip as XLA's memory analysis gives them
-    (see the module docstring); when the compile ran out of HBM, only what XLA's error said it `required` of the
-    `available`, if it said, and no costs."""
+    (see the module docstring); when the compile ran out of memory, only what XLA's error said (`_oom_sizes`: HBM
+    `required` of `available`, or the TPU memory space that ran out), and no costs."""
 
     batch_per_chip: int
     compile_s: float
@@ -196,7 +196,8 @@ def plan(
     def compile_at(batch: int) -> StepPlan:
         result = planner.compile(batch)
         total = result.memory.get("footprint") or result.memory.get("required")
-        size = f", {total / GiB:.2f} GiB" if total else ""
+        space = result.memory.get("memory_space")
+        size = f", {total / GiB:.2f} GiB" if total else f", out of {space} memory" if space else ""
         fits = "fits" if result.fits else "does not fit"
         log(f"  batch {batch}/chip: {fits}{size}, compiled in {result.compile_s:.0f}s")
         return result
@@ -379,8 +380,11 @@ def _oom_sizes(message: str) -> dict:
 
 
 def _does_not_fit(result: StepPlan, capacity: int) -> str:
-    need = result.memory.get("footprint") or result.memory.get("required")
-    amount = f"needs {need / GiB:.2f} GiB of {capacity / GiB:.0f} GiB" if need else "XLA ran out of HBM"
+    need, space = result.memory.get("footprint") or result.memory.get("required"), result.memory.get("memory_space")
+    if need:
+        amount = f"needs {need / GiB:.2f} GiB of {capacity / GiB:.0f} GiB"
+    else:
+        amount = f"XLA ran out of the chip's {space} memory" if space else "XLA ran out of HBM"
     return (
         f"the step does not fit on one chip at batch 1 per chip ({amount}); try "
         "--config.model.attention_implementation=splash, --config.model.remat=True, or --config.mesh.fsdp=N with "
