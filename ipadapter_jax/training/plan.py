@@ -367,13 +367,12 @@ def _oom_sizes(message: str) -> dict:
     out; when another of the TPU's memory spaces did (e.g. `sflag`, its synchronisation flags), that space's name as
     `memory_space` and its `space_required` / `space_available`, and no HBM figure; empty when the error says none."""
     units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    match = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", message) or re.search(
-        r"Used ([\d.]+)([KMGTB]?) of ([\d.]+)([KMGTB]?) (\w+)", message
-    )
+    hbm = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", message)
+    match = hbm or re.search(r"Used ([\d.]+)([KMGTB]?) of ([\d.]+)([KMGTB]?) (\w+)", message)
     if not match:
         return {}
     need, have = (int(float(match[i]) * units[match[i + 1]]) for i in (1, 3))
-    space = "hbm" if match.re.groups == 4 else match[5].lower()
+    space = "hbm" if hbm else match[5].lower()
     if space == "hbm":
         return {"required": need, "available": have}
     return {"memory_space": space, "space_required": need, "space_available": have}
