@@ -134,7 +134,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f15": ("SD1.5 base 512px b16 diffusers, v6e 8", _plan("sd15", "v6e:2x4", 16)),
     "f16": ("SD1.5 Plus 512px b128 splash, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 128, *SPLASH)),
     "f17": ("SD1.5 Plus 512px b64 diffusers, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 64)),
-    "f18": ("SD1.5 Plus 512px b38 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 38, *SPLASH)),
+    "f18": ("SD1.5 Plus 512px b32 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 32, *SPLASH)),
     "f19": ("SD1.5 Plus 512px b16 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 16)),
     "f20": ("SDXL base 1024px b13 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 13)),
     "f22": ("SD1.5 base 512px b40 splash, v6e 8", _plan("sd15", "v6e:2x4", 40, *SPLASH)),

@@ -23,6 +23,7 @@ import pytest
 from ipadapter_jax.cli.main import EXIT_RUNTIME_ERROR
 from ipadapter_jax.testing import training_runs as runs
 from ipadapter_jax.training import checkpoint
+from ipadapter_jax.training.config import ConfigError
 from ipadapter_jax.training.hooks import NonFiniteLoss
 from ipadapter_jax.training.loop import WORKDIR_LOCK, train
 
@@ -53,23 +54,37 @@ def _wait_for(path: str, process: subprocess.Popen, timeout: float = 300) -> Non
         time.sleep(0.05)
 
 
+def _logged_steps(workdir: str) -> list[int]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line)["step"] for line in open(path) if line.endswith("\n") and '"loss"' in line]
+
+
 def test_killed_at_random_points_then_resumed_equals_uninterrupted(dataset, uninterrupted, tmp_path):
-    """SIGKILL three times at random moments after the first logged step (with a checkpoint after every step, the
-    kills land in and between asynchronous writes), then the same command runs to the end."""
+    """SIGKILL three times at random moments of the run (after a random step's record, a random part of a step
+    later: with a checkpoint after every step, the kills land in and between asynchronous writes), then the same
+    command runs to the end. Every run is the same command, so a kill that comes late never trains past STEPS."""
     workdir, rng = str(tmp_path / "killed"), random.Random(0)
-    for _ in range(3):
-        proc = runs.train_subprocess(workdir, _args(dataset, steps=1000))
-        _wait_for(os.path.join(workdir, "metrics.jsonl"), proc)
-        time.sleep(rng.uniform(0.0, 1.5))
+    for after_step in sorted(rng.sample(range(1, STEPS), 3)):
+        proc = runs.train_subprocess(workdir, _args(dataset))
+        deadline = time.time() + 300
+        while max(_logged_steps(workdir), default=0) < after_step and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
+        running = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=60)
+        assert running, f"the run ended before the kill after step {after_step}: {out}"
     done = runs.train_subprocess(workdir, _args(dataset))
     out, _ = done.communicate(timeout=600)
     assert done.returncode == 0, out
     assert not any(".orbax-checkpoint-tmp" in name for name in os.listdir(os.path.join(workdir, "checkpoints")))
     runs.assert_states_close(runs.final_state(workdir), uninterrupted, rtol=0)
-    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl")) if "loss" in line]
-    assert steps == sorted(set(steps)), steps  # no duplicate or out-of-order records after the resumes
+    steps = _logged_steps(workdir)
+    assert steps == list(range(1, STEPS + 1)), steps  # no missing, duplicate or out-of-order records
+    with pytest.raises(ConfigError, match=f"checkpoint of step {STEPS}, past total_steps={STEPS - 1}: this run"):
+        train(runs.config(dataset, STEPS - 1, BATCH, checkpoint_every=1), workdir)
 
 
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "delete_metadata"])

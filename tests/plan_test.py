@@ -93,7 +93,8 @@ def test_batch_search_finds_the_largest_fitting_batch(total_gib, limit, start, e
 
 
 def test_batch_search_says_when_not_even_one_example_fits():
-    with pytest.raises(DoesNotFit, match=r"at batch 1 per chip \(needs 18.00 GiB of 16 GiB\); try .*splash"):
+    out_of_hbm = r"at batch 1 per chip \(XLA ran out of HBM \(18.00 GiB needed of 16.00\)\); try .*splash"
+    with pytest.raises(DoesNotFit, match=out_of_hbm):
         max_batch_per_chip(_fake_compiles(lambda b: 17 + b, []), 64, 16 * GiB, start=8)
 
 
@@ -110,10 +111,15 @@ def test_out_of_memory_errors_say_which_memory_ran_out():
     )
     assert _oom_sizes(sflag) == {"memory_space": "sflag", "space_required": 2457, "space_available": 2048}
     assert _oom_sizes("RESOURCE_EXHAUSTED: something else") == {}
-    with pytest.raises(DoesNotFit, match=r"at batch 1 per chip \(XLA ran out of the chip's sflag memory\)"):
+    out_of_sflag = r"at batch 1 per chip \(XLA ran out of the chip's sflag memory \(2457 of 2048 bytes\), not of HBM\)"
+    with pytest.raises(DoesNotFit, match=out_of_sflag):
         max_batch_per_chip(lambda batch: StepPlan(batch, 0.0, False, _oom_sizes(sflag)), 64, 16 * GiB)
     report = json.loads((ROOT / "bench" / "tpu_plan.json").read_text())["cases"]["f1"]["report"]
-    assert "ran out of the chip's sflag memory (2457 of 2048 bytes), not of HBM" in plan_cli.format_report(report)
+    assert "does not fit: XLA ran out of the chip's sflag memory (2457 of 2048 bytes), not of HBM" in (
+        plan_cli.format_report(report)
+    )
+    report = json.loads((ROOT / "bench" / "tpu_plan.json").read_text())["cases"]["f2"]["report"]
+    assert "does not fit: XLA ran out of HBM (32.22 GiB needed of 31.25)" in plan_cli.format_report(report)
 
 
 @pytest.mark.parametrize("topology", ["v9z:2x2", "v5e", "v5e:two"])

@@ -93,6 +93,8 @@ def run(argv: list[str]) -> int:
 
 def format_report(report: dict) -> str:
     """The report as lines a person reads (sizes in GiB per chip; bounds marked as bounds)."""
+    from ipadapter_jax.training.plan import out_of_memory  # jax is loaded by now: `plan` made the report
+
     topo, model, batch = report["topology"], report["model"], report["batch"]
     memory, roof, cost = report["memory_per_chip"], report["roofline"], report["cost_per_chip"]
     mesh = " x ".join(f"{axis} {size}" for axis, size in topo["mesh"].items())
@@ -108,15 +110,7 @@ def format_report(report: dict) -> str:
         f"batch     {batch['per_chip']} per chip, {batch['global']} global, {batch['per_host']} per host",
     ]
     if memory["footprint"] is None:
-        needed, space = memory.get("required"), memory.get("memory_space")
-        if space:  # not HBM: the compile fails all the same, so the step cannot run at this batch
-            lines.append(
-                f"memory    does not compile: XLA ran out of the chip's {space} memory ({memory['space_required']} "
-                f"of {memory['space_available']} bytes), not of HBM"
-            )
-        else:
-            amount = f": XLA needed {needed / GiB:.2f} GiB of {memory['available'] / GiB:.2f}" if needed else ""
-            lines.append(f"memory    does not fit{amount} (compile ran out of HBM)")
+        lines.append(f"memory    does not fit: {out_of_memory(memory)}")
     else:
         lines.append(
             f"memory    {_gib(memory['footprint'])} of {_gib(memory['capacity'])} GiB per chip "

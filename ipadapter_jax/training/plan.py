@@ -195,11 +195,10 @@ def plan(
 
     def compile_at(batch: int) -> StepPlan:
         result = planner.compile(batch)
-        total = result.memory.get("footprint") or result.memory.get("required")
-        space = result.memory.get("memory_space")
-        size = f", {total / GiB:.2f} GiB" if total else f", out of {space} memory" if space else ""
+        footprint = result.memory.get("footprint")
+        size = f"{footprint / GiB:.2f} GiB" if footprint else out_of_memory(result.memory)
         fits = "fits" if result.fits else "does not fit"
-        log(f"  batch {batch}/chip: {fits}{size}, compiled in {result.compile_s:.0f}s")
+        log(f"  batch {batch}/chip: {fits}, {size}, compiled in {result.compile_s:.0f}s")
         return result
 
     if batch_per_chip == 0:
@@ -378,12 +377,21 @@ def _oom_sizes(message: str) -> dict:
     return {"memory_space": space, "space_required": need, "space_available": have}
 
 
+def out_of_memory(memory: dict) -> str:
+    """What a compile that ran out of memory says, from `_oom_sizes`'s fields: which memory, needed of available."""
+    if memory.get("memory_space"):
+        return (
+            f"XLA ran out of the chip's {memory['memory_space']} memory ({memory['space_required']} of "
+            f"{memory['space_available']} bytes), not of HBM"
+        )
+    if memory.get("required"):
+        return f"XLA ran out of HBM ({memory['required'] / GiB:.2f} GiB needed of {memory['available'] / GiB:.2f})"
+    return "XLA ran out of HBM"
+
+
 def _does_not_fit(result: StepPlan, capacity: int) -> str:
-    need, space = result.memory.get("footprint") or result.memory.get("required"), result.memory.get("memory_space")
-    if need:
-        amount = f"needs {need / GiB:.2f} GiB of {capacity / GiB:.0f} GiB"
-    else:
-        amount = f"XLA ran out of the chip's {space} memory" if space else "XLA ran out of HBM"
+    size = result.memory.get("footprint")
+    amount = f"needs {size / GiB:.2f} GiB of {capacity / GiB:.0f} GiB" if size else out_of_memory(result.memory)
     return (
         f"the step does not fit on one chip at batch 1 per chip ({amount}); try "
         "--config.model.attention_implementation=splash, --config.model.remat=True, or --config.mesh.fsdp=N with "

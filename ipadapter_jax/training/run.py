@@ -1,9 +1,10 @@
 """Building a training run: everything the loop needs, placed on the mesh and compiled, before the first step.
 
-`build_run(config, workdir)` reads top to bottom: mesh -> components -> data -> optimizer and step -> shardings
-from the config's rules -> frozen params placed -> state restored from the workdir's latest checkpoint or
-created already sharded (`jit(init, out_shardings=...)`) -> the step compiled ahead of time with explicit
-shardings and a donated state. The loop (`ipadapter_jax.training.loop`) then only steps and calls hooks.
+`build_run(config, workdir)` reads top to bottom: the workdir's checkpoints (one past `total_steps` is a
+ConfigError, before anything loads) -> mesh -> components -> data -> optimizer and step -> shardings from the
+config's rules -> frozen params placed -> state restored from the latest checkpoint or created already sharded
+(`jit(init, out_shardings=...)`) -> the step compiled ahead of time with explicit shardings and a donated state.
+The loop (`ipadapter_jax.training.loop`) then only steps and calls hooks.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     if not config.data.path:
         raise ConfigError("data.path is empty: give a built dataset or an embedding cache (`--config.data.path=...`)")
     paths.makedirs(workdir)
+    ckpt = checkpoint.manager(workdir, config.keep_checkpoints)
+    if (latest := ckpt.latest_step()) is not None and latest > config.total_steps:
+        raise ConfigError(
+            f"{ckpt.directory} holds a checkpoint of step {latest}, past total_steps="
+            f"{config.total_steps}: this run would train nothing. Raise total_steps to resume it, or give a new workdir"
+        )
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     comps = components.load(config, workdir)
 
@@ -87,7 +94,6 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     frozen = sharding.place(frozen, program.shardings["frozen"])
     comps.frozen = {}  # the placed copies are the ones used from here on: free the host ones (SD1.5 UNet: 3.4 GB)
 
-    ckpt = checkpoint.manager(workdir, config.keep_checkpoints)
     if ckpt.latest_step() is not None:
         state, data_state, step = checkpoint.restore(ckpt, program.state_target())
         batches.set_state(data_state)
