@@ -138,11 +138,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f19": ("SD1.5 Plus 512px b16 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 16)),
     "f20": ("SDXL base 1024px b13 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 13)),
     "f22": ("SD1.5 base 512px b40 splash, v6e 8", _plan("sd15", "v6e:2x4", 40, *SPLASH)),
-    "f23": ("SD1.5 base 512px b20 diffusers, v6e 8", _plan("sd15", "v6e:2x4", 20)),
+    "f23": ("SD1.5 base 512px b19 diffusers, v6e 8", _plan("sd15", "v6e:2x4", 19)),
     "f24": ("SD1.5 base 512px b76 diffusers, v5p 8", _plan("sd15", "v5p:2x2x2", 76)),
     "f25": ("SD1.5 base 512px b144 splash, v5p 8", _plan("sd15", "v5p:2x2x2", 144, *SPLASH)),
     "f26": ("SDXL base 1024px b28 splash fsdp8, v5p 8", _sdxl("v5p:2x2x2", 28, *SPLASH)),
     "f27": ("SDXL base 1024px b16 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 16)),
+    "f28": ("SD1.5 base 512px b18 diffusers, v6e 8", _plan("sd15", "v6e:2x4", 18)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
