@@ -94,7 +94,7 @@ def build_run(config: TrainConfig, workdir: str, log: Callable[[str], None] = pr
     frozen = sharding.place(frozen, program.shardings["frozen"])
     comps.frozen = {}  # the placed copies are the ones used from here on: free the host ones (SD1.5 UNet: 3.4 GB)
 
-    if ckpt.latest_step() is not None:
+    if latest is not None:
         state, data_state, step = checkpoint.restore(ckpt, program.state_target())
         batches.set_state(data_state)
         log(f"resumed from step {step} in {workdir}")
