@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 # Test files run in parallel, one file per worker (pytest-xdist; one worker per core, at most 4): compiling is
-# mostly single-threaded. The whole suite: 30 min on the 2-core CI machine at the last recorded run; 19-22 min of
+# mostly single-threaded. The whole suite: 23 min on the 2-core CI machine at the last recorded run; 19-23 min of
 # pytest here from a clean clone (685 tests, two workers, quiet host).
 PYTEST := $(VENV)/bin/python -m pytest tests -q -n auto --maxprocesses 4 --dist loadfile
 
