@@ -144,6 +144,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f26": ("SDXL base 1024px b28 splash fsdp8, v5p 8", _sdxl("v5p:2x2x2", 28, *SPLASH)),
     "f27": ("SDXL base 1024px b16 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 16)),
     "f28": ("SD1.5 base 512px b18 diffusers, v6e 8", _plan("sd15", "v6e:2x4", 18)),
+    "f29": ("SD1.5 base 512px b36 splash, v6e 8", _plan("sd15", "v6e:2x4", 36, *SPLASH)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],

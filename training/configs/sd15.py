@@ -6,7 +6,7 @@ On TPUs (`ipadapter-jax plan`, bench/tpu_plan.json): --config.model.attention_im
 remat, frozen params replicated (the default rules). Batch 8/chip on v5e: 9.0 GiB of 16 with splash, 13.9 GiB with the
 default attention; the largest batch per chip there: splash 33, the default attention 17. v5p and v6e have room to
 spare at batch 8 (splash 9.6 GiB, the default attention 21 GiB, of 95 on v5p and 32 on v6e; splash fits batch 144 on
-v5p, 93.7 GiB, though it is compute-bound from batch 64 on, and batch 32 on v6e, 27.4 GiB; the default attention batch
+v5p, 93.7 GiB, though it is compute-bound from batch 64 on, and batch 36 on v6e, 29.1 GiB; the default attention batch
 76 on v5p and 19 on v6e), and splash cuts the roofline step time by 45% on all three. A 256-chip slice needs the same
 per chip as 8 chips (compiled on v5e and v6e).
 """
