@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,15 @@ def _args(dataset: str, steps: int = STEPS, **extra) -> list[str]:
     return runs.overrides(dataset, steps, BATCH, checkpoint_every=1, log_every=1, **extra)
 
 
-def _wait_for(path: str, process: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_until(ready: Callable[[], bool], process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `ready()`, `process` ends or `timeout` seconds pass."""
     deadline = time.time() + timeout
-    while not (os.path.exists(path) and os.path.getsize(path)) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def _wait_for(path: str, process: subprocess.Popen) -> None:
+    _wait_until(lambda: os.path.exists(path) and os.path.getsize(path) > 0, process)
 
 
 def _logged_steps(workdir: str) -> list[int]:
@@ -68,9 +74,7 @@ def test_killed_at_random_points_then_resumed_equals_uninterrupted(dataset, unin
     workdir, rng = str(tmp_path / "killed"), random.Random(0)
     for after_step in sorted(rng.sample(range(1, STEPS), 3)):
         proc = runs.train_subprocess(workdir, _args(dataset))
-        deadline = time.time() + 300
-        while max(_logged_steps(workdir), default=0) < after_step and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        _wait_until(lambda step=after_step: max(_logged_steps(workdir), default=0) >= step, proc)
         time.sleep(rng.uniform(0.0, 0.5))
         running = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
