@@ -54,11 +54,12 @@ def compiles(results: dict) -> str:
         topology, memory, roof = report["topology"], report["memory_per_chip"], report["roofline"]
         chips, hosts = topology["chips"] * topology["num_slices"], topology["hosts"] * topology["num_slices"]
         where = f"{topology['name']} ({chips} chips" + (f", {hosts} hosts)" if hosts > 1 else ")")
-        if memory["fits"]:
+        if memory["footprint"]:  # compiled: it fits, or XLA's buffers exceed the chip's HBM
             size = (
                 f"{memory['footprint'] / GiB:.1f} GiB ({memory['arguments'] / GiB:.1f} + "
                 f"{memory['temporaries'] / GiB:.1f}) of {memory['capacity'] / GiB:.0f}"
             )
+        if memory["fits"]:
             fits = f"yes, {memory['headroom_pct']:.0f}% headroom"
             bound = "memory-bound" if roof["bound"] == "memory bandwidth" else "compute-bound"
             roofline = (
@@ -66,6 +67,8 @@ def compiles(results: dict) -> str:
                 f"{roof['images_per_s_upper_bound']:.0f} img/s, MFU <= {100 * roof['mfu_upper_bound']:.0f}%"
                 + _undercount_mark(report)
             )
+        elif memory["footprint"]:
+            fits, roofline = f"no, {-memory['headroom_pct']:.1f}% over", ""
         elif memory.get("memory_space"):
             size, fits, roofline = f"XLA: out of {memory['memory_space']} memory (not HBM)", "no", ""
         else:
@@ -154,6 +157,8 @@ def _cell(by_batch: dict[int, dict], slice_batches: dict[int, dict]) -> str:
     if memory["fits"]:
         text = f"b{batch}: {memory['footprint'] / GiB:.1f} GiB ({memory['headroom_pct']:.0f}% free), MFU <= "
         text += f"{100 * roof['mfu_upper_bound']:.0f}%{_undercount_mark(by_batch[batch])}"
+    elif memory["footprint"]:
+        text = f"b{batch}: no ({memory['footprint'] / GiB:.1f} GiB of {memory['capacity'] / GiB:.0f})"
     elif memory.get("memory_space"):
         text = f"b{batch}: no (out of {memory['memory_space']} memory)"
     else:

@@ -43,7 +43,7 @@ def run(argv: list[str]) -> int:
     flags.DEFINE_string(
         "batch_per_chip",
         None,
-        "N, or auto: the largest that fits (default: the config's data.batch_size_per_device)",
+        "N, or auto: bisect for the largest that fits (default: the config's data.batch_size_per_device)",
         flag_values=flag_values,
     )
     flags.DEFINE_integer(

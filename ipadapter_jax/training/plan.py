@@ -122,10 +122,10 @@ class Planner:
 def max_batch_per_chip(
     compile_at: Callable[[int], StepPlan], limit: int, capacity: int, start: int = 1
 ) -> tuple[int, list[StepPlan]]:
-    """The largest batch per chip <= `limit` whose step fits in `capacity` bytes, by compiling: `start` (e.g. the
-    config's batch), then the batch where a line through the measured totals reaches `capacity` (memory grows about
-    linearly with the batch), kept inside the bracket (largest fitting, smallest failing); the bracket's midpoint after
-    two guesses in a row that did not halve a closed bracket. Returns the batch and every compile, by batch.
+    """A batch per chip <= `limit` that fits in `capacity` bytes while the next does not, by compiling: `start`, then
+    where a line through the measured totals reaches `capacity`, kept inside the bracket (largest fitting, smallest
+    failing); the midpoint after two guesses that did not halve it. It assumes memory grows with the batch; near full
+    HBM XLA recomputes to fit, and memory can even fall as the batch grows. Returns the batch and every compile.
 
     Raises:
       DoesNotFit: batch 1 does not fit.
