@@ -153,6 +153,10 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f35": ("SD1.5 base 512px b24 diffusers, v6e 8", _plan("sd15", "v6e:2x4", 24)),
     "f36": ("SD1.5 Plus 512px b39 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 39, *SPLASH)),
     "f37": ("SD1.5 Plus 512px b21 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 21)),
+    "f38": ("SDXL base 1024px b26 splash fsdp8, v5p 8", _sdxl("v5p:2x2x2", 26, *SPLASH)),
+    "f39": ("SD1.5 base 512px b150 splash, v5p 8", _plan("sd15", "v5p:2x2x2", 150, *SPLASH)),
+    "f40": ("SD1.5 base 512px b153 splash, v5p 8", _plan("sd15", "v5p:2x2x2", 153, *SPLASH)),
+    "f41": ("SDXL base 1024px b25 splash fsdp8, v5p 8", _sdxl("v5p:2x2x2", 25, *SPLASH)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],

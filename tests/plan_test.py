@@ -143,8 +143,10 @@ def test_plan_cli_compiles_the_tiny_step_for_v5e_and_finds_the_largest_batch(lib
     argv = ["--config", "tiny", "--topology", "v5e:2x2", "--batch-per-chip", "auto", "--max-batch-per-chip", "2"]
     argv.append("--config.data.batch_size_per_device=1")
     assert plan_cli.main([*argv, "--json", str(out)]) == 0
-    assert "images/s <=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     report = json.loads(out.read_text())
+    assert "images/s <=" in printed
+    assert f"best images/s bound of those that fit: batch {report['auto']['fastest_batch_per_chip']} " in printed
     for section, fields in REPORT_FIELDS.items():
         assert section in report and all(field in report[section] for field in fields), section
     topology, batch, memory, roof = (report[k] for k in ("topology", "batch", "memory_per_chip", "roofline"))
@@ -153,6 +155,9 @@ def test_plan_cli_compiles_the_tiny_step_for_v5e_and_finds_the_largest_batch(lib
     assert topology["libtpu_init_args"] == os.environ.get("LIBTPU_INIT_ARGS", "")
     assert report["auto"]["max_batch_per_chip"] == batch["per_chip"] == 2
     assert [t["batch_per_chip"] for t in report["auto"]["tried"]] == [1, 2]  # 2: the limit, predicted from batch 1
+    bounds = [t["images_per_s_upper_bound"] for t in report["auto"]["tried"]]
+    assert bounds[1] == roof["images_per_s_upper_bound"] and all(bound > 0 for bound in bounds)
+    assert report["auto"]["fastest_batch_per_chip"] == 1 + bounds.index(max(bounds))
     assert (batch["global"], batch["per_host"]) == (8, 8)
     for field in ("arguments", "temporaries", "outputs", "code", "xla_peak", "total"):
         assert memory[field] > 0, field

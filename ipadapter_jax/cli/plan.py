@@ -136,7 +136,8 @@ def format_report(report: dict) -> str:
         tried = ", ".join(f"{t['batch_per_chip']}{'' if t['fits'] else ' (no)'}" for t in report["auto"]["tried"])
         lines.append(
             f"auto      largest batch per chip that fits: {report['auto']['max_batch_per_chip']} "
-            f"(tried {tried}; limit {report['auto']['limit']})"
+            f"(tried {tried}; limit {report['auto']['limit']}); the best images/s bound of those that fit: batch "
+            f"{report['auto']['fastest_batch_per_chip']} (near full HBM XLA recomputes to fit larger batches)"
         )
     lines.append(f"compile   {report['compile_s']:.0f}s for the reported batch; {report['total_s']:.0f}s in all")
     return "\n".join(lines)

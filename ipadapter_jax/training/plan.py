@@ -13,12 +13,11 @@ Topologies (`ipadapter_jax.training.accelerators.tpu_topology`): "v4:2x2x2", "v5
 Memory per chip: total = arguments + temporaries + outputs - aliased (outputs written into donated arguments), as
 XLA's buffer assignment sizes them; `xla_peak` is XLA's own peak (lower for SD-sized steps, higher for tiny ones,
 whose many small arrays fill whole TPU tiles); footprint = the larger of the two. The step fits when the compile
-succeeds and footprint <= the chip's HBM; headroom is what the footprint leaves of it. Roofline: a
-lower bound on step time, max(FLOPs / peak, bytes accessed / HBM bandwidth) per chip with datasheet figures, and
-the upper bounds on images/s and MFU it implies: bounds, not measurements. FLOPs and bytes are XLA's cost analysis
-with every while loop's body counted once per trip (`loop_costs`: XLA counts it once, and under FSDP the TPU compiler
-turns all-gathered matmuls and convolutions into such loops); XLA's own counts are kept as `xla_flops` and
-`xla_bytes_accessed`.
+succeeds and footprint <= the chip's HBM; headroom is what the footprint leaves of it. Roofline: a lower bound on
+step time, max(FLOPs / peak, bytes accessed / HBM bandwidth) per chip with datasheet figures, and the upper bounds on
+images/s and MFU it implies: bounds, not measurements. FLOPs and bytes are XLA's cost analysis with every while
+loop's body counted once per trip (`loop_costs`: XLA counts it once, and under FSDP the TPU compiler turns
+all-gathered matmuls and convolutions into such loops); XLA's own counts are `xla_flops` and `xla_bytes_accessed`.
 """
 
 from __future__ import annotations
@@ -77,8 +76,7 @@ class Planner:
         null = _encode(self.comps, _batched(example, 1))  # shapes of the run's `null_encodings`
         frozen = dict(self.comps.frozen, null_text_embeds=null["text_embeds"])
         frozen.update({"null_image_embeds": null["image_embeds"]} if "image_embeds" in null else {})  # not FaceID's
-        if "text_pooled" in null:
-            frozen["null_text_pooled"] = null["text_pooled"]
+        frozen.update({"null_text_pooled": null["text_pooled"]} if "text_pooled" in null else {})  # SDXL's
         if cached:
             del frozen["encoders"]
         self.program: StepProgram = step_program(config, self.comps, frozen, cached, self.mesh)
@@ -180,7 +178,8 @@ def plan(
 
     Args:
       batch_per_chip: None: `config.data.batch_size_per_device`; 0: the largest batch per chip up to `limit` that
-        fits (`max_batch_per_chip` from the config's batch; the report is that batch's, every compile under "auto").
+        fits (`max_batch_per_chip` from the config's batch; the report is that batch's; under "auto": every compile
+        with its images/s bound, and the fitting batch with the best bound).
       cached: the step reads embedding-cache batches; None: as `config.data.path` is a cache (or when no path).
     Raises:
       DoesNotFit: automatic batch, and not even batch 1 fits.
@@ -197,26 +196,28 @@ def plan(
         result = planner.compile(batch)
         footprint = result.memory.get("footprint")
         size = f"{footprint / GiB:.2f} GiB" if footprint else out_of_memory(result.memory)
-        fits = "fits" if result.fits else "does not fit"
-        log(f"  batch {batch}/chip: {fits}, {size}, compiled in {result.compile_s:.0f}s")
+        log(f"  batch {batch}/chip: {'fits' if result.fits else 'does not fit'}, {size}, in {result.compile_s:.0f}s")
         return result
 
     if batch_per_chip == 0:
         best, tried = max_batch_per_chip(compile_at, limit, capacity, start=config.data.batch_size_per_device)
-        result = next(r for r in tried if r.batch_per_chip == best)
     else:
-        tried = [compile_at(batch_per_chip or config.data.batch_size_per_device)]
-        result = tried[0]
-    report = _report(config, topology, planner, result)
+        best, tried = None, [compile_at(batch_per_chip or config.data.batch_size_per_device)]
+    reports = {r.batch_per_chip: _report(config, topology, planner, r) for r in tried}
+    report = reports[best or tried[0].batch_per_chip]
     if batch_per_chip == 0:
+        bounds = {batch: r["roofline"]["images_per_s_upper_bound"] for batch, r in reports.items()}
+        fitting = [r.batch_per_chip for r in tried if r.fits and bounds[r.batch_per_chip]]
         report["auto"] = {
             "max_batch_per_chip": best,
+            "fastest_batch_per_chip": max(fitting, key=bounds.__getitem__, default=best),
             "limit": limit,
             "tried": [
                 {
                     "batch_per_chip": r.batch_per_chip,
                     "fits": r.fits,
                     "footprint": r.memory.get("footprint"),
+                    "images_per_s_upper_bound": bounds[r.batch_per_chip],
                     "compile_s": round(r.compile_s, 1),
                 }
                 for r in tried
