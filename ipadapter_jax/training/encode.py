@@ -25,7 +25,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ipadapter_jax.models.image_encoder import CLIPImageEncoder, null_projection_input, projection_input
 from ipadapter_jax.models.text_encoder import encode_token_ids
@@ -69,13 +68,18 @@ def encode_image(encoders: Encoders, params: Any, clip_pixel_values: jax.Array) 
     return projection_input(features, IMAGE_FEATURES[encoders.kind])
 
 
-def null_image_input(kind: str, encoded_null: dict) -> dict:
-    """{"null_image_embeds": (1, ...)}: the projection's image input of a dropped image (`null_projection_input` of
-    `encoded_null["image_embeds"]`, the encoding of the null example); {} for FaceID (no image input; a dropped
-    image's identity embedding is zeros, `ipadapter_jax.training.step.apply_condition_drop`)."""
-    if IMAGE_FEATURES[kind] is None:
-        return {}
-    return {"null_image_embeds": np.asarray(null_projection_input(encoded_null["image_embeds"], IMAGE_FEATURES[kind]))}
+def null_conditions(kind: str, encoded_null: dict) -> dict:
+    """What the step substitutes for dropped conditions, each (1, ...), from `encoded_null` (`encode_batch` of the
+    null example, batch 1): null_text_embeds (1, 77, cross), the empty prompt's encoding; SDXL's null_text_pooled
+    (1, P); null_image_embeds, the projection's input for a dropped image (`null_projection_input`), none for FaceID
+    (no image input; its dropped identity embedding is zeros, `ipadapter_jax.training.step.apply_condition_drop`).
+    Traceable: `jax.eval_shape` over it gives their shapes."""
+    out = {"null_text_embeds": encoded_null["text_embeds"]}
+    if "text_pooled" in encoded_null:
+        out["null_text_pooled"] = encoded_null["text_pooled"]
+    if IMAGE_FEATURES[kind] is not None:
+        out["null_image_embeds"] = null_projection_input(encoded_null["image_embeds"], IMAGE_FEATURES[kind])
+    return out
 
 
 def encode_batch(encoders: Encoders, params: dict, batch: dict) -> dict:

@@ -39,7 +39,7 @@ from ipadapter_jax.data import embedding_cache, loader
 from ipadapter_jax.training import components
 from ipadapter_jax.training.accelerators import Topology
 from ipadapter_jax.training.config import ConfigError, TrainConfig
-from ipadapter_jax.training.encode import encode_batch
+from ipadapter_jax.training.encode import encode_batch, null_conditions
 from ipadapter_jax.training.loop_costs import program_costs
 from ipadapter_jax.training.program import StepProgram, step_program
 
@@ -73,10 +73,9 @@ class Planner:
         _check_slices(self.mesh, topology)
         self.comps = components.abstract_components(config)
         example = self.comps.preprocessor(config.data.resolution, config.data.crop).null_example()
-        null = _encode(self.comps, _batched(example, 1))  # shapes of the run's `null_encodings`
-        frozen = dict(self.comps.frozen, null_text_embeds=null["text_embeds"])
-        frozen.update({"null_image_embeds": null["image_embeds"]} if "image_embeds" in null else {})  # not FaceID's
-        frozen.update({"null_text_pooled": null["text_pooled"]} if "text_pooled" in null else {})  # SDXL's
+        null = _encode(self.comps, _batched(example, 1))
+        kind = self.comps.encoders.kind
+        frozen = dict(self.comps.frozen, **jax.eval_shape(lambda n: null_conditions(kind, n), null))  # run's nulls
         if cached:
             del frozen["encoders"]
         self.program: StepProgram = step_program(config, self.comps, frozen, cached, self.mesh)

@@ -23,7 +23,7 @@ from ipadapter_jax import paths, sharding
 from ipadapter_jax.data import loader
 from ipadapter_jax.training import checkpoint, components
 from ipadapter_jax.training.config import ConfigError, TrainConfig
-from ipadapter_jax.training.encode import IMAGE_FEATURES, encode_batch, encode_if_raw, null_image_input
+from ipadapter_jax.training.encode import IMAGE_FEATURES, encode_batch, encode_if_raw, null_conditions
 from ipadapter_jax.training.loop_costs import program_costs
 from ipadapter_jax.training.program import step_program
 from ipadapter_jax.training.step import diffusion_loss
@@ -165,11 +165,7 @@ def null_encodings(comps: components.Components, data: loader.Dataset) -> dict:
     null = {k: np.asarray(v)[None] for k, v in data.null_example.items()}
     if not data.cached:
         null = jax.device_get(jax.jit(lambda p, b: encode_batch(comps.encoders, p, b))(comps.frozen["encoders"], null))
-    out = {"null_text_embeds": null["text_embeds"]}
-    if "text_pooled" in null:
-        out["null_text_pooled"] = null["text_pooled"]
-    out.update(null_image_input(comps.encoders.kind, null))
-    return out
+    return jax.tree.map(np.asarray, null_conditions(comps.encoders.kind, null))
 
 
 def _held_out_loss(
