@@ -186,6 +186,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f68": ("SD1.5 base 512px b118 diffusers, v5p 8", _plan("sd15", "v5p:2x2x2", 118)),
     "f69": ("SD1.5 Plus 512px b64 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 64, *SPLASH)),
     "f70": ("SD1.5 Plus 512px b62 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 62, *SPLASH)),
+    "f71": ("SD1.5 Plus 512px b27 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 27)),
+    "f72": ("SD1.5 Plus 512px b158 splash, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 158, *SPLASH)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
