@@ -188,6 +188,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f70": ("SD1.5 Plus 512px b62 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 62, *SPLASH)),
     "f71": ("SD1.5 Plus 512px b27 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 27)),
     "f72": ("SD1.5 Plus 512px b158 splash, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 158, *SPLASH)),
+    "f73": ("SD1.5 Plus 512px b24 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 24)),
+    "f74": ("SD1.5 Plus 512px b164 splash, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 164, *SPLASH)),
+    "f75": ("SD1.5 Plus 512px b160 splash, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 160, *SPLASH)),
+    "f76": ("SDXL base 1024px b20 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 20)),
+    "f77": ("SD1.5 Plus 512px b26 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 26)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
