@@ -193,6 +193,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f75": ("SD1.5 Plus 512px b160 splash, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 160, *SPLASH)),
     "f76": ("SDXL base 1024px b20 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 20)),
     "f77": ("SD1.5 Plus 512px b26 diffusers, v6e 8", _plan("sd15_plus", "v6e:2x4", 26)),
+    "f78": ("SD1.5 Plus 512px b159 splash, v5p 8", _plan("sd15_plus", "v5p:2x2x2", 159, *SPLASH)),
+    "f79": ("SD1.5 Plus 512px b63 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 63, *SPLASH)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
