@@ -9,7 +9,7 @@ spare at batch 8 (splash 9.6 GiB, the default attention 21 GiB, of 95 on v5p and
 roofline step time by 45% on all three. Larger batches fit there as XLA recomputes to fit them (splash 154 on v5p, 155
 not by plan's measure, 64 on v6e; the default attention 118 and 27), but past batch 64 on v5p (compute-bound) and 36
 on v6e the images/s bound barely moves or falls: take the batch with the best bound in README's compile table. A
-256-chip slice needs the same per chip as 8 chips (compiled on v5e and v6e).
+256-chip slice needs the same per chip as 8 chips (compiled on v5e, v5p and v6e).
 """
 
 from __future__ import annotations
