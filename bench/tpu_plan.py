@@ -201,6 +201,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f83": ("SD1.5 Plus 512px b61 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 61, *SPLASH)),
     "f82": ("SDXL base 1024px b24 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 24)),
     "f83": ("SDXL base 1024px b32 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 32)),
+    "f84": ("SDXL base 1024px b28 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 28)),
+    "f85": ("SDXL base 1024px b30 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 30)),
+    "f86": ("SDXL base 1024px b31 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 31)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
