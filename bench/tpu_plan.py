@@ -203,6 +203,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f85": ("SDXL base 1024px b30 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 30)),
     "f86": ("SDXL base 1024px b31 diffusers fsdp8, v5p 8", _sdxl("v5p:2x2x2", 31)),
     "f87": ("SD1.5 base 512px b8 splash fsdp8, v5p 8", _plan("sd15", "v5p:2x2x2", 8, *SPLASH, *FSDP8, *SPLIT_ALL)),
+    "f88": ("SD1.5 base 512px b8 splash fsdp8, v5p 256", _plan("sd15", "v5p:4x8x8", 8, *SPLASH, *FSDP8, *SPLIT_ALL)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
