@@ -215,6 +215,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f97": ("SDXL base 1024px b25 diffusers fsdp8, v5p 256", _sdxl("v5p:4x8x8", 25)),
     "f98": ("SDXL base 1024px b26 diffusers fsdp8, v5p 256", _sdxl("v5p:4x8x8", 26)),
     "f99": ("SDXL base 1024px b27 diffusers fsdp8, v5p 256", _sdxl("v5p:4x8x8", 27)),
+    "f100": ("SDXL base 1024px b3 splash fsdp8, v5e 256", _sdxl("v5e:16x16", 3, *SPLASH)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
