@@ -216,6 +216,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "f98": ("SDXL base 1024px b26 diffusers fsdp8, v5p 256", _sdxl("v5p:4x8x8", 26)),
     "f99": ("SDXL base 1024px b27 diffusers fsdp8, v5p 256", _sdxl("v5p:4x8x8", 27)),
     "f100": ("SDXL base 1024px b3 splash fsdp8, v5e 256", _sdxl("v5e:16x16", 3, *SPLASH)),
+    "f101": ("SD1.5 Plus 512px b60 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 60, *SPLASH)),
+    "f102": ("SD1.5 Plus 512px b61 splash, v6e 8", _plan("sd15_plus", "v6e:2x4", 61, *SPLASH)),
+    "f103": ("SD1.5 base 512px b8 splash fsdp8, v6e 8", _plan("sd15", "v6e:2x4", 8, *SPLASH, *FSDP8, *SPLIT_ALL)),
+    "f104": ("SD1.5 base 512px b8 splash fsdp8, v6e 256", _plan("sd15", "v6e:16x16", 8, *SPLASH, *FSDP8, *SPLIT_ALL)),
+    "f105": ("SDXL base 1024px b2 diffusers fsdp8, v5e 8", _sdxl("v5e:2x4", 2)),
     "g1": (
         "SD1.5 base 512px b8 splash fsdp8, v5e 256, all-gather collective matmul post_spmd",
         ["--config", "sd15", "--topology", "v5e:16x16", *SPLASH, *FSDP8, *SPLIT_ALL],
