@@ -9,11 +9,13 @@ On TPUs (`ipadapter-jax plan`, bench/tpu_plan.json): --config.model.attention_im
 img/s bound is 8% lower; the default's largest, batch 31, 94.9 GiB, still bounds 29% fewer img/s than splash at 8);
 v6e (32 GiB) batch 7 (29.9 GiB; batch 8 needs 32.1; the default attention fits batch 8 in 29.5 GiB, but its roofline
 step is 43% longer per image); v5e (16 GiB) batch 2 (14.1 GiB, 12% headroom; the default attention 14.9 GiB, a 33%
-longer roofline step); splash's batch 3 does not compile there (XLA runs out of the chip's sflag memory, not HBM),
-batch 8 does not fit with either kernel, even with remat. At 256 chips (data 32 x fsdp 8) XLA compiles a different
-program that needs more per chip: v5p:4x8x8 batch 8 57.9 GiB (4.4 more; its largest batches are splash 24, as on 8
-chips, and the default 26 against 31), v5e:16x16 batch 2 15.2 GiB (1.1 more; batch 3 needs 16.4), v6e:16x16 batch 5
-30.1 GiB (6% headroom; batches 6 and 7 do not fit): plan the pod's own topology before renting it.
+longer roofline step; the default fits up to batch 4, 15.4 GiB, and still bounds 8% fewer img/s than splash at 2);
+splash's batch 3 does not compile there (XLA runs out of the chip's sflag memory, not HBM), batch 8 does not fit with
+either kernel, even with remat. At 256 chips (data 32 x fsdp 8) XLA compiles a different program that needs more per
+chip: v5p:4x8x8 batch 8 57.9 GiB (4.4 more; its largest batches are splash 24, as on 8 chips, and the default 26
+against 31), v5e:16x16 batch 2 15.2 GiB (1.1 more; batch 3 needs 16.4), v6e:16x16 batch 5 30.1 GiB (6% headroom;
+batches 6 and 7 do not fit; the default attention fits 7 but bounds 28% fewer img/s; on v5e:16x16 it fits 3 and bounds
+6% fewer): plan the pod's own topology before renting it.
 """
 
 from __future__ import annotations
